@@ -1,0 +1,190 @@
+"""Checkpoints: weights as safetensors, metadata as JSON, both written atomically.
+
+``NAME.safetensors`` + ``NAME.json``. Loading never unpickles: weights come only from safetensors, and
+the metadata is validated (known model, matching shapes) before the weights are used. Resume state
+(optimizer, scheduler) is loaded with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .errors import CheckpointError
+from .models import create_model, list_models
+
+FORMAT = "fakeprint-checkpoint/1"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file, fsync and rename: a kill leaves old or new, never half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
+
+
+def git_commit() -> str:
+    if os.environ.get("FAKEPRINT_COMMIT"):
+        return os.environ["FAKEPRINT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                             text=True, timeout=5)
+        commit = out.stdout.strip() if out.returncode == 0 else "unknown"
+        if commit != "unknown":
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                   cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5)
+            if dirty.stdout.strip():
+                commit += "-dirty"
+        return commit
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def versions() -> dict[str, str]:
+    import numpy
+    import PIL
+
+    from . import __version__
+
+    return {"fakeprint": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
+            "pillow": PIL.__version__, "python": platform.python_version()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)        # DDP
+    return getattr(model, "_orig_mod", model)      # torch.compile
+
+
+def save_checkpoint(stem: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Save ``stem.safetensors`` and ``stem.json``; returns the safetensors path."""
+    stem = Path(stem)
+    state = {k: v.detach().cpu().contiguous() for k, v in _unwrap(model).state_dict().items()}
+    meta = {"format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta}
+    for key in ("model", "num_classes"):
+        if key not in meta:
+            raise ValueError(f"checkpoint metadata needs {key!r}")
+    weights = stem.with_suffix(".safetensors")
+    atomic_write(weights, st_save(state, metadata={"format": FORMAT, "model": str(meta["model"])}))
+    atomic_write(stem.with_suffix(".json"), (json.dumps(meta, indent=2, default=str) + "\n").encode())
+    return weights
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """Accept a run folder (-> its best checkpoint), a stem, ``.safetensors`` or ``.json``."""
+    p = Path(path)
+    if p.is_dir():
+        p = p / "best.safetensors"
+    elif p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    elif p.suffix != ".safetensors" and not p.exists():
+        p = p.with_suffix(".safetensors")
+    if not p.exists():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    return p
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    weights = resolve_checkpoint(path)
+    meta_path = weights.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path}: metadata file missing (a checkpoint is NAME.safetensors + NAME.json)") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: not a fakeprint checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("model") not in list_models():
+        raise CheckpointError(f"{meta_path}: unknown model {meta.get('model')!r} (known: {', '.join(list_models())})")
+    if not isinstance(meta.get("num_classes"), int) or meta["num_classes"] < 2:
+        raise CheckpointError(f"{meta_path}: bad num_classes {meta.get('num_classes')!r}")
+    if not isinstance(meta.get("model_args", {}), dict):
+        raise CheckpointError(f"{meta_path}: model_args must be a mapping")
+    return meta
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """Build the model named in the metadata and load its safetensors weights (shapes checked first)."""
+    weights = resolve_checkpoint(path)
+    meta = read_metadata(weights)
+    raw = weights.read_bytes()
+    if len(raw) < 10 or raw[8:9] != b"{":
+        raise CheckpointError(
+            f"{weights}: not a safetensors file; refusing to load it (fakeprint never unpickles checkpoints)"
+        )
+    try:
+        state = st_load(raw)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"{weights}: corrupt safetensors file ({e})") from None
+    model = create_model(meta["model"], meta["num_classes"], **_model_args(meta))
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            s for s in (
+                f"missing {missing[:3]}" if missing else "",
+                f"unexpected {unexpected[:3]}" if unexpected else "",
+                f"shape mismatch {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]}" if wrong else "",
+            ) if s
+        )
+        raise CheckpointError(f"{weights}: weights do not fit model {meta['model']!r}: {detail}")
+    model.load_state_dict(state)
+    model.eval()
+    return model.to(map_location), meta
+
+
+def _model_args(meta: dict[str, Any]) -> dict[str, Any]:
+    args = dict(meta.get("model_args") or {})
+    for k, v in args.items():
+        if isinstance(v, list):
+            args[k] = tuple(v)
+    return args
+
+
+def save_resume_state(path: Path, state: dict[str, Any]) -> None:
+    import io
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write(path, buf.getvalue())
+
+
+def load_resume_state(path: Path) -> dict[str, Any]:
+    """Optimizer/scheduler/epoch state, loaded with ``weights_only=True`` (no arbitrary code)."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: resume state not found") from None
+    except Exception as e:  # noqa: BLE001 - any unpickling refusal or corruption is a refusal
+        raise CheckpointError(f"{path}: refusing to load resume state ({type(e).__name__}: {str(e)[:200]})") from None

@@ -1,0 +1,232 @@
+"""The ``fakeprint`` command line. Every user mistake ends in one clear message and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .errors import FakeprintError
+
+
+def _cmd_models(args: argparse.Namespace) -> int:
+    from .models import count_parameters, create_model, describe, list_models
+
+    print(f"{'model':<20}{'parameters':>14}{'trainable':>14}  description")
+    for name in list_models():
+        m = create_model(name)
+        print(f"{name:<20}{count_parameters(m):>14,}{count_parameters(m, True):>14,}  {describe(name)}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from .data.dataset import check_dataset
+
+    report, problems = check_dataset(Path(args.dir), decode=not args.no_decode)
+    if args.json:
+        print(json.dumps(report | {"problems": [str(p) for p in problems]}, indent=2))
+    else:
+        print(f"dataset {report['root']}")
+        for split, info in report["splits"].items():
+            print(f"  {split}: {info['images']} images")
+            if "class_counts" in info:
+                print("    classes: " + ", ".join(f"{k}: {v}" for k, v in info["class_counts"].items()))
+            if info.get("sizes"):
+                print("    sizes: " + ", ".join(f"{k} ({v})" for k, v in info["sizes"].items()))
+                print("    modes: " + ", ".join(f"{k} ({v})" for k, v in info["modes"].items()))
+                print("    formats: " + ", ".join(f"{k} ({v})" for k, v in info["formats"].items()))
+        if problems:
+            print(f"{len(problems)} problem(s):", file=sys.stderr)
+            for p in problems:
+                print(f"  {p}", file=sys.stderr)
+        else:
+            print("no problems found")
+    return 1 if problems else 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import train
+
+    if args.resume:
+        out = Path(args.resume)
+        info = out / "run.json"
+        data = args.data
+        if data is None:
+            try:
+                data = json.loads(info.read_text())["data"]
+            except (OSError, ValueError, KeyError):
+                raise FakeprintError(f"{info}: cannot tell which dataset the run used; pass --data") from None
+        cfg = load_config(None)  # replaced by the run's own config.yaml
+        summary = train(data, cfg, out, resume=True)
+    else:
+        if not args.data or not args.out:
+            raise FakeprintError("train needs --data DIR and --out RUN (or --resume RUN)")
+        cfg = load_config(args.config, args.set)
+        summary = train(args.data, cfg, args.out)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint
+
+    out = args.out or str(Path(_checkpoint_dir(args.checkpoint)) / f"eval-{args.split}")
+    m = evaluate_checkpoint(args.checkpoint, args.data, args.split, out, tta=args.tta, device=args.device)
+    print(m["text"])
+    print(f"wrote {out}/metrics.json, {out}/report.md, {out}/confusion_matrix.png")
+    return 0
+
+
+def _checkpoint_dir(path: str) -> str:
+    p = Path(path)
+    return str(p if p.is_dir() else p.parent)
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from .predict import load
+
+    items = list(args.items)
+    ckpt = args.model
+    if ckpt is None and items and (Path(items[0]).is_dir() or items[0].endswith((".safetensors", ".json"))):
+        ckpt = items.pop(0)
+    clf = load(ckpt, args.device)
+    if args.data:
+        from .data.cache import load_split
+
+        if items:
+            raise FakeprintError("give either --data (a dataset split) or image files, not both")
+        ds = load_split(Path(args.data), args.split)
+        pred = clf.predict(ds.images, tta=args.tta)
+        out = Path(args.out or "submission.csv")
+        from .checkpoint import atomic_write
+
+        lines = ["image_id,label"] + [f"{i},{int(lab)}" for i, lab in zip(ds.ids, pred.labels, strict=True)]
+        atomic_write(out, ("\n".join(lines) + "\n").encode())
+        print(f"wrote {len(ds.ids)} predictions to {out}")
+        return 0
+    if not items:
+        raise FakeprintError("nothing to predict: give image files, or --data DIR [--split test] --out FILE")
+    t0 = time.perf_counter()
+    pred = clf.predict(items, tta=args.tta)
+    dt = time.perf_counter() - t0
+    if args.json:
+        print(json.dumps([{"image": i} | d for i, d in zip(items, pred.as_dicts(), strict=True)], indent=2))
+    else:
+        for path, lab, pr in zip(items, pred.labels, pred.probs, strict=True):
+            probs = " ".join(f"{c}:{p:.3f}" for c, p in zip(clf.classes, pr, strict=True))
+            print(f"{path}\t{clf.classes[lab]}\t{probs}")
+        print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({clf.path})", file=sys.stderr)
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .data.demo import make_demo_dataset
+    from .evaluate import evaluate_checkpoint
+    from .train import train
+
+    t0 = time.perf_counter()
+    out = Path(args.out)
+    data = out / "data"
+    if not (data / "test.csv").is_file():
+        print(f"generating the demo dataset in {data} ...", file=sys.stderr)
+        make_demo_dataset(data, seed=args.seed)
+    run = out / "run"
+    if (run / "metrics.csv").exists():
+        import shutil
+
+        shutil.rmtree(run)
+    overrides = [f"seed={args.seed}"] + ([f"epochs={args.epochs}"] if args.epochs else [])
+    cfg = load_config("demo", overrides)
+    train(data, cfg, run)
+    m = evaluate_checkpoint(run, data, "validation", run / "eval-validation")
+    from .predict import load
+
+    clf = load(run)
+    from .data.cache import load_split
+
+    test = load_split(data, "test")
+    pred = clf.predict(test.images)
+    sub = out / "submission.csv"
+    sub.write_text("image_id,label\n" + "".join(f"{i},{int(lab)}\n" for i, lab in zip(test.ids, pred.labels, strict=True)))
+    dt = time.perf_counter() - t0
+    print(m["text"])
+    print(f"demo finished in {dt:.0f}s: validation accuracy {m['accuracy'] * 100:.2f}%\n"
+          f"  dataset:     {data}\n  run folder:  {run} (config.yaml, metrics.csv, best/last checkpoints, curves.png)\n"
+          f"  evaluation:  {run / 'eval-validation'} (metrics.json, report.md, confusion_matrix.png)\n"
+          f"  submission:  {sub}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="fakeprint", description="Tell which image generator made an image.")
+    p.add_argument("--version", action="version", version=f"fakeprint {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("demo", help="generate the synthetic demo dataset, train, evaluate and predict on it")
+    s.add_argument("--out", default="fakeprint-demo", help="folder for the dataset, run and submission")
+    s.add_argument("--epochs", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(fn=_cmd_demo)
+
+    s = sub.add_parser("models", help="list the registered models with their parameter counts")
+    s.set_defaults(fn=_cmd_models)
+
+    s = sub.add_parser("data", help="dataset tools")
+    dsub = s.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    c = dsub.add_parser("check", help="report a dataset's layout, classes, images and every problem found")
+    c.add_argument("dir")
+    c.add_argument("--no-decode", action="store_true", help="skip opening every image")
+    c.add_argument("--json", action="store_true")
+    c.set_defaults(fn=_cmd_data_check)
+
+    s = sub.add_parser("train", help="train a model (a preset and key=value overrides)")
+    s.add_argument("--data", help="dataset folder (train.csv + train/ ...)")
+    s.add_argument("--config", default=None, help="a YAML preset file or a shipped preset name")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    s.add_argument("--out", help="run folder to create")
+    s.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    s.set_defaults(fn=_cmd_train)
+
+    s = sub.add_parser("evaluate", help="accuracy, confusion matrix and classification report of a checkpoint")
+    s.add_argument("checkpoint")
+    s.add_argument("--data", required=True)
+    s.add_argument("--split", default="validation", help="validation, train, or internal (the run's split.csv)")
+    s.add_argument("--out", default=None, help="folder for metrics.json, report.md, confusion_matrix.png")
+    s.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=_cmd_evaluate)
+
+    s = sub.add_parser("predict", help="classify image files, or write a submission for a dataset split")
+    s.add_argument("items", nargs="*", metavar="[CKPT] IMAGE", help="a checkpoint (optional) then image files")
+    s.add_argument("--model", default=None, help="checkpoint (default: the first argument, or the shipped model)")
+    s.add_argument("--data", default=None)
+    s.add_argument("--split", default="test")
+    s.add_argument("--out", default=None, help="submission file (default submission.csv)")
+    s.add_argument("--tta", action="store_true")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--device", default="cpu")
+    s.set_defaults(fn=_cmd_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.fn(args) or 0)
+    except FakeprintError as e:
+        print(f"fakeprint: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fakeprint: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0

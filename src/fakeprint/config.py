@@ -1,0 +1,168 @@
+"""Training configuration: one flat dict of plain values, presets in YAML, overrides from the command line.
+
+Every key below is documented here and nowhere else; a preset or ``--set key=value`` may change any of them,
+and an unknown key is an error (a typo must not be silently ignored).
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import FakeprintError
+
+DEFAULTS: dict[str, Any] = {
+    # model
+    "model": "threecnn",          # a registered model name (see `fakeprint models`)
+    "model_args": {},             # keyword arguments for the model factory
+    "base_checkpoints": [],       # ensemblecnn only: [skipconcnn checkpoint, threecnn checkpoint]
+    # data
+    "val_fraction": 0.1,          # internal split when the dataset has no validation.csv
+    "split_seed": 0,              # seed of the stratified internal split
+    "cache_dir": None,            # where decoded uint8 caches live (default: beside the data)
+    "on_bad_image": "error",      # error | skip
+    # optimisation
+    "epochs": 200,
+    "batch_size": 16,
+    "eval_batch_size": 256,
+    "optimizer": "adam",          # adam | adamw | sgd
+    "lr": 5e-4,
+    "weight_decay": 1e-4,
+    "momentum": 0.9,              # sgd only
+    "label_smoothing": 0.0,
+    "loss": "ce",                 # ce | focal | weighted_ce
+    "focal_gamma": 2.0,
+    "class_weights": None,        # list of per-class loss weights for weighted_ce (None: inverse frequency)
+    "sampler": "shuffle",         # shuffle | balanced
+    "scheduler": "plateau",       # plateau | onecycle | cosine | none
+    "plateau_patience": 15,
+    "plateau_factor": 0.8,
+    "warmup_epochs": 0.0,         # onecycle/cosine: linear warm-up length in epochs
+    "early_stop": 15,             # epochs without a better validation accuracy before stopping (0: never)
+    "ema": 0.0,                   # decay of an exponential moving average of the weights (0: off)
+    "grad_clip": 0.0,
+    # augmentation (batched, on the device)
+    "hflip": True,
+    "vflip": False,
+    "rotation": 15.0,             # max degrees, uniform in [-rotation, rotation]
+    "rotation_interp": "nearest", # nearest (as the report's torchvision default) | bilinear
+    "rot90": False,               # random multiples of 90 degrees (lossless)
+    "translate": 0,               # max pixels of random translation (lossless roll with zero fill)
+    "color_jitter": 0.0,          # photometric: brightness/contrast/saturation strength (0: off)
+    "normalize": "imagenet",      # imagenet | none
+    "tta": False,                 # evaluate with horizontal-flip test-time augmentation
+    # machinery
+    "seed": 0,
+    "device": "auto",             # auto | cpu | cuda | cuda:N | mps
+    "amp": "auto",                # auto (bf16 on capable GPUs) | bf16 | fp16 | off
+    "channels_last": "auto",      # auto (on GPU) | on | off
+    "compile": False,
+    "deterministic": False,       # deterministic algorithms (for exact reproducibility on CPU)
+    "threads": 0,                 # CPU threads for torch (0: leave torch's default)
+    "workers": 0,                 # processes for decoding images into the cache (0: all cores)
+    "progress": True,
+    "max_train_images": 0,        # cap on training images (0: all), for quick studies
+}
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": ("adam", "adamw", "sgd"),
+    "loss": ("ce", "focal", "weighted_ce"),
+    "sampler": ("shuffle", "balanced"),
+    "scheduler": ("plateau", "onecycle", "cosine", "none"),
+    "rotation_interp": ("nearest", "bilinear"),
+    "normalize": ("imagenet", "none"),
+    "amp": ("auto", "bf16", "fp16", "off"),
+    "channels_last": ("auto", "on", "off"),
+    "on_bad_image": ("error", "skip"),
+}
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped with the package (``configs/*.yaml``)."""
+    root = resources.files("fakeprint") / "configs"
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(path: Path | Any) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise FakeprintError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FakeprintError(f"{path}: a config must be a mapping of key: value")
+    return data
+
+
+def load_config(config: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> dict:
+    """Resolve a config: defaults, then a preset (a YAML path or a shipped preset name), then overrides.
+
+    ``overrides`` is a list of ``key=value`` strings (values parsed as YAML) or a dict.
+    """
+    cfg = copy.deepcopy(DEFAULTS)
+    if config is not None:
+        path = Path(config)
+        if path.is_file():
+            data = _read_yaml(path)
+        else:
+            name = path.name[:-5] if path.name.endswith(".yaml") else str(config)
+            shipped = resources.files("fakeprint") / "configs" / f"{name}.yaml"
+            if not shipped.is_file():
+                raise FakeprintError(
+                    f"config {config!r}: no such file, and no preset of that name "
+                    f"(presets: {', '.join(preset_names())})"
+                )
+            data = _read_yaml(shipped)
+        _merge(cfg, data, source=str(config))
+    if overrides:
+        if isinstance(overrides, dict):
+            _merge(cfg, overrides, source="overrides")
+        else:
+            _merge(cfg, parse_overrides(overrides), source="--set")
+    validate(cfg)
+    return cfg
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise FakeprintError(f"--set {item!r}: expected key=value")
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else None
+        except yaml.YAMLError:
+            out[key.strip()] = value
+    return out
+
+
+def _merge(cfg: dict[str, Any], data: dict[str, Any], source: str) -> None:
+    for key, value in data.items():
+        if key not in DEFAULTS:
+            raise FakeprintError(f"{source}: unknown config key {key!r} (known: {', '.join(sorted(DEFAULTS))})")
+        default = DEFAULTS[key]
+        if isinstance(default, bool) and not isinstance(value, bool):
+            raise FakeprintError(f"{source}: {key} must be true or false, got {value!r}")
+        if isinstance(default, (int, float)) and not isinstance(default, bool):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise FakeprintError(f"{source}: {key} must be a number, got {value!r}")
+            value = type(default)(value) if isinstance(default, float) or float(value).is_integer() else value
+        cfg[key] = value
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    for key, options in CHOICES.items():
+        if cfg[key] not in options:
+            raise FakeprintError(f"config: {key} must be one of {', '.join(options)}, got {cfg[key]!r}")
+    for key in ("epochs", "batch_size", "eval_batch_size"):
+        if int(cfg[key]) < 1:
+            raise FakeprintError(f"config: {key} must be at least 1, got {cfg[key]}")
+    if not 0.0 < float(cfg["val_fraction"]) < 1.0:
+        raise FakeprintError(f"config: val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
+    if not isinstance(cfg["model_args"], dict):
+        raise FakeprintError("config: model_args must be a mapping")

@@ -1,0 +1,280 @@
+"""The report's dataset layout: ``<split>.csv`` (``image_id[,label]``) beside a ``<split>/`` folder of images.
+
+Reading is strict: every problem is collected with the file and row that caused it, and reported at
+once, so that one run shows everything that is wrong rather than the first thing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ..errors import DataError
+
+IMAGE_SIZE = 100
+NUM_CLASSES = 5
+IMAGE_EXTS = (".png", ".webp", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif")
+SPLITS = ("train", "validation", "test")
+# A 100x100 dataset never needs more; this refuses decompression bombs without PIL's warning dance.
+MAX_PIXELS = 64_000_000
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a dataset, located by file (and row, where it comes from a CSV)."""
+
+    file: str
+    message: str
+    row: int | None = None
+
+    def __str__(self) -> str:
+        where = f"{self.file}, row {self.row}" if self.row is not None else self.file
+        return f"{where}: {self.message}"
+
+
+@dataclass
+class CsvTable:
+    path: Path
+    ids: list[str]
+    labels: list[int] | None
+    rows: list[int]  # the 1-based line of each entry in the file, for messages
+
+
+def _bad_id(image_id: str) -> str | None:
+    if not image_id:
+        return "empty image_id"
+    if "/" in image_id or "\\" in image_id or image_id in (".", "..") or ".." in image_id.split("."):
+        return f"image_id {image_id!r} contains a path separator or '..'"
+    if "\x00" in image_id or any(ord(c) < 32 for c in image_id):
+        return f"image_id {image_id!r} contains control characters"
+    return None
+
+
+def read_csv(path: Path, need_label: bool, num_classes: int = NUM_CLASSES) -> tuple[CsvTable, list[Problem]]:
+    """Read ``image_id[,label]`` rows. Returns the table of good rows and the problems found."""
+    path = Path(path)
+    problems: list[Problem] = []
+    name = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return CsvTable(path, [], [] if need_label else None, []), [Problem(name, f"cannot read: {e.strerror}")]
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        return CsvTable(path, [], None, []), [Problem(name, f"not UTF-8 text (byte {e.start})")]
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    while header is not None and not any(h.strip() for h in header):
+        header = next(reader, None)
+    if header is None:
+        return CsvTable(path, [], [] if need_label else None, []), [Problem(name, "empty CSV: no header and no rows")]
+    cols = [h.strip().lower() for h in header]
+    if "image_id" not in cols:
+        hint = " (the file seems to have no header line)" if len(cols) >= 1 and cols[0] and "id" not in cols else ""
+        return CsvTable(path, [], None, []), [
+            Problem(name, f"missing column 'image_id'{hint}; header is {','.join(header)!r}", row=1)
+        ]
+    id_col = cols.index("image_id")
+    label_col = cols.index("label") if "label" in cols else None
+    if need_label and label_col is None:
+        problems.append(Problem(name, f"missing column 'label'; header is {','.join(header)!r}", row=1))
+    ids: list[str] = []
+    labels: list[int] = []
+    rows: list[int] = []
+    seen: dict[str, int] = {}
+    for row in reader:
+        line = reader.line_num
+        if not any(c.strip() for c in row):
+            continue
+        if len(row) <= id_col:
+            problems.append(Problem(name, f"too few fields ({len(row)})", row=line))
+            continue
+        image_id = row[id_col].strip()
+        bad = _bad_id(image_id)
+        if bad:
+            problems.append(Problem(name, bad, row=line))
+            continue
+        if image_id in seen:
+            problems.append(Problem(name, f"duplicate image_id {image_id!r} (first at row {seen[image_id]})", row=line))
+            continue
+        label = -1
+        if need_label and label_col is not None:
+            value = row[label_col].strip() if len(row) > label_col else ""
+            try:
+                label = int(value)
+            except ValueError:
+                problems.append(Problem(name, f"label {value!r} is not an integer", row=line))
+                continue
+            if not 0 <= label < num_classes:
+                problems.append(Problem(name, f"label {label} out of range 0..{num_classes - 1}", row=line))
+                continue
+        seen[image_id] = line
+        ids.append(image_id)
+        labels.append(label)
+        rows.append(line)
+    if not ids and not problems:
+        problems.append(Problem(name, "empty CSV: a header but no rows"))
+    return CsvTable(path, ids, labels if need_label else None, rows), problems
+
+
+def index_images(folder: Path) -> tuple[dict[str, Path], list[Problem]]:
+    """Map image stem -> file for every image in ``folder`` (one directory listing, not one stat per id)."""
+    out: dict[str, Path] = {}
+    problems: list[Problem] = []
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except FileNotFoundError:
+        return {}, [Problem(str(folder), "image folder is missing")]
+    except NotADirectoryError:
+        return {}, [Problem(str(folder), "is not a folder")]
+    for entry in entries:
+        stem, ext = os.path.splitext(entry.name)
+        if ext.lower() not in IMAGE_EXTS:
+            continue
+        if stem in out:
+            problems.append(Problem(str(Path(folder) / entry.name), f"two images for id {stem!r} (also {out[stem].name})"))
+            continue
+        out[stem] = Path(folder) / entry.name
+    return out, problems
+
+
+def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Decode one image into ``size x size x 3`` uint8 RGB, converting mode and resizing when needed.
+
+    Raises ``DataError`` naming the file when it is not a readable image.
+    """
+    try:
+        with Image.open(path) as im:
+            if im.width * im.height > MAX_PIXELS:
+                raise DataError(f"{path}: {im.width}x{im.height} pixels is too large (limit {MAX_PIXELS})")
+            im.load()
+            return to_rgb_array(im, size)
+    except DataError:
+        raise
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except UnidentifiedImageError:
+        raise DataError(f"{path}: not an image (unrecognised format)") from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: unreadable image ({e})") from None
+
+
+def to_rgb_array(im: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Any PIL image (L, LA, P, RGBA, 16-bit, float, CMYK) -> ``size x size x 3`` uint8 RGB."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        a = np.asarray(im, dtype=np.float64)
+        hi = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        im = Image.fromarray(a, mode="L")
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")
+        background = Image.new("RGBA", im.size, (0, 0, 0, 255))
+        im = Image.alpha_composite(background, im)
+    if im.mode != "RGB":
+        im = im.convert("RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.uint8)
+
+
+@dataclass
+class SplitFiles:
+    """A split resolved to files: ids, labels (None for test) and paths, in CSV order."""
+
+    name: str
+    root: Path
+    ids: list[str]
+    labels: list[int] | None
+    paths: list[Path]
+
+
+def resolve_split(root: Path, split: str) -> tuple[SplitFiles, list[Problem]]:
+    """Match ``<split>.csv`` rows with ``<split>/`` files. Problems: CSV problems and missing images."""
+    root = Path(root)
+    csv_path = root / f"{split}.csv"
+    if not csv_path.is_file():
+        return SplitFiles(split, root, [], None, []), [Problem(str(csv_path), "file not found")]
+    table, problems = read_csv(csv_path, need_label=split != "test")
+    index, index_problems = index_images(root / split)
+    problems += index_problems
+    paths: list[Path] = []
+    ids: list[str] = []
+    labels: list[int] = []
+    for i, image_id in enumerate(table.ids):
+        path = index.get(image_id)
+        if path is None:
+            if index or not index_problems:
+                problems.append(
+                    Problem(str(csv_path), f"image {image_id!r} not found in {root / split}/", row=table.rows[i])
+                )
+            continue
+        ids.append(image_id)
+        paths.append(path)
+        if table.labels is not None:
+            labels.append(table.labels[i])
+    return SplitFiles(split, root, ids, labels if table.labels is not None else None, paths), problems
+
+
+def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded stratified split of indices: (train_idx, val_idx), each sorted. Same inputs, same split."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    train_idx, val_idx = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        idx = idx[rng.permutation(len(idx))]
+        n_val = int(round(len(idx) * val_fraction))
+        n_val = min(max(n_val, 1), len(idx) - 1) if len(idx) > 1 else 0
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    return np.sort(np.concatenate(train_idx)), np.sort(np.concatenate(val_idx))
+
+
+def check_dataset(root: Path, decode: bool = True) -> tuple[dict, list[Problem]]:
+    """Inspect a dataset folder: layout, class counts, image sizes and modes, and every problem found."""
+    root = Path(root)
+    report: dict = {"root": str(root), "splits": {}}
+    problems: list[Problem] = []
+    if not root.is_dir():
+        return report, [Problem(str(root), "dataset folder not found")]
+    present = [s for s in SPLITS if (root / f"{s}.csv").exists() or (root / s).is_dir()]
+    if not present:
+        return report, [Problem(str(root), "no train.csv, validation.csv or test.csv found")]
+    for split in present:
+        files, split_problems = resolve_split(root, split)
+        problems += split_problems
+        info: dict = {"images": len(files.ids)}
+        if files.labels is not None:
+            counts = Counter(files.labels)
+            info["class_counts"] = {int(k): counts[k] for k in sorted(counts)}
+        sizes: Counter = Counter()
+        modes: Counter = Counter()
+        formats: Counter = Counter()
+        if decode:
+            for path in files.paths:
+                try:
+                    with Image.open(path) as im:
+                        sizes[f"{im.width}x{im.height}"] += 1
+                        modes[im.mode] += 1
+                        formats[im.format or "?"] += 1
+                        if im.width * im.height > MAX_PIXELS:
+                            problems.append(Problem(str(path), f"{im.width}x{im.height} pixels is too large"))
+                            continue
+                        im.load()
+                except UnidentifiedImageError:
+                    problems.append(Problem(str(path), "not an image (unrecognised format)"))
+                except (OSError, ValueError, SyntaxError) as e:
+                    problems.append(Problem(str(path), f"unreadable image ({e})"))
+        info["sizes"] = dict(sizes.most_common())
+        info["modes"] = dict(modes.most_common())
+        info["formats"] = dict(formats.most_common())
+        report["splits"][split] = info
+    return report, problems

@@ -1,0 +1,66 @@
+"""Device batches: slices of one uint8 tensor (on the GPU when there is one), shuffled per epoch.
+
+The permutation of each epoch is a pure function of (seed, epoch), so every DDP rank draws the same one
+and takes its own shard, and a resumed run draws exactly the permutation the uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+
+def to_device_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Copy a (memory-mapped) uint8 array into one tensor on ``device``."""
+    t = torch.from_numpy(np.ascontiguousarray(images))
+    if device.type == "cuda":
+        t = t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+class DeviceBatches:
+    """Iterate ``(images_uint8, labels)`` batches. ``sampler``: ``shuffle`` (a permutation per epoch),
+    ``balanced`` (class-balanced sampling with replacement) or ``sequential``."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
+                 sampler: str = "shuffle", drop_last: bool = True, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        self.images, self.labels = images, labels
+        self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> torch.Tensor:
+        n = self.images.shape[0]
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        if self.sampler == "shuffle":
+            idx = torch.randperm(n, generator=g)
+        elif self.sampler == "balanced":
+            labels = self.labels.cpu()
+            counts = torch.bincount(labels).float()
+            weights = (1.0 / counts.clamp_min(1))[labels]
+            idx = torch.multinomial(weights, n, replacement=True, generator=g)
+        else:
+            idx = torch.arange(n)
+        if self.world_size > 1:
+            per_rank = len(idx) // self.world_size if self.drop_last else -(-len(idx) // self.world_size)
+            if not self.drop_last:  # pad by wrapping so every rank has the same count
+                idx = torch.cat([idx, idx[: per_rank * self.world_size - len(idx)]])
+            idx = idx[self.rank : per_rank * self.world_size : self.world_size]
+        return idx
+
+    def __len__(self) -> int:
+        n = self.images.shape[0] // self.world_size if self.world_size > 1 else self.images.shape[0]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+        idx = self.indices().to(self.images.device)
+        stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
+        for start in range(0, stop, self.batch_size):
+            b = idx[start : start + self.batch_size]
+            yield self.images[b], (None if self.labels is None else self.labels[b])

@@ -1,0 +1,58 @@
+"""Evaluate a checkpoint on a labelled split: accuracy, confusion matrix, classification report, files."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .checkpoint import resolve_checkpoint
+from .data.cache import SplitData, load_split
+from .errors import FakeprintError
+from .metrics import confusion_text, report_text, write_report
+from .predict import Classifier
+from .predict import load as load_classifier
+
+
+def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | None = None,
+                    progress: bool = True) -> SplitData:
+    """A labelled split; ``internal`` is the held-out part of train recorded in the run's ``split.csv``."""
+    if split != "internal":
+        return load_split(Path(data), split, cache_dir=cache_dir, progress=progress)
+    split_csv = resolve_checkpoint(checkpoint).parent / "split.csv"
+    if not split_csv.is_file():
+        raise FakeprintError(f"{split_csv}: not found; --split internal needs the split.csv of the training run")
+    with open(split_csv, newline="") as f:
+        held = {r["image_id"] for r in csv.DictReader(f) if r.get("subset") == "internal"}
+    full = load_split(Path(data), "train", cache_dir=cache_dir, progress=progress)
+    idx = np.array([i for i, image_id in enumerate(full.ids) if image_id in held], dtype=np.int64)
+    if len(idx) != len(held):
+        raise FakeprintError(f"{split_csv}: {len(held) - len(idx)} internal-split images are not in {data}/train.csv")
+    return full.subset(idx, "internal")
+
+
+def evaluate(clf: Classifier, data: SplitData, out_dir: Path | None, tta: bool = False,
+             title: str | None = None) -> dict[str, Any]:
+    if data.labels is None:
+        raise FakeprintError(f"split {data.name!r} has no labels; evaluation needs image_id,label")
+    pred = clf.predict(data.images, tta=tta)
+    title = title or f"{clf.name} on the {data.name} split of {data.root}"
+    extra = {"split": data.name, "checkpoint": str(clf.path), "tta": tta}
+    if out_dir is None:
+        from .metrics import summary
+
+        m = summary(data.labels, pred.labels, len(clf.classes)) | extra
+    else:
+        m = write_report(Path(out_dir), data.labels, pred.labels, title, extra, num_classes=len(clf.classes))
+    m["text"] = (f"{title}\naccuracy {m['accuracy'] * 100:.2f}% ({m['n']} images)\n\n"
+                 f"{confusion_text(m['confusion_matrix'])}\n\n{report_text(data.labels, pred.labels, len(clf.classes))}")
+    return m
+
+
+def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "validation",
+                        out_dir: str | Path | None = None, tta: bool = False, device: str = "cpu") -> dict[str, Any]:
+    clf = load_classifier(checkpoint, device)
+    ds = load_eval_split(Path(data), split, Path(checkpoint))
+    return evaluate(clf, ds, Path(out_dir) if out_dir else None, tta=tta)

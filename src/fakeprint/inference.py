@@ -1,0 +1,78 @@
+"""Batched inference from uint8 images to class probabilities (optionally with flip test-time augmentation)."""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from .augment import normalize, to_float
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        from .errors import FakeprintError
+
+        raise FakeprintError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        from .errors import FakeprintError
+
+        raise FakeprintError("device 'cuda' asked for, but no CUDA GPU is available")
+    return dev
+
+
+def autocast_dtype(device: torch.device, amp: str) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (auto: bf16 on GPUs that support it, else none)."""
+    if amp == "off":
+        return None
+    if amp == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return None
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
+                   batch_size: int = 256, norm: str = "imagenet", tta: bool = False,
+                   amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+    """Logits (float32, on CPU) for N x H x W x 3 uint8 images. ``tta`` averages the logits of the image and
+    its horizontal flip."""
+    was_training = model.training
+    model.eval()
+    out = []
+    n = images.shape[0]
+    for start in range(0, n, batch_size):
+        chunk = images[start : start + batch_size]
+        if isinstance(chunk, np.ndarray):
+            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+        x = normalize(to_float(chunk.to(device, non_blocking=True)), norm)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device, amp_dtype):
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        out.append(logits.cpu())
+    model.train(was_training)
+    if not out:
+        return torch.zeros(0, 0)
+    return torch.cat(out)
+
+
+def predict_probs(model: nn.Module, images, device: torch.device, **kw) -> np.ndarray:
+    return predict_logits(model, images, device, **kw).softmax(dim=1).numpy()

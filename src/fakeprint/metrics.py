@@ -1,0 +1,96 @@
+"""Metrics and reports: accuracy, the confusion matrix (rows actual, columns predicted), scikit-learn's
+classification report, written as ``metrics.json``, ``report.md`` and ``confusion_matrix.png``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import classification_report, confusion_matrix, f1_score
+
+from .checkpoint import atomic_write
+
+
+def summary(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = 5) -> dict:
+    labels = list(range(num_classes))
+    cm = confusion_matrix(y_true, y_pred, labels=labels)
+    rep = classification_report(y_true, y_pred, labels=labels, output_dict=True, zero_division=0)
+    return {
+        "accuracy": float((np.asarray(y_true) == np.asarray(y_pred)).mean()) if len(y_true) else 0.0,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "n": int(len(y_true)),
+        "per_class": {
+            str(c): {k: float(rep[str(c)][k]) for k in ("precision", "recall", "f1-score")} | {"support": int(rep[str(c)]["support"])}
+            for c in labels
+        },
+        "confusion_matrix": cm.tolist(),
+    }
+
+
+def report_text(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = 5, digits: int = 4) -> str:
+    return classification_report(y_true, y_pred, labels=list(range(num_classes)), digits=digits, zero_division=0)
+
+
+def confusion_text(cm: list[list[int]]) -> str:
+    k = len(cm)
+    width = max(6, max(len(str(v)) for row in cm for v in row) + 1)
+    head = "actual \\ predicted".ljust(19) + "".join(str(c).rjust(width) for c in range(k))
+    rows = [f"{c}".ljust(19) + "".join(str(v).rjust(width) for v in cm[c]) for c in range(k)]
+    return "\n".join([head, *rows])
+
+
+def plot_confusion(cm: list[list[int]], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    a = np.asarray(cm)
+    fig, ax = plt.subplots(figsize=(5, 4.4), dpi=120)
+    im = ax.imshow(a, cmap="Blues")
+    k = a.shape[0]
+    ax.set_xticks(range(k))
+    ax.set_yticks(range(k))
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("actual")
+    ax.set_title(title, fontsize=9)
+    for i in range(k):
+        for j in range(k):
+            ax.text(j, i, str(a[i, j]), ha="center", va="center",
+                    color="white" if a[i, j] > a.max() / 2 else "black", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_report(out_dir: Path, y_true: np.ndarray, y_pred: np.ndarray, title: str, extra: dict | None = None,
+                 num_classes: int = 5) -> dict:
+    """Write metrics.json, report.md and confusion_matrix.png into ``out_dir``; returns the metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    m = summary(y_true, y_pred, num_classes) | (extra or {})
+    text = report_text(y_true, y_pred, num_classes)
+    atomic_write(out_dir / "metrics.json", (json.dumps(m, indent=2) + "\n").encode())
+    md = [
+        f"# {title}",
+        "",
+        f"Accuracy: **{m['accuracy'] * 100:.2f}%** on {m['n']} images; macro F1 {m['macro_f1']:.4f}.",
+        "",
+        "## Confusion matrix (rows actual, columns predicted)",
+        "",
+        "```",
+        confusion_text(m["confusion_matrix"]),
+        "```",
+        "",
+        "## Classification report",
+        "",
+        "```",
+        text.rstrip(),
+        "```",
+        "",
+    ]
+    atomic_write(out_dir / "report.md", "\n".join(md).encode())
+    plot_confusion(m["confusion_matrix"], out_dir / "confusion_matrix.png", title)
+    return m

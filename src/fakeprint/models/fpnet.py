@@ -1,0 +1,62 @@
+"""FPNet: fakeprint's own family, built for generator fingerprints.
+
+Generator traces live in the highest frequencies (upsampling grids, periodic spectral peaks, noise
+texture), so the first layers run at full resolution with no pooling, and the resolution is reduced
+only by strided residual stages that can learn what to keep. Global average pooling then summarises
+the (spatially stationary) trace over the whole image.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import ResidualBlock
+from .registry import register_model
+
+
+class FPNet(nn.Module):
+    def __init__(self, num_classes: int = 5, width: int = 32, depths: tuple[int, ...] = (1, 1, 1),
+                 stem_convs: int = 2, dropout: float = 0.0):
+        super().__init__()
+        stem: list[nn.Module] = []
+        cin = 3
+        for _ in range(stem_convs):
+            stem += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            cin = width
+        self.stem = nn.Sequential(*stem)
+        stages: list[nn.Module] = []
+        for i, depth in enumerate(depths):
+            cout = width * 2 ** (i + 1)
+            blocks = [ResidualBlock(cin, cout, stride=2, bias=False)]
+            blocks += [ResidualBlock(cout, cout, bias=False) for _ in range(depth - 1)]
+            stages.append(nn.Sequential(*blocks))
+            cin = cout
+        self.stages = nn.Sequential(*stages)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(cin, num_classes))
+
+    def forward(self, x):
+        return self.head(self.stages(self.stem(x)))
+
+
+@register_model
+def fpnet_tiny(num_classes: int = 5, **kwargs) -> nn.Module:
+    """FPNet, width 8: a few-second-per-epoch CPU model for the demo and the tests."""
+    kwargs.setdefault("width", 8)
+    kwargs.setdefault("stem_convs", 1)
+    return FPNet(num_classes, **kwargs)
+
+
+@register_model
+def fpnet_s(num_classes: int = 5, **kwargs) -> nn.Module:
+    """FPNet, width 16, depths (1, 1, 2): CPU-trainable, fast CPU inference."""
+    kwargs.setdefault("width", 16)
+    kwargs.setdefault("depths", (1, 1, 2))
+    return FPNet(num_classes, **kwargs)
+
+
+@register_model
+def fpnet_m(num_classes: int = 5, **kwargs) -> nn.Module:
+    """FPNet, width 32, depths (1, 2, 2): the GPU recipe's model."""
+    kwargs.setdefault("width", 32)
+    kwargs.setdefault("depths", (1, 2, 2))
+    return FPNet(num_classes, **kwargs)

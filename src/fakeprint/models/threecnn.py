@@ -1,0 +1,49 @@
+"""ThreeCNN: the report's three-convolution network, and its dilated, wider variant."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .layers import conv_bn_relu
+from .registry import register_model
+
+
+class ThreeCNN(nn.Module):
+    """Conv(3->64)-MaxPool, Conv(64->128)-MaxPool, Conv(128->c3, no pad)-MaxPool, Dropout2d,
+    AdaptiveAvgPool(4), Linear(c3*16->128)-ReLU-Dropout-Linear(128->classes)."""
+
+    def __init__(self, num_classes: int = 5, c3: int = 192, dilation: int = 1, dropout: float = 0.5,
+                 dropout2d: float = 0.25):
+        super().__init__()
+        self.features = nn.Sequential(
+            conv_bn_relu(3, 64), nn.MaxPool2d(2),                   # 100 -> 50
+            conv_bn_relu(64, 128), nn.MaxPool2d(2),                 # 50 -> 25
+            conv_bn_relu(128, c3, padding=0, dilation=dilation),    # 25 -> 23 (dilation 2: 21)
+            nn.MaxPool2d(2),                                        # -> 11 (10)
+            nn.Dropout2d(dropout2d),
+        )
+        self.pool = nn.AdaptiveAvgPool2d(4)
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(c3 * 16, 128),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+            nn.Linear(128, num_classes),
+        )
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))
+
+
+@register_model
+def threecnn(num_classes: int = 5, **kwargs) -> nn.Module:
+    """The report's ThreeCNN (691,781 parameters)."""
+    return ThreeCNN(num_classes, **kwargs)
+
+
+@register_model
+def threecnn_dilated(num_classes: int = 5, **kwargs) -> nn.Module:
+    """ThreeCNN with a dilated (2), wider (256) last convolution, the report's best ThreeCNN."""
+    kwargs.setdefault("c3", 256)
+    kwargs.setdefault("dilation", 2)
+    return ThreeCNN(num_classes, **kwargs)

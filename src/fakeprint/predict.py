@@ -1,0 +1,102 @@
+"""Prediction: the Python API (``fakeprint.load(path).predict(images)``) and Kaggle-style submissions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .checkpoint import load_checkpoint
+from .data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
+from .errors import FakeprintError
+from .inference import pick_device, predict_logits
+
+
+def default_model_path() -> Path | None:
+    """The model shipped inside the package, if there is one."""
+    path = Path(str(resources.files("fakeprint") / "weights" / "default.safetensors"))
+    return path if path.is_file() and path.with_suffix(".json").is_file() else None
+
+
+@dataclass
+class Predictions:
+    """``labels[i]`` is the predicted class of image i, ``probs[i]`` its class probabilities."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    classes: list[str]
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        return [{"label": int(lab), "probabilities": {c: float(p) for c, p in zip(self.classes, pr, strict=True)}}
+                for lab, pr in zip(self.labels, self.probs, strict=True)]
+
+
+class Classifier:
+    """A loaded model ready to classify images of any size and mode (converted to 100x100 RGB)."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device, path: Path | None = None):
+        self.model, self.meta, self.device, self.path = model.eval(), meta, device, path
+        self.classes: list[str] = list(meta.get("classes") or [str(i) for i in range(meta["num_classes"])])
+        self.normalize = (meta.get("normalization") or {}).get("mode", "imagenet")
+
+    @property
+    def name(self) -> str:
+        return str(self.meta["model"])
+
+    def to_array(self, images: Any) -> np.ndarray:
+        """Paths, PIL images, uint8 arrays (HxWx3, HxW or NxHxWx3) -> N x 100 x 100 x 3 uint8."""
+        if isinstance(images, np.ndarray) and images.ndim == 4:
+            items = list(images)
+        elif isinstance(images, (str, Path, Image.Image, np.ndarray)):
+            items = [images]
+        else:
+            items = list(images)
+        out = np.empty((len(items), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        for i, item in enumerate(items):
+            if isinstance(item, (str, Path)):
+                out[i] = decode_image(Path(item))
+            elif isinstance(item, Image.Image):
+                out[i] = to_rgb_array(item)
+            elif isinstance(item, np.ndarray):
+                out[i] = _array_to_rgb(item, i)
+            else:
+                raise FakeprintError(f"image {i}: expected a path, a PIL image or a uint8 array, got {type(item).__name__}")
+        return out
+
+    def predict(self, images: Any, batch_size: int = 256, tta: bool = False) -> Predictions:
+        arr = self.to_array(images)
+        probs = predict_logits(self.model, arr, self.device, batch_size=batch_size, norm=self.normalize,
+                               tta=tta).softmax(1).numpy() if len(arr) else np.zeros((0, len(self.classes)))
+        return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
+
+
+def _array_to_rgb(a: np.ndarray, i: int) -> np.ndarray:
+    if a.dtype != np.uint8:
+        raise FakeprintError(f"image {i}: arrays must be uint8, got {a.dtype}")
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise FakeprintError(f"image {i}: expected an HxWx3 array, got shape {a.shape}")
+    if a.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE) and a.shape[2] == 3:
+        return a
+    return to_rgb_array(Image.fromarray(a))
+
+
+def load(path: str | Path | None = None, device: str = "cpu") -> Classifier:
+    """Load a checkpoint (a run folder, ``NAME.safetensors`` or its stem); no path: the shipped default model."""
+    if path is None:
+        path = default_model_path()
+        if path is None:
+            raise FakeprintError("no default model is shipped in this installation; pass a checkpoint path "
+                                 "(a run folder or a .safetensors file)")
+    dev = pick_device(device)
+    model, meta = load_checkpoint(path, map_location=dev)
+    return Classifier(model, meta, dev, Path(path))

@@ -1,0 +1,494 @@
+"""The training loop, top to bottom: data -> model -> optimiser -> epochs -> checkpoints -> report.
+
+DDP is switched on by the ``torchrun`` environment (``WORLD_SIZE`` > 1): gloo on CPU, NCCL on GPU.
+Each rank takes its shard of every epoch's permutation; metrics are summed across ranks; rank 0 alone
+writes. Randomness is a pure function of (seed, epoch, rank), so a resumed run continues exactly.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import yaml
+from torch import nn
+from tqdm import tqdm
+
+from .augment import IMAGENET_MEAN, IMAGENET_STD, augment, normalize, to_float
+from .checkpoint import (
+    atomic_write,
+    git_commit,
+    load_checkpoint,
+    load_resume_state,
+    read_metadata,
+    save_checkpoint,
+    save_resume_state,
+    versions,
+)
+from .data.cache import SplitData, load_split
+from .data.dataset import NUM_CLASSES, stratified_split
+from .data.loader import DeviceBatches, to_device_tensor
+from .errors import FakeprintError
+from .inference import autocast, autocast_dtype, pick_device
+from .losses import make_loss
+from .metrics import confusion_text, report_text, write_report
+from .models import count_parameters, create_model
+
+METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
+                  "val_recall_weakest", "epoch_time_s", "train_images_per_s"]
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device_name: str) -> tuple[Dist, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist(), pick_device(device_name)
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name in ("auto", "cuda") or device_name.startswith("cuda")
+    if use_cuda:
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Dist(rank, world, local), device
+
+
+def _all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
+    if d.world_size > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def _barrier(d: Dist) -> None:
+    if d.world_size > 1:
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None) -> tuple[SplitData, SplitData, str]:
+    """Train and validation splits: the dataset's own ``validation.csv`` if present, else a seeded
+    stratified internal split of train (recorded as ``split.csv`` in the run folder)."""
+    root = Path(root)
+    kw = dict(cache_dir=cfg["cache_dir"], workers=cfg["workers"], on_bad_image=cfg["on_bad_image"],
+              progress=cfg["progress"] and d.main)
+    if not (root / "train.csv").is_file():
+        raise FakeprintError(f"{root / 'train.csv'}: file not found (expected the report's layout: "
+                             "train.csv + train/ folder; see `fakeprint data check`)")
+    # rank 0 decodes (and caches) first; the others then read the fresh cache
+    if d.main:
+        full = load_split(root, "train", **kw)
+    _barrier(d)
+    if not d.main:
+        full = load_split(root, "train", **kw)
+    if full.skipped and d.main:
+        print(f"skipped {len(full.skipped)} bad image(s) in train:", file=sys.stderr)
+        for p in full.skipped:
+            print(f"  {p}", file=sys.stderr)
+    if (root / "validation.csv").is_file():
+        train, val = full, load_split(root, "validation", **kw)
+        desc = "official validation split (validation.csv)"
+    else:
+        tr, va = stratified_split(full.labels, cfg["val_fraction"], cfg["split_seed"])
+        train, val = full.subset(tr, "train"), full.subset(va, "internal")
+        desc = (f"internal split: {len(va)} images ({cfg['val_fraction']:.0%} of train.csv, stratified, "
+                f"seed {cfg['split_seed']})")
+        if run_dir is not None and d.main:
+            rows = ["image_id,label,subset"] + [f"{full.ids[i]},{full.labels[i]},train" for i in tr] + [
+                f"{full.ids[i]},{full.labels[i]},internal" for i in va]
+            atomic_write(run_dir / "split.csv", ("\n".join(rows) + "\n").encode())
+    if cfg["max_train_images"] and cfg["max_train_images"] < len(train):
+        keep, _ = stratified_split(train.labels, 1 - cfg["max_train_images"] / len(train), cfg["split_seed"] + 1)
+        train = train.subset(keep, "train")
+    return train, val, desc
+
+
+# ---------------------------------------------------------------------------------------------- model
+
+def build_model(cfg: dict, num_classes: int) -> nn.Module:
+    model = create_model(cfg["model"], num_classes, **cfg["model_args"])
+    if cfg["model"] == "ensemblecnn":
+        bases = cfg["base_checkpoints"]
+        if not isinstance(bases, list) or len(bases) != len(model.members):
+            raise FakeprintError(f"ensemblecnn needs base_checkpoints: a list of {len(model.members)} checkpoints "
+                                 "(SkipConCNN first, then ThreeCNN), e.g. --set base_checkpoints=[runs/skip,runs/three]")
+        for i, path in enumerate(bases):
+            meta = read_metadata(path)
+            base, _ = load_checkpoint(path)
+            if type(base) is not type(model.members[i]):
+                raise FakeprintError(f"{path}: a {meta['model']} checkpoint cannot be ensemble member {i} "
+                                     f"({type(model.members[i]).__name__} expected)")
+            model.members[i].load_state_dict(base.state_dict())
+        for p in model.members.parameters():
+            p.requires_grad_(False)
+    return model
+
+
+def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    lr, wd = float(cfg["lr"]), float(cfg["weight_decay"])
+    if cfg["optimizer"] == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=wd)
+    if cfg["optimizer"] == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg["momentum"]), nesterov=True)
+
+
+def build_scheduler(cfg: dict, opt: torch.optim.Optimizer, steps_per_epoch: int):
+    """(scheduler, per_step). ``plateau`` steps once per epoch on validation accuracy (mode max)."""
+    if cfg["scheduler"] == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            opt, mode="max", patience=int(cfg["plateau_patience"]), factor=float(cfg["plateau_factor"])), False
+    if cfg["scheduler"] == "none":
+        return None, False
+    total = max(1, int(cfg["epochs"]) * steps_per_epoch)
+    warm = int(float(cfg["warmup_epochs"]) * steps_per_epoch)
+    cosine = cfg["scheduler"] == "cosine"
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        t = (step - warm) / max(1, total - warm)
+        return 0.5 * (1 + math.cos(math.pi * t)) if cosine else max(0.0, 1.0 - t)
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor), True
+
+
+class EMA:
+    """Exponential moving average of the weights (buffers copied), used for evaluation and checkpoints."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        ema_p = [p for p in self.model.parameters()]
+        cur_p = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
+            b_ema.copy_(b)
+
+
+# ----------------------------------------------------------------------------------------- epoch steps
+
+def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, loss_fn, cfg: dict,
+                    device: torch.device, amp_dtype, scaler, ema: EMA | None, gen: torch.Generator,
+                    d: Dist, desc: str) -> dict[str, float]:
+    model.train()
+    channels_last = _channels_last(cfg, device)
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen = 0
+    bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (cfg["progress"] and d.main),
+               dynamic_ncols=True)
+    for i, (xb, yb) in enumerate(bar):
+        x = normalize(augment(to_float(xb), cfg, gen), cfg["normalize"])
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        loss = loss_fn(logits, yb)
+        opt.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(opt)
+        else:
+            loss.backward()
+        if cfg["grad_clip"]:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+        else:
+            opt.step()
+        if per_step:
+            sched.step()
+        if ema is not None:
+            ema.update(_inner(model))
+        loss_sum += loss.detach() * len(yb)
+        correct += (logits.detach().argmax(1) == yb).sum()
+        seen += len(yb)
+        if bar.disable is False and i % 20 == 0:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}")
+    stats = _all_sum(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]), d)
+    n = max(stats[2].item(), 1.0)
+    return {"train_loss": stats[0].item() / n, "train_acc": stats[1].item() / n, "images": stats[2].item()}
+
+
+@torch.no_grad()
+def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: dict, device: torch.device,
+                   amp_dtype, d: Dist, num_classes: int, tta: bool | None = None) -> dict[str, Any]:
+    """Loss and confusion matrix on (this rank's shard of) a split, summed across ranks."""
+    model.eval()
+    tta = cfg["tta"] if tta is None else tta
+    idx = torch.arange(d.rank, images.shape[0], d.world_size, device=images.device)
+    cm = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
+    loss_sum = torch.zeros((), device=device)
+    channels_last = _channels_last(cfg, device)
+    bs = int(cfg["eval_batch_size"])
+    for start in range(0, len(idx), bs):
+        b = idx[start : start + bs]
+        x = normalize(to_float(images[b]), cfg["normalize"])
+        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        y = labels[b]
+        with autocast(device, amp_dtype):
+            logits = model(x).float()
+            if tta:
+                logits = (logits + model(x.flip(3)).float()) / 2
+        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
+        cm += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    cm = _all_sum(cm, d).view(num_classes, num_classes).cpu().numpy()
+    loss = _all_sum(loss_sum.float(), d).item()
+    n = cm.sum()
+    recall = cm.diagonal() / np.maximum(cm.sum(1), 1)
+    precision = cm.diagonal() / np.maximum(cm.sum(0), 1)
+    f1 = np.where(recall + precision > 0, 2 * recall * precision / np.maximum(recall + precision, 1e-12), 0)
+    return {"val_loss": loss / max(n, 1), "val_acc": float(cm.diagonal().sum() / max(n, 1)),
+            "val_macro_f1": float(f1.mean()), "val_recall": recall.tolist(), "confusion_matrix": cm}
+
+
+def _channels_last(cfg: dict, device: torch.device) -> bool:
+    return cfg["channels_last"] == "on" or (cfg["channels_last"] == "auto" and device.type == "cuda")
+
+
+def _inner(model: nn.Module) -> nn.Module:
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg['model']`` on ``data_root`` into the run folder ``out``; returns the run's summary."""
+    out = Path(out)
+    d, device = setup_distributed(cfg["device"])
+    if resume:
+        saved = out / "config.yaml"
+        if not (out / "resume.pt").is_file() or not saved.is_file():
+            raise FakeprintError(f"{out}: nothing to resume (no resume.pt and config.yaml from an earlier run)")
+        cfg = yaml.safe_load(saved.read_text())
+    elif d.main and (out / "metrics.csv").exists():
+        raise FakeprintError(f"{out}: a run folder with results already exists; use --resume to continue it "
+                             "or choose another --out")
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch.manual_seed(cfg["seed"])
+    if d.main:
+        out.mkdir(parents=True, exist_ok=True)
+
+    train_split, val_split, split_desc = prepare_data(Path(data_root), cfg, d, out)
+    num_classes = NUM_CLASSES
+    x_train = to_device_tensor(train_split.images, device)
+    y_train = torch.from_numpy(train_split.labels).to(device)
+    x_val = to_device_tensor(val_split.images, device)
+    y_val = torch.from_numpy(val_split.labels).to(device)
+
+    model = build_model(cfg, num_classes).to(device)
+    if _channels_last(cfg, device):
+        model = model.to(memory_format=torch.channels_last)
+    batches = DeviceBatches(x_train, y_train, int(cfg["batch_size"]), sampler=cfg["sampler"], drop_last=True,
+                            seed=cfg["seed"], rank=d.rank, world_size=d.world_size)
+    if len(batches) == 0:
+        raise FakeprintError(f"batch_size {cfg['batch_size']} is larger than the training set "
+                             f"({len(train_split)} images over {d.world_size} process(es))")
+    opt = build_optimizer(cfg, model)
+    sched, per_step = build_scheduler(cfg, opt, len(batches))
+    loss_fn = make_loss(cfg, y_train, num_classes, device)
+    amp_dtype = autocast_dtype(device, cfg["amp"])
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
+    ema = EMA(model, float(cfg["ema"])) if cfg["ema"] else None
+
+    start_epoch, best_acc, bad_epochs, history = 0, -1.0, 0, []
+    if resume:
+        state = load_resume_state(out / "resume.pt")
+        last, _ = load_checkpoint(out / "last.safetensors")
+        model.load_state_dict(last.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        if sched is not None and state.get("scheduler") is not None:
+            sched.load_state_dict(state["scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.model.load_state_dict(state["ema"])
+        start_epoch, best_acc, bad_epochs = state["epoch"] + 1, state["best_acc"], state["bad_epochs"]
+        history = _read_history(out / "metrics.csv", start_epoch)
+
+    train_model: nn.Module = model
+    if d.world_size > 1:
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    if cfg["compile"]:
+        train_model = torch.compile(train_model)
+
+    meta_base = {
+        "model": cfg["model"], "model_args": cfg["model_args"], "num_classes": num_classes,
+        "classes": [str(c) for c in range(num_classes)], "image_size": 100,
+        "normalization": {"mode": cfg["normalize"], "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
+        "config": cfg, "commit": git_commit(), "versions": versions(), "split": split_desc,
+        "parameters": count_parameters(model), "trainable_parameters": count_parameters(model, True),
+    }
+    if d.main:
+        atomic_write(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
+        run_info = {"data": str(Path(data_root).resolve()), "split": split_desc, "train_images": len(train_split),
+                    "val_images": len(val_split), "device": _device_name(device), "world_size": d.world_size,
+                    "commit": meta_base["commit"], "versions": meta_base["versions"], "argv": sys.argv,
+                    "parameters": meta_base["parameters"], "trainable_parameters": meta_base["trainable_parameters"]}
+        atomic_write(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
+        print(f"training {cfg['model']} ({meta_base['trainable_parameters']:,} trainable parameters) on "
+              f"{len(train_split)} images, validating on {len(val_split)} ({split_desc}); device "
+              f"{run_info['device']} x{d.world_size}; run folder {out}", file=sys.stderr)
+
+    eval_model = lambda: ema.model if ema is not None else model  # noqa: E731
+    train_start = time.perf_counter()
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, int(cfg["epochs"])):
+        batches.set_epoch(epoch)
+        torch.manual_seed(cfg["seed"] * 7919 + epoch * 104729 + d.rank)  # dropout etc.: a function of the epoch
+        gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch * 9973 + d.rank)
+        t0 = time.perf_counter()
+        tr = train_one_epoch(train_model, batches, opt, sched, per_step, loss_fn, cfg, device, amp_dtype, scaler,
+                             ema, gen, d, desc=f"epoch {epoch + 1}/{cfg['epochs']}")
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        train_time = time.perf_counter() - t0
+        ev = evaluate_model(eval_model(), x_val, y_val, cfg, device, amp_dtype, d, num_classes)
+        epoch_time = time.perf_counter() - t0
+        lr = opt.param_groups[0]["lr"]
+        row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"],
+               "val_loss": ev["val_loss"], "val_acc": ev["val_acc"], "val_macro_f1": ev["val_macro_f1"],
+               "val_recall_weakest": min(ev["val_recall"]), "epoch_time_s": epoch_time,
+               "train_images_per_s": tr["images"] / max(train_time, 1e-9)}
+        history.append(row)
+        if sched is not None and not per_step:
+            sched.step(ev["val_acc"])
+        improved = ev["val_acc"] > best_acc
+        if improved:
+            best_acc, bad_epochs = ev["val_acc"], 0
+        else:
+            bad_epochs += 1
+        stop = bool(cfg["early_stop"]) and bad_epochs >= int(cfg["early_stop"])
+        if d.main:
+            metrics = {k: row[k] for k in ("val_acc", "val_loss", "val_macro_f1")} | {"epoch": epoch + 1}
+            if improved:
+                save_checkpoint(out / "best", eval_model(), meta_base | {"epoch": epoch + 1, "metrics": metrics})
+            save_checkpoint(out / "last", model, meta_base | {"epoch": epoch + 1, "metrics": metrics})
+            save_resume_state(out / "resume.pt", {
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
+                "ema": ema.model.state_dict() if ema is not None else None, "epoch": epoch,
+                "best_acc": best_acc, "bad_epochs": bad_epochs})
+            _write_history(out / "metrics.csv", history)
+            print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f}  "
+                  f"val {row['val_acc']:.4f}  f1 {row['val_macro_f1']:.4f}  lr {lr:.2e}  "
+                  f"{epoch_time:.1f}s{'  *' if improved else ''}", file=sys.stderr)
+        _barrier(d)
+        if stop:
+            if d.main:
+                print(f"early stop: no better validation accuracy for {bad_epochs} epochs", file=sys.stderr)
+            break
+    train_time = time.perf_counter() - train_start
+
+    summary: dict[str, Any] = {"run": str(out), "best_val_acc": best_acc, "epochs_run": epoch + 1,
+                               "train_time_s": train_time, "split": split_desc}
+    if d.main and (out / "best.safetensors").exists():
+        best, meta = load_checkpoint(out / "best", map_location=device)
+        ev = evaluate_model(best, x_val, y_val, cfg, device, amp_dtype, Dist(), num_classes)
+        y_true, y_pred = _cm_to_pairs(ev["confusion_matrix"])
+        m = write_report(out, y_true, y_pred, title=f"{cfg['model']} (best epoch {meta['epoch']}) on the {split_desc}",
+                         extra={"split": split_desc, "epoch": meta["epoch"], "train_time_s": train_time})
+        print("\n" + confusion_text(m["confusion_matrix"]) + "\n\n" + report_text(y_true, y_pred), file=sys.stderr)
+        plot_curves(history, out / "curves.png", cfg["model"])
+        summary |= {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+        atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
+    _barrier(d)
+    if d.world_size > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+    return summary
+
+
+def _cm_to_pairs(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Expand a confusion matrix into (y_true, y_pred) pairs (for scikit-learn's report)."""
+    k = cm.shape[0]
+    t = np.repeat(np.repeat(np.arange(k), k), cm.reshape(-1))
+    p = np.repeat(np.tile(np.arange(k), k), cm.reshape(-1))
+    return t, p
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for row in history:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    atomic_write(path, buf.getvalue().encode())
+
+
+def _read_history(path: Path, upto_epoch: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+    return [r for r in rows if r["epoch"] <= upto_epoch]
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not history:
+        return
+    ep = [r["epoch"] for r in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    a.plot(ep, [r["train_loss"] for r in history], label="train")
+    a.plot(ep, [r["val_loss"] for r in history], label="validation")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    b.plot(ep, [r["train_acc"] for r in history], label="train")
+    b.plot(ep, [r["val_acc"] for r in history], label="validation")
+    b.set_xlabel("epoch")
+    b.set_ylabel("accuracy")
+    b.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
