@@ -103,9 +103,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     p = Path(path)
     if p.is_dir():
         p = p / "best.safetensors"
-    elif p.suffix == ".json":
-        p = p.with_suffix(".safetensors")
-    elif p.suffix != ".safetensors" and not p.exists():
+    elif p.suffix == ".json" or p.suffix != ".safetensors" and not p.exists():
         p = p.with_suffix(".safetensors")
     if not p.exists():
         raise CheckpointError(f"{path}: checkpoint not found")

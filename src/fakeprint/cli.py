@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -214,7 +215,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true")
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=_cmd_predict)
+
+    for module in _COMMAND_MODULES:
+        importlib.import_module(f"fakeprint.commands.{module}").register(sub)
     return p
+
+
+# Further commands live in fakeprint/commands/<name>.py, each with ``register(subparsers)`` that adds its
+# parser and sets ``fn`` (which takes the parsed args and returns an exit code). Imports inside ``fn``
+# keep ``fakeprint --help`` fast.
+_COMMAND_MODULES = ("study", "analyze", "label_issues", "export", "serve")
 
 
 def main(argv: list[str] | None = None) -> int:
