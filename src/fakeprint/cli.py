@@ -66,7 +66,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         if not args.data or not args.out:
             raise FakeprintError("train needs --data DIR and --out RUN (or --resume RUN)")
-        cfg = load_config(args.config, args.set)
+        extra = [f"on_bad_image={args.on_bad_image}"] if args.on_bad_image else []
+        cfg = load_config(args.config, [*args.set, *extra])
         summary = train(args.data, cfg, args.out)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))
@@ -194,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     s.add_argument("--out", help="run folder to create")
     s.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    s.add_argument("--on-bad-image", choices=("error", "skip"), default=None,
+                   help="unreadable or missing images: refuse the dataset (default) or skip and list them")
     s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("evaluate", help="accuracy, confusion matrix and classification report of a checkpoint")

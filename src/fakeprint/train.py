@@ -289,8 +289,8 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     d, device = setup_distributed(cfg["device"])
     if resume:
         saved = out / "config.yaml"
-        if not (out / "resume.pt").is_file() or not saved.is_file():
-            raise FakeprintError(f"{out}: nothing to resume (no resume.pt and config.yaml from an earlier run)")
+        if not (out / "resume.json").is_file() or not saved.is_file():
+            raise FakeprintError(f"{out}: nothing to resume (no resume.json and config.yaml from an earlier run)")
         cfg = yaml.safe_load(saved.read_text())
     elif d.main and (out / "metrics.csv").exists():
         raise FakeprintError(f"{out}: a run folder with results already exists; use --resume to continue it "
@@ -332,9 +332,8 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
 
     start_epoch, best_acc, bad_epochs, history = 0, -1.0, 0, []
     if resume:
-        state = load_resume_state(out / "resume.pt")
-        last, _ = load_checkpoint(out / "last.safetensors")
-        model.load_state_dict(last.state_dict())
+        weights, state = load_resume_point(out)
+        model.load_state_dict(weights.state_dict())
         opt.load_state_dict(state["optimizer"])
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
@@ -402,11 +401,11 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             if improved:
                 save_checkpoint(out / "best", eval_model(), meta_base | {"epoch": epoch + 1, "metrics": metrics})
             save_checkpoint(out / "last", model, meta_base | {"epoch": epoch + 1, "metrics": metrics})
-            save_resume_state(out / "resume.pt", {
+            _write_history(out / "metrics.csv", history)  # before the resume point moves (see save_resume_point)
+            save_resume_point(out, epoch, model, meta_base, {
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
                 "ema": ema.model.state_dict() if ema is not None else None, "epoch": epoch,
                 "best_acc": best_acc, "bad_epochs": bad_epochs})
-            _write_history(out / "metrics.csv", history)
             print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f}  "
                   f"val {row['val_acc']:.4f}  f1 {row['val_macro_f1']:.4f}  lr {lr:.2e}  "
                   f"{epoch_time:.1f}s{'  *' if improved else ''}", file=sys.stderr)
@@ -433,6 +432,37 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     if d.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
     return summary
+
+
+def save_resume_point(out: Path, epoch: int, model: nn.Module, meta: dict, state: dict[str, Any]) -> None:
+    """Everything needed to continue after ``epoch``, made current by one atomic rename.
+
+    Weights (safetensors) and optimizer/scheduler state (torch, read back with ``weights_only=True``) go
+    into a fresh folder ``.resume-<epoch>``; then ``resume.json`` is atomically pointed at it and older
+    folders are removed. A kill at any moment leaves ``resume.json`` naming a complete folder.
+    """
+    folder = out / f".resume-{epoch + 1:04d}"
+    folder.mkdir(exist_ok=True)
+    save_checkpoint(folder / "model", model, meta | {"epoch": epoch + 1})
+    save_resume_state(folder / "state.pt", state)
+    atomic_write(out / "resume.json", (json.dumps({"epoch": epoch + 1, "folder": folder.name}) + "\n").encode())
+    for old in out.glob(".resume-*"):
+        if old.name != folder.name:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+
+def load_resume_point(out: Path) -> tuple[nn.Module, dict[str, Any]]:
+    try:
+        pointer = json.loads((out / "resume.json").read_text())
+        folder = out / str(pointer["folder"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FakeprintError(f"{out / 'resume.json'}: unreadable resume pointer ({e})") from None
+    if folder.parent != out or not folder.name.startswith(".resume-"):
+        raise FakeprintError(f"{out / 'resume.json'}: resume folder {folder.name!r} is not inside the run")
+    weights, _ = load_checkpoint(folder / "model.safetensors")
+    return weights, load_resume_state(folder / "state.pt")
 
 
 def _cm_to_pairs(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

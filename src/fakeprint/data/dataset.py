@@ -60,28 +60,38 @@ def _bad_id(image_id: str) -> str | None:
 def read_csv(path: Path, need_label: bool, num_classes: int = NUM_CLASSES) -> tuple[CsvTable, list[Problem]]:
     """Read ``image_id[,label]`` rows. Returns the table of good rows and the problems found."""
     path = Path(path)
-    problems: list[Problem] = []
     name = str(path)
+    empty = CsvTable(path, [], [] if need_label else None, [])
     try:
         raw = path.read_bytes()
     except OSError as e:
-        return CsvTable(path, [], [] if need_label else None, []), [Problem(name, f"cannot read: {e.strerror}")]
+        return empty, [Problem(name, f"cannot read: {e.strerror}")]
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        return CsvTable(path, [], None, []), [Problem(name, f"not UTF-8 text (byte {e.start})")]
+        return empty, [Problem(name, f"not UTF-8 text (byte {e.start})")]
+    if "\x00" in text:
+        return empty, [Problem(name, "not a text CSV (contains NUL bytes)")]
+    try:
+        return _parse_csv(path, text, need_label, num_classes)
+    except csv.Error as e:
+        return empty, [Problem(name, f"malformed CSV ({e})")]
+
+
+def _parse_csv(path: Path, text: str, need_label: bool, num_classes: int) -> tuple[CsvTable, list[Problem]]:
+    name = str(path)
+    problems: list[Problem] = []
+    empty = CsvTable(path, [], [] if need_label else None, [])
     reader = csv.reader(io.StringIO(text, newline=""))
     header = next(reader, None)
     while header is not None and not any(h.strip() for h in header):
         header = next(reader, None)
     if header is None:
-        return CsvTable(path, [], [] if need_label else None, []), [Problem(name, "empty CSV: no header and no rows")]
+        return empty, [Problem(name, "empty CSV: no header and no rows")]
     cols = [h.strip().lower() for h in header]
     if "image_id" not in cols:
         hint = " (the file seems to have no header line)" if len(cols) >= 1 and cols[0] and "id" not in cols else ""
-        return CsvTable(path, [], None, []), [
-            Problem(name, f"missing column 'image_id'{hint}; header is {','.join(header)!r}", row=1)
-        ]
+        return empty, [Problem(name, f"missing column 'image_id'{hint}; header is {','.join(header)!r}", row=1)]
     id_col = cols.index("image_id")
     label_col = cols.index("label") if "label" in cols else None
     if need_label and label_col is None:

@@ -15,19 +15,28 @@ from .registry import register_model
 
 
 class FPNet(nn.Module):
+    """``stem="conv"``: ``stem_convs`` 3x3 convolutions at full resolution. ``stem="s2d"``: a lossless 2x2
+    space-to-depth (pixel unshuffle: every pixel kept, moved into channels) then the convolutions at half
+    resolution, which keeps the pixel-level traces at a quarter of the cost. Stages halve the resolution
+    with strided residual blocks; widths double per stage."""
+
     def __init__(self, num_classes: int = 5, width: int = 32, depths: tuple[int, ...] = (1, 1, 1),
-                 stem_convs: int = 2, dropout: float = 0.0):
+                 stem_convs: int = 2, dropout: float = 0.0, stem: str = "conv", stage_widths: tuple[int, ...] | None = None,
+                 first_stride: int = 2):
         super().__init__()
-        stem: list[nn.Module] = []
+        layers: list[nn.Module] = []
         cin = 3
+        if stem == "s2d":
+            layers.append(nn.PixelUnshuffle(2))
+            cin = 12
         for _ in range(stem_convs):
-            stem += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(cin, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
             cin = width
-        self.stem = nn.Sequential(*stem)
+        self.stem = nn.Sequential(*layers)
         stages: list[nn.Module] = []
         for i, depth in enumerate(depths):
-            cout = width * 2 ** (i + 1)
-            blocks = [ResidualBlock(cin, cout, stride=2, bias=False)]
+            cout = stage_widths[i] if stage_widths else width * 2 ** (i + 1)
+            blocks = [ResidualBlock(cin, cout, stride=2 if i > 0 else first_stride, bias=False)]
             blocks += [ResidualBlock(cout, cout, bias=False) for _ in range(depth - 1)]
             stages.append(nn.Sequential(*blocks))
             cin = cout
@@ -59,4 +68,15 @@ def fpnet_m(num_classes: int = 5, **kwargs) -> nn.Module:
     """FPNet, width 32, depths (1, 2, 2): the GPU recipe's model."""
     kwargs.setdefault("width", 32)
     kwargs.setdefault("depths", (1, 2, 2))
+    return FPNet(num_classes, **kwargs)
+
+
+@register_model
+def fpnet_s2d(num_classes: int = 5, **kwargs) -> nn.Module:
+    """FPNet with a lossless space-to-depth stem, stages 48/96/192: the CPU recipe and shipped model."""
+    kwargs.setdefault("stem", "s2d")
+    kwargs.setdefault("width", 32)
+    kwargs.setdefault("stem_convs", 1)
+    kwargs.setdefault("depths", (1, 2, 2))
+    kwargs.setdefault("stage_widths", (48, 96, 192))
     return FPNet(num_classes, **kwargs)

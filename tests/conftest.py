@@ -1,0 +1,55 @@
+"""Shared fixtures: tiny generated datasets and a way to run the CLI as a user would."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fakeprint.data.demo import make_demo_dataset
+
+os.environ.setdefault("FAKEPRINT_COMMIT", "test")
+
+
+@pytest.fixture(scope="session")
+def tiny_data_master(tmp_path_factory) -> Path:
+    """A small five-class dataset in the report's layout (train / validation / test), made once."""
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    make_demo_dataset(root, n_train=100, n_val=50, n_test=20, seed=1)
+    return root
+
+
+@pytest.fixture
+def tiny_data(tiny_data_master, tmp_path) -> Path:
+    """A private copy of the tiny dataset that a test may modify."""
+    dst = tmp_path / "data"
+    shutil.copytree(tiny_data_master, dst, ignore=shutil.ignore_patterns(".fakeprint-cache"))
+    return dst
+
+
+@pytest.fixture
+def tiny_train_only(tiny_data) -> Path:
+    """The tiny dataset without validation.csv: training must make an internal split."""
+    (tiny_data / "validation.csv").unlink()
+    shutil.rmtree(tiny_data / "validation")
+    return tiny_data
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m fakeprint ARGS`` in a subprocess, as a user would; returns the completed process."""
+    full_env = os.environ | {"PYTHONUNBUFFERED": "1"} | (env or {})
+    return subprocess.run([sys.executable, "-m", "fakeprint", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+FAST_TRAIN = ["--config", "demo", "--set", "epochs=2", "--set", "progress=false", "--set", "batch_size=25",
+              "--set", "threads=1"]

@@ -1,0 +1,57 @@
+import pytest
+
+from fakeprint.config import DEFAULTS, load_config, preset_names
+from fakeprint.errors import FakeprintError
+
+REPORT = {  # DESIGN.md section 1
+    "skipconcnn": dict(batch_size=8, lr=5e-4, weight_decay=1e-4, label_smoothing=0.0, plateau_patience=5,
+                       plateau_factor=0.5, epochs=200, early_stop=25),
+    "threecnn": dict(batch_size=16, lr=5e-4, weight_decay=1e-4, label_smoothing=0.0, plateau_patience=15,
+                     plateau_factor=0.8, epochs=200, early_stop=15),
+    "ensemblecnn": dict(batch_size=4, lr=1e-4, weight_decay=1e-4, label_smoothing=0.1, plateau_patience=5,
+                        plateau_factor=0.5, epochs=80, early_stop=5),
+}
+
+
+@pytest.mark.parametrize("preset", REPORT)
+def test_presets_carry_the_report_table(preset):
+    cfg = load_config(preset)
+    for key, value in REPORT[preset].items():
+        assert cfg[key] == pytest.approx(value), key
+    assert cfg["optimizer"] == "adam" and cfg["scheduler"] == "plateau"
+    assert cfg["hflip"] and cfg["rotation"] == 15
+
+
+def test_presets_are_listed():
+    assert {"threecnn", "threecnn_dilated", "skipconcnn", "ensemblecnn", "demo"} <= set(preset_names())
+
+
+def test_overrides_are_parsed_as_yaml_values():
+    cfg = load_config("threecnn", ["lr=0.01", "hflip=false", "model_args={c3: 64}", "base_checkpoints=[a,b]"])
+    assert cfg["lr"] == 0.01 and cfg["hflip"] is False
+    assert cfg["model_args"] == {"c3": 64} and cfg["base_checkpoints"] == ["a", "b"]
+
+
+def test_a_path_to_a_yaml_file_works(tmp_path):
+    p = tmp_path / "mine.yaml"
+    p.write_text("model: fpnet_tiny\nepochs: 3\n")
+    cfg = load_config(p)
+    assert cfg["model"] == "fpnet_tiny" and cfg["epochs"] == 3 and cfg["lr"] == DEFAULTS["lr"]
+
+
+@pytest.mark.parametrize("override,message", [
+    (["lrr=1"], "unknown config key 'lrr'"),
+    (["lr=fast"], "lr must be a number"),
+    (["hflip=3"], "hflip must be true or false"),
+    (["optimizer=rmsprop"], "optimizer must be one of"),
+    (["epochs=0"], "epochs must be at least 1"),
+    (["noequals"], "expected key=value"),
+])
+def test_bad_overrides_are_refused_with_the_key_named(override, message):
+    with pytest.raises(FakeprintError, match=message):
+        load_config("threecnn", override)
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(FakeprintError, match="presets: .*threecnn"):
+        load_config("nosuchpreset")
