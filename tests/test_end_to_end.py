@@ -93,3 +93,12 @@ def test_ensemble_trains_from_two_frozen_base_checkpoints(tiny_data, tmp_path):
     three, _ = load_checkpoint(bases[1])
     for k, v in three.state_dict().items():  # the frozen member is unchanged by training
         assert torch.equal(ens.members[1].state_dict()[k], v), k
+
+
+def test_train_on_all_uses_every_image_and_keeps_the_last_epoch(cli, tiny_train_only, tmp_path):
+    run = tmp_path / "run"
+    proc = cli("train", "--data", str(tiny_train_only), *FAST_TRAIN, "--set", "train_on_all=true", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads((run / "run.json").read_text())
+    assert info["train_images"] == 100 and "NOT held out" in info["split"]
+    assert json.loads((run / "best.json").read_text())["epoch"] == 2

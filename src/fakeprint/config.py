@@ -22,6 +22,8 @@ DEFAULTS: dict[str, Any] = {
     "base_checkpoints": [],       # ensemblecnn only: [skipconcnn checkpoint, threecnn checkpoint]
     # data
     "val_fraction": 0.1,          # internal split when the dataset has no validation.csv
+    "train_on_all": False,        # train on every training image (the validation images are then seen in
+                                  # training: only for a final fixed-schedule model; best = last epoch)
     "split_seed": 0,              # seed of the stratified internal split
     "cache_dir": None,            # where decoded uint8 caches live (default: beside the data)
     "on_bad_image": "error",      # error | skip

@@ -116,6 +116,9 @@ def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None) -> tuple[
         train, val = full.subset(tr, "train"), full.subset(va, "internal")
         desc = (f"internal split: {len(va)} images ({cfg['val_fraction']:.0%} of train.csv, stratified, "
                 f"seed {cfg['split_seed']})")
+        if cfg["train_on_all"]:
+            train = full
+            desc += " - NOT held out: train_on_all trains on these images too"
         if run_dir is not None and d.main:
             rows = ["image_id,label,subset"] + [f"{full.ids[i]},{full.labels[i]},train" for i in tr] + [
                 f"{full.ids[i]},{full.labels[i]},internal" for i in va]
@@ -390,7 +393,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         history.append(row)
         if sched is not None and not per_step:
             sched.step(ev["val_acc"])
-        improved = ev["val_acc"] > best_acc
+        improved = ev["val_acc"] > best_acc or bool(cfg["train_on_all"])  # train_on_all: best = last
         if improved:
             best_acc, bad_epochs = ev["val_acc"], 0
         else:
