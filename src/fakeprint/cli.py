@@ -90,13 +90,13 @@ def _checkpoint_dir(path: str) -> str:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    from .predict import load
+    from .onnx_backend import load_backend
 
     items = list(args.items)
     ckpt = args.model
-    if ckpt is None and items and (Path(items[0]).is_dir() or items[0].endswith((".safetensors", ".json"))):
+    if ckpt is None and items and (Path(items[0]).is_dir() or items[0].endswith((".safetensors", ".json", ".onnx"))):
         ckpt = items.pop(0)
-    clf = load(ckpt, args.device)
+    clf = load_backend(ckpt, args.backend, args.device)
     if args.data:
         from .data.cache import load_split
 
@@ -122,7 +122,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         for path, lab, pr in zip(items, pred.labels, pred.probs, strict=True):
             probs = " ".join(f"{c}:{p:.3f}" for c, p in zip(clf.classes, pr, strict=True))
             print(f"{path}\t{clf.classes[lab]}\t{probs}")
-        print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({clf.path})", file=sys.stderr)
+        backend = getattr(clf, "backend", "torch")
+        print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({clf.path}, {backend})", file=sys.stderr)
     return 0
 
 
@@ -217,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tta", action="store_true")
     s.add_argument("--json", action="store_true")
     s.add_argument("--device", default="cpu")
+    s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="auto (default): onnx for a .onnx model, else torch; onnx with a checkpoint exports it in memory")
     s.set_defaults(fn=_cmd_predict)
 
     for module in _COMMAND_MODULES:

@@ -1,0 +1,304 @@
+"""The HTTP service: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``, the web page at ``/``.
+
+``create_app(build_service(path, backend))`` returns a FastAPI app; ``fakeprint serve`` runs it with
+uvicorn. Decoding and inference run in worker threads (at most ``workers`` at a time), so the event loop,
+and with it ``/healthz``, stays responsive under load. Every error is JSON ``{"error": code, "detail": text}``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import http
+import logging
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..data.dataset import IMAGE_SIZE
+from ..errors import FakeprintError
+from ..gradcam import GradCAM, to_png_data_url
+from ..onnx_backend import BACKENDS, OnnxClassifier, is_onnx_path, load_onnx, onnx_from_classifier
+from ..predict import Classifier
+from .uploads import (
+    FILES_FIELD,
+    ApiError,
+    Limits,
+    check_content_type,
+    decode_upload,
+    display_name,
+    read_form,
+    uploaded_files,
+)
+
+log = logging.getLogger("fakeprint.serve")
+STATIC_DIR = Path(str(resources.files("fakeprint") / "static"))
+# The page loads nothing from elsewhere; the policy makes sure of it.
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+
+@dataclass
+class Service:
+    """A loaded model behind the API: the classifier (either backend) and, when a PyTorch model is at hand,
+    the Grad-CAM explainer."""
+
+    classifier: Classifier | OnnxClassifier
+    backend: str
+    source: str
+    cam: GradCAM | None = None
+    cam_note: str = ""
+
+
+def build_service(path: str | Path | None, backend: str = "auto", device: str = "cpu",
+                  threads: int | None = None, cam: bool = True) -> Service:
+    """Load ``path`` (None: the shipped default model) for the service on ``backend`` (auto, torch or onnx).
+
+    Grad-CAM needs the PyTorch model: with an ``.onnx`` file it comes from the source checkpoint named in the
+    ONNX metadata, used only if it is still there with the same SHA-256.
+    """
+    from ..predict import load
+
+    if backend not in BACKENDS:
+        raise FakeprintError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    torch_model, note = None, ""
+    if is_onnx_path(path):
+        if backend == "torch":
+            raise FakeprintError(f"{path} is an ONNX model: use --backend onnx (or auto), or give a PyTorch checkpoint")
+        clf: Classifier | OnnxClassifier = load_onnx(path, threads)
+        backend = "onnx"
+        torch_model, note = _source_model(clf.meta) if cam else (None, "disabled")
+    else:
+        tclf = load(path, device)
+        torch_model = copy.deepcopy(tclf.model) if cam else None  # its own copy: CAM hooks stay out of predict
+        note = "" if cam else "disabled"
+        if backend == "onnx":
+            clf = onnx_from_classifier(tclf, threads)
+        else:
+            clf, backend = tclf, "torch"
+    norm = clf.normalize
+    explainer = GradCAM(torch_model, norm=norm) if torch_model is not None else None
+    return Service(clf, backend, _source_name(path, clf), explainer, note)
+
+
+def _source_name(path: str | Path | None, clf: Classifier | OnnxClassifier) -> str:
+    """``run/best.safetensors`` or ``model.onnx``: enough to tell models apart, no full server path."""
+    from ..checkpoint import resolve_checkpoint
+
+    if clf.path is None:
+        return "default"
+    p = Path(str(clf.path)) if is_onnx_path(clf.path) else resolve_checkpoint(clf.path)
+    return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def _source_model(meta: dict[str, Any]):
+    from ..checkpoint import load_checkpoint
+
+    src = meta.get("source_checkpoint") or {}
+    p = Path(str(src.get("path", "")))
+    if not src.get("path") or not p.is_file():
+        return None, "the ONNX model's source checkpoint is not available, so Grad-CAM is off"
+    h = hashlib.sha256(p.read_bytes()).hexdigest()
+    if src.get("sha256") and h != src["sha256"]:
+        return None, f"{p.name} has changed since the export, so Grad-CAM is off"
+    try:
+        model, _ = load_checkpoint(p)
+    except FakeprintError as e:
+        return None, f"source checkpoint unusable ({e}), so Grad-CAM is off"
+    return model, ""
+
+
+# --- response schemas (for the OpenAPI docs) ---------------------------------------------------------------
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="a short machine-readable code, e.g. file_too_large")
+    detail: str = Field(description="what went wrong, for people")
+
+
+class CamBody(BaseModel):
+    png: str = Field(description="the heat map (100x100, inferno colours) as a data:image/png;base64 URL")
+    layer: str = Field(description="the convolution the map comes from")
+    target: str = Field(description="the class the map explains (the predicted one)")
+    grid: list[int] = Field(description="the resolution of that layer's activations (height, width)")
+    empty: bool = Field(description="true when no location raised the class score (the map is all zeros)")
+
+
+class ImageResult(BaseModel):
+    filename: str
+    label: str = Field(description="the predicted class name")
+    label_index: int
+    confidence: float = Field(description="the predicted class's probability")
+    probabilities: dict[str, float] = Field(description="class name -> probability (they sum to 1)")
+    time_ms: float = Field(description="this image's decoding plus its share of the batched model call "
+                                       "(and of the Grad-CAM pass when asked for)")
+    cam: CamBody | None = None
+
+
+class PredictResponse(BaseModel):
+    model: str
+    backend: str
+    count: int
+    total_ms: float = Field(description="server time for the whole request, upload parsing included")
+    results: list[ImageResult]
+
+
+class ModelInfo(BaseModel):
+    name: str
+    backend: str
+    source: str = Field(description="the checkpoint or ONNX file name")
+    classes: list[str]
+    num_classes: int
+    metrics: dict[str, Any] = Field(description="metrics recorded in the checkpoint metadata")
+    input_size: dict[str, int]
+    normalization: str
+    gradcam: dict[str, Any]
+    limits: dict[str, int]
+    version: str
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    s: {"model": ErrorBody, "description": d} for s, d in {
+        400: "malformed multipart body, or no 'files' field", 413: "a file, the request, an image's pixel count "
+        "or the number of files is over the limit", 415: "not multipart/form-data, or a file that is not an image",
+        422: "an image that cannot be decoded, or a bad query parameter"}.items()
+}
+
+PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "required": [FILES_FIELD],
+    "properties": {FILES_FIELD: {"type": "array", "items": {"type": "string", "format": "binary"},
+                                 "description": "one or more images (PNG, JPEG, WebP, BMP, GIF, TIFF)"}}}}}}}
+
+
+def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
+
+
+def create_app(service: Service, limits: Limits | None = None, workers: int = 2) -> FastAPI:
+    """The FastAPI app for ``service``; ``workers`` bounds how many requests decode and infer at once."""
+    limits = limits or Limits()
+    # PIL's own decompression-bomb guard, in step with ours (it warns above the limit, raises at twice it)
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    limiter = anyio.CapacityLimiter(max(1, workers))
+    clf = service.classifier
+
+    app = FastAPI(
+        title="fakeprint",
+        version=__version__,
+        summary="Which of five image generators made a 100x100 image?",
+        description="Upload images to `/v1/predict` (multipart field `files`); add `?cam=1` for Grad-CAM heat maps. "
+                    "Errors are JSON `{\"error\": code, \"detail\": text}`.",
+    )
+    app.state.service, app.state.limits = service, limits
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.detail)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        try:
+            code = http.HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        except ValueError:
+            code = "http_error"
+        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return _error(500, "internal_error", f"{type(exc).__name__} while handling the request")
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        path = request.url.path
+        if path == "/" or path.startswith("/static/"):
+            response.headers["Content-Security-Policy"] = PAGE_CSP
+            response.headers["Referrer-Policy"] = "no-referrer"
+        return response
+
+    @app.get("/healthz", summary="liveness: the process answers")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    info = ModelInfo(
+        name=clf.name, backend=service.backend, source=service.source, classes=list(clf.classes),
+        num_classes=len(clf.classes), metrics=dict(clf.meta.get("metrics") or {}),
+        input_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE, "channels": 3}, normalization=clf.normalize,
+        gradcam={"available": service.cam is not None, "layer": service.cam.layer if service.cam else None,
+                 "note": service.cam_note},
+        limits=limits.as_dict(), version=__version__,
+    )
+
+    @app.get("/v1/model", response_model=ModelInfo, summary="the model behind the service")
+    async def model_info() -> ModelInfo:
+        return info
+
+    def run_batch(blobs: list[tuple[str, bytes]], cam: bool) -> list[dict[str, Any]]:
+        decode_ms, arrays = [], []
+        for name, data in blobs:
+            t = time.perf_counter()
+            arrays.append(decode_upload(data, name, limits.max_pixels))
+            decode_ms.append((time.perf_counter() - t) * 1e3)
+        batch = np.stack(arrays)
+        t = time.perf_counter()
+        pred = clf.predict(batch)
+        share = (time.perf_counter() - t) * 1e3 / len(batch)
+        cams: list[dict[str, Any] | None] = [None] * len(batch)
+        if cam and service.cam is not None:
+            t = time.perf_counter()
+            res = service.cam(batch, classes=pred.labels)
+            cams = [{"png": to_png_data_url(m), "layer": res.layer, "target": clf.classes[int(c)],
+                     "grid": list(res.grid), "empty": bool(m.max() <= 0)}
+                    for m, c in zip(res.maps, res.classes, strict=True)]
+            share += (time.perf_counter() - t) * 1e3 / len(batch)
+        out = []
+        for (name, _), dms, lab, pr, cm in zip(blobs, decode_ms, pred.labels, pred.probs, cams, strict=True):
+            out.append({"filename": name, "label": clf.classes[int(lab)], "label_index": int(lab),
+                        "confidence": float(pr[int(lab)]),
+                        "probabilities": {c: float(p) for c, p in zip(clf.classes, pr, strict=True)},
+                        "time_ms": round(dms + share, 3), "cam": cm})
+        return out
+
+    @app.post("/v1/predict", response_model=PredictResponse, response_model_exclude_none=True,
+              summary="classify one or more images", responses=ERROR_RESPONSES, openapi_extra=PREDICT_BODY)
+    async def predict(request: Request,
+                      cam: bool = Query(False, description="add a Grad-CAM heat map per image")) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        check_content_type(request)
+        if cam and service.cam is None:
+            raise ApiError(400, "cam_unavailable", f"Grad-CAM is not available for this model: {service.cam_note}")
+        form = await read_form(request, limits)
+        try:
+            files = uploaded_files(form, limits)
+            blobs = [(display_name(f, i), await f.read()) for i, f in enumerate(files)]
+        finally:
+            await form.close()
+        results = await anyio.to_thread.run_sync(run_batch, blobs, cam, limiter=limiter)
+        return {"model": clf.name, "backend": service.backend, "count": len(results),
+                "total_ms": round((time.perf_counter() - t0) * 1e3, 3), "results": results}
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app

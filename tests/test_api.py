@@ -1,0 +1,209 @@
+"""The Python API: ``fakeprint.load(path).predict(images)`` (issue 6, item 1)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+import fakeprint
+from conftest_service import CLASSES, encode, make_checkpoint, one_thread, random_images  # noqa: F401
+from fakeprint import predict as predict_mod
+from fakeprint.augment import IMAGENET_MEAN, IMAGENET_STD
+from fakeprint.cli import main
+from fakeprint.errors import DataError, FakeprintError
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("api"), sharpen=8.0)
+
+
+@pytest.fixture(scope="module")
+def clf(run):
+    return fakeprint.load(run)
+
+
+@pytest.fixture(scope="module")
+def images() -> np.ndarray:
+    return random_images(7, seed=3)
+
+
+def reference_probs(model: torch.nn.Module, images: np.ndarray, flip: bool = False) -> np.ndarray:
+    """Probabilities computed here, independently of fakeprint's preprocessing code."""
+    x = images.astype(np.float64) / 255.0
+    x = (x - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    x = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).float()
+    with torch.no_grad():
+        logits = model.eval()(x)
+        if flip:
+            logits = (logits + model(x.flip(3))) / 2
+    return logits.softmax(1).numpy()
+
+
+def test_load_accepts_every_spelling_of_a_checkpoint(run, images):
+    probs = [fakeprint.load(p).predict(images).probs
+             for p in (run, str(run), run / "best", run / "best.safetensors", run / "best.json")]
+    for p in probs[1:]:
+        np.testing.assert_array_equal(p, probs[0])
+
+
+def test_load_reports_the_model_and_its_classes(clf, run):
+    assert clf.name == "fpnet_tiny"
+    assert clf.classes == CLASSES
+    assert clf.path == run
+
+
+def test_load_without_a_default_model_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(predict_mod, "default_model_path", lambda: None)
+    with pytest.raises(FakeprintError, match="no default model.*pass a checkpoint path"):
+        fakeprint.load()
+    with pytest.raises(FakeprintError, match="no default model"):
+        fakeprint.load(None)
+
+
+def test_load_uses_the_shipped_default_model_when_there_is_one(monkeypatch, run, images):
+    monkeypatch.setattr(predict_mod, "default_model_path", lambda: run / "best.safetensors")
+    default = fakeprint.load()
+    np.testing.assert_array_equal(default.predict(images).probs, fakeprint.load(run).predict(images).probs)
+
+
+def test_load_of_a_missing_checkpoint_names_it(tmp_path):
+    with pytest.raises(FakeprintError, match="nope.*not found"):
+        fakeprint.load(tmp_path / "nope")
+
+
+def test_predictions_match_an_independent_reference(clf, images):
+    pred = clf.predict(images)
+    ref = reference_probs(clf.model, images)
+    np.testing.assert_allclose(pred.probs, ref, atol=1e-5)
+    np.testing.assert_array_equal(pred.labels, ref.argmax(1))
+    assert pred.classes == CLASSES and len(pred) == len(images)
+    assert pred.probs.shape == (7, 5) and pred.labels.dtype.kind == "i"
+
+
+def test_test_time_augmentation_averages_the_mirror(clf, images):
+    np.testing.assert_allclose(clf.predict(images, tta=True).probs, reference_probs(clf.model, images, flip=True),
+                               atol=1e-5)
+
+
+def test_paths_pil_images_and_arrays_give_the_same_answer(clf, images, tmp_path):
+    paths = []
+    for i, im in enumerate(images[:3]):
+        p = tmp_path / f"img{i}.png"
+        p.write_bytes(encode(im))
+        paths.append(p)
+    expected = clf.predict(images[:3]).probs
+    variants = {
+        "str paths": [str(p) for p in paths],
+        "Path objects": paths,
+        "PIL images": [Image.fromarray(a) for a in images[:3]],
+        "list of arrays": list(images[:3]),
+        "N x H x W x 3 array": images[:3],
+        "mixed": [str(paths[0]), Image.fromarray(images[1]), images[2]],
+    }
+    for what, items in variants.items():
+        np.testing.assert_array_equal(clf.predict(items).probs, expected, err_msg=what)
+    # one image given on its own (not in a list) is one prediction
+    for single in (str(paths[0]), paths[0], Image.fromarray(images[0]), images[0]):
+        np.testing.assert_allclose(clf.predict(single).probs, expected[:1], atol=1e-6)  # batch of 1 vs 3
+
+
+def test_other_modes_and_sizes_are_converted(clf):
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (100, 100), dtype=np.uint8)
+    as_rgb = np.repeat(gray[:, :, None], 3, axis=2)
+    rgba = np.concatenate([as_rgb, np.full((100, 100, 1), 255, np.uint8)], axis=2)
+    pred = clf.predict([gray, Image.fromarray(gray, "L"), as_rgb, rgba, Image.fromarray(rgba, "RGBA")])
+    for row in pred.probs[1:]:
+        np.testing.assert_allclose(row, pred.probs[0], atol=1e-6)
+    big = rng.integers(0, 256, (37, 213, 3), dtype=np.uint8)
+    palette = Image.fromarray(big).convert("P")
+    pred = clf.predict([big, palette, Image.fromarray(big).convert("I;16")])
+    assert pred.probs.shape == (3, 5)
+    np.testing.assert_allclose(pred.probs.sum(1), 1, atol=1e-5)
+
+
+def test_prediction_is_batched_internally(clf, images):
+    calls: list[int] = []
+    handle = clf.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        small = clf.predict(images, batch_size=3)
+        assert calls == [3, 3, 1]
+        calls.clear()
+        whole = clf.predict(images)
+        assert calls == [7]
+    finally:
+        handle.remove()
+    np.testing.assert_allclose(small.probs, whole.probs, atol=1e-6)
+
+
+def test_order_is_kept(clf, images):
+    forward = clf.predict(images).probs
+    backward = clf.predict(images[::-1].copy()).probs
+    np.testing.assert_allclose(backward, forward[::-1], atol=1e-6)
+
+
+def test_empty_input_gives_empty_predictions(clf):
+    pred = clf.predict([])
+    assert len(pred) == 0 and pred.probs.shape == (0, 5) and pred.as_dicts() == []
+
+
+def test_as_dicts(clf, images):
+    pred = clf.predict(images[:2])
+    d = pred.as_dicts()
+    assert [x["label"] for x in d] == pred.labels.tolist()
+    assert list(d[0]["probabilities"]) == CLASSES
+    assert d[1]["probabilities"]["3"] == pytest.approx(float(pred.probs[1, 3]))
+    json.dumps(d)  # plain JSON types
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((100, 100, 3), np.float32), "uint8"),
+    (np.zeros((100, 100, 5), np.uint8), "shape"),
+    (np.zeros((2, 3, 4, 100, 3), np.uint8), "shape"),
+    (42, "expected a path, a PIL image or a uint8 array"),
+])
+def test_bad_inputs_are_clear_errors(clf, bad, message):
+    with pytest.raises(FakeprintError, match=message):
+        clf.predict([bad])
+
+
+def test_missing_and_non_image_files_are_named(clf, tmp_path):
+    with pytest.raises(DataError, match="missing.png.*not found"):
+        clf.predict([tmp_path / "missing.png"])
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(DataError, match="notes.png.*not an image"):
+        clf.predict(str(tmp_path / "notes.png"))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(h=st.integers(1, 160), w=st.integers(1, 160), channels=st.sampled_from([None, 3, 4]),
+       seed=st.integers(0, 2**16))
+def test_any_uint8_image_gives_a_distribution(clf, h, w, channels, seed):
+    rng = np.random.default_rng(seed)
+    shape = (h, w) if channels is None else (h, w, channels)
+    pred = clf.predict([rng.integers(0, 256, shape, dtype=np.uint8)])
+    assert pred.probs.shape == (1, 5)
+    assert np.all(pred.probs >= 0) and pred.probs.sum() == pytest.approx(1, abs=1e-5)
+    assert pred.labels[0] == pred.probs[0].argmax()
+
+
+def test_cli_predict_json_agrees_with_the_api(run, clf, images, tmp_path, capsys):
+    paths = []
+    for i, im in enumerate(images[:2]):
+        paths.append(tmp_path / f"c{i}.png")
+        paths[-1].write_bytes(encode(im))
+    assert main(["predict", str(run), *map(str, paths), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    pred = clf.predict(paths)
+    assert [o["image"] for o in out] == [str(p) for p in paths]
+    assert [o["label"] for o in out] == pred.labels.tolist()
+    for o, row in zip(out, pred.probs, strict=True):
+        np.testing.assert_allclose([o["probabilities"][c] for c in CLASSES], row, atol=1e-6)
