@@ -72,6 +72,8 @@ class Classifier:
         return out
 
     def predict(self, images: Any, batch_size: int = 256, tta: bool = False) -> Predictions:
+        if batch_size < 1:
+            raise FakeprintError(f"batch_size must be at least 1, got {batch_size}")
         arr = self.to_array(images)
         probs = predict_logits(self.model, arr, self.device, batch_size=batch_size, norm=self.normalize,
                                tta=tta).softmax(1).numpy() if len(arr) else np.zeros((0, len(self.classes)))
