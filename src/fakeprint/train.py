@@ -181,7 +181,7 @@ def build_scheduler(cfg: dict, opt: torch.optim.Optimizer, steps_per_epoch: int)
 
 
 class EMA:
-    """Exponential moving average of the weights (buffers copied), used for evaluation and checkpoints."""
+    """Exponential moving average of the weights and BatchNorm statistics, used for evaluation and checkpoints."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
@@ -194,8 +194,13 @@ class EMA:
         ema_p = [p for p in self.model.parameters()]
         cur_p = [p.detach() for p in model.parameters()]
         torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
+        # BatchNorm statistics are averaged like the weights they belong to: copying the current ones
+        # beside averaged weights mismatches them and wrecks the EMA model early in training.
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
-            b_ema.copy_(b)
+            if b_ema.is_floating_point():
+                b_ema.lerp_(b, 1.0 - self.decay)
+            else:
+                b_ema.copy_(b)
 
 
 # ----------------------------------------------------------------------------------------- epoch steps
@@ -294,7 +299,12 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         saved = out / "config.yaml"
         if not (out / "resume.json").is_file() or not saved.is_file():
             raise FakeprintError(f"{out}: nothing to resume (no resume.json and config.yaml from an earlier run)")
-        cfg = yaml.safe_load(saved.read_text())
+        from .config import load_config
+
+        try:  # keys added to fakeprint since the run started take their defaults
+            cfg = load_config(None, yaml.safe_load(saved.read_text()) or {})
+        except yaml.YAMLError as e:
+            raise FakeprintError(f"{saved}: not valid YAML ({e})") from None
     elif d.main and (out / "metrics.csv").exists():
         raise FakeprintError(f"{out}: a run folder with results already exists; use --resume to continue it "
                              "or choose another --out")
