@@ -1,9 +1,52 @@
-"""`fakeprint study` (placeholder until implemented)."""
+"""`fakeprint study NAME --data DIR [--scale small|full] [--out DIR] [--seeds N]`: the report's studies."""
 
 from __future__ import annotations
 
 import argparse
 
+STUDY_NAMES = ("augmentation", "residual", "ensemble", "optimizer", "failed", "class4")
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Not implemented yet: registers nothing."""
+    s = sub.add_parser(
+        "study", help="run one of the report's studies (a grid of trainings) and tabulate it",
+        description="Train every variant of a study on the same data, evaluate each on the internal split "
+                    "(or validation.csv when the dataset has one) and write study.md, study.json, "
+                    "accuracy.png and curves.png. Finished runs are reused, so an interrupted study continues.")
+    s.add_argument("name", choices=STUDY_NAMES, help="which study (see docs/STUDIES.md)")
+    s.add_argument("--data", required=True, help="dataset folder (train.csv + train/ ...)")
+    # `tiny` (one epoch of tiny models) exists for the tests; it is left out of the help on purpose
+    s.add_argument("--scale", default="small", choices=("small", "full", "tiny"), metavar="{small,full}",
+                   help="small: CPU-sized models and budgets, about 10 min on 2 cores; full: the report's "
+                        "presets and models at full length (for a GPU). Default small")
+    s.add_argument("--out", default=None, help="study folder (default runs/study-NAME-SCALE)")
+    s.add_argument("--seeds", type=int, default=1, help="train every variant with seeds 0..N-1 (default 1)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value in every run (e.g. device=cuda)")
+    s.add_argument("--dry-run", action="store_true", help="print the runs and their configs, train nothing")
+    s.set_defaults(fn=_cmd_study)
+
+
+def _cmd_study(args: argparse.Namespace) -> int:
+    from ..config import parse_overrides
+    from ..study import get_grid, run_study, variant_config
+
+    extra = parse_overrides(args.set)
+    if args.dry_run:
+        grid = get_grid(args.name, args.scale)
+        print(f"study {args.name} ({args.scale}): {len(grid.variants)} variants x {args.seeds} seed(s) = "
+              f"{grid.trainings() * args.seeds} training run(s)")
+        for v in grid.variants:
+            if v.kind == "average":
+                print(f"  {v.id:<22} {v.label}: average of {', '.join(v.members)} (no training)")
+                continue
+            cfg = variant_config(grid, v, 0, extra)
+            keys = ("model", "model_args", "epochs", "batch_size", "max_train_images", "optimizer", "lr", "loss",
+                    "sampler", "hflip", "rotation", "color_jitter")
+            print(f"  {v.id:<22} {v.label}: " + ", ".join(f"{k}={cfg[k]}" for k in keys))
+        return 0
+    report = run_study(args.name, args.data, args.scale, args.out, args.seeds, extra)
+    from ..study import study_markdown
+
+    print(study_markdown(report))
+    return 0
