@@ -20,7 +20,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit, environment, pick  # noqa: E402
-
 from fakeprint.config import load_config  # noqa: E402
 from fakeprint.evaluate import evaluate, load_eval_split  # noqa: E402
 from fakeprint.predict import load  # noqa: E402

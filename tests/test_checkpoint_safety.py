@@ -100,3 +100,7 @@ def test_truncated_weights_are_refused(good):
 
 def test_atomic_write_leaves_no_temporary_files(good):
     assert sorted(p.name for p in good.iterdir()) == ["best.json", "best.safetensors"]
+
+
+def test_written_files_are_readable_by_others(good):
+    assert (good / "best.json").stat().st_mode & 0o044 == 0o044

@@ -26,6 +26,8 @@ from .errors import CheckpointError
 from .models import create_model, list_models
 
 FORMAT = "fakeprint-checkpoint/1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -34,6 +36,7 @@ def atomic_write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; results should be readable like any file
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -413,7 +413,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             metrics = {k: row[k] for k in ("val_acc", "val_loss", "val_macro_f1")} | {"epoch": epoch + 1}
             if improved:
                 save_checkpoint(out / "best", eval_model(), meta_base | {"epoch": epoch + 1, "metrics": metrics})
-            save_checkpoint(out / "last", model, meta_base | {"epoch": epoch + 1, "metrics": metrics})
+            save_checkpoint(out / "last", eval_model(), meta_base | {"epoch": epoch + 1, "metrics": metrics})
             _write_history(out / "metrics.csv", history)  # before the resume point moves (see save_resume_point)
             save_resume_point(out, epoch, model, meta_base, {
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,

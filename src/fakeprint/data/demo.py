@@ -75,6 +75,8 @@ def make_demo_dataset(out: str | Path, n_train: int = 2500, n_val: int = 500, n_
     out = Path(out)
     rng = np.random.default_rng(seed)
     for split, n in (("train", n_train), ("validation", n_val), ("test", n_test)):
+        if n <= 0:  # no such split at all (an empty CSV would be a broken dataset)
+            continue
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
         labels = np.arange(n) % len(GENERATORS)
