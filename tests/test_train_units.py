@@ -1,0 +1,46 @@
+import numpy as np
+import torch
+from torch import nn
+
+from fakeprint.config import load_config
+from fakeprint.train import EMA, _cm_to_pairs, build_scheduler
+
+
+def test_ema_averages_weights_and_batchnorm_statistics():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4))
+    ema = EMA(model, decay=0.9)
+    w0, m0 = model[0].weight.detach().clone(), model[1].running_mean.clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model.train()
+    model(torch.randn(8, 3, 10, 10) + 5)  # moves the running statistics
+    ema.update(model)
+    assert torch.allclose(ema.model[0].weight, w0 + 0.1, atol=1e-6)
+    assert torch.allclose(ema.model[1].running_mean, 0.9 * m0 + 0.1 * model[1].running_mean, atol=1e-6)
+    assert ema.model[1].num_batches_tracked == model[1].num_batches_tracked
+
+
+def test_onecycle_warms_up_then_decays_to_zero():
+    cfg = load_config("demo", {"epochs": 4, "warmup_epochs": 1, "scheduler": "onecycle", "lr": 1.0})
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, per_step = build_scheduler(cfg, opt, steps_per_epoch=10)
+    lrs = []
+    for _ in range(40):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert per_step and lrs[0] == 0.1 and max(lrs) == 1.0 and lrs.index(1.0) == 9
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False)) and lrs[-1] < 0.05
+
+
+def test_plateau_scheduler_is_per_epoch_and_maximises():
+    cfg = load_config("threecnn")
+    opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
+    sched, per_step = build_scheduler(cfg, opt, steps_per_epoch=10)
+    assert not per_step and sched.mode == "max" and sched.patience == 15 and sched.factor == 0.8
+
+
+def test_confusion_matrix_expands_to_pairs():
+    cm = np.array([[2, 1], [0, 3]])
+    t, p = _cm_to_pairs(cm)
+    assert sorted(zip(t.tolist(), p.tolist(), strict=True)) == [(0, 0), (0, 0), (0, 1), (1, 1), (1, 1), (1, 1)]
