@@ -6,6 +6,7 @@ and takes its own shard, and a resumed run draws exactly the permutation the uni
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -13,8 +14,11 @@ import torch
 
 
 def to_device_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Copy a (memory-mapped) uint8 array into one tensor on ``device``."""
-    t = torch.from_numpy(np.ascontiguousarray(images))
+    """Copy a (memory-mapped) uint8 array into one tensor on ``device``. On the CPU a read-only memory map
+    is used as it is (batches index it, nothing writes to it), so torch's warning about it is silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        t = torch.from_numpy(np.ascontiguousarray(images))
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     return t.to(device)
@@ -48,14 +52,21 @@ class DeviceBatches:
         else:
             idx = torch.arange(n)
         if self.world_size > 1:
-            per_rank = len(idx) // self.world_size if self.drop_last else -(-len(idx) // self.world_size)
+            per_rank = self._per_rank()
             if not self.drop_last:  # pad by wrapping so every rank has the same count
                 idx = torch.cat([idx, idx[: per_rank * self.world_size - len(idx)]])
             idx = idx[self.rank : per_rank * self.world_size : self.world_size]
         return idx
 
+    def _per_rank(self) -> int:
+        """Samples each rank takes per epoch (the tail is dropped, or wrapped round so all ranks are equal)."""
+        n = self.images.shape[0]
+        if self.world_size == 1:
+            return n
+        return n // self.world_size if self.drop_last else -(-n // self.world_size)
+
     def __len__(self) -> int:
-        n = self.images.shape[0] // self.world_size if self.world_size > 1 else self.images.shape[0]
+        n = self._per_rank()
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
