@@ -74,7 +74,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     model = create_model(cfg["model"], NUM_CLASSES, **cfg["model_args"]).to(device)
-    channels_last = _channels_last(cfg, device)
+    channels_last = _channels_last(cfg, device, model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     x = torch.randint(0, 256, (args.train_images, 100, 100, 3), dtype=torch.uint8, device=device)

@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = create_model(cfg["model"], NUM_CLASSES, **cfg["model_args"])
     report_model = copy.deepcopy(base).to(device)
     fp_model = copy.deepcopy(base).to(device)
-    channels_last = _channels_last(cfg, device)
+    channels_last = _channels_last(cfg, device, fp_model)
     if channels_last:
         fp_model = fp_model.to(memory_format=torch.channels_last)
     report_opt, fp_opt = build_optimizer(cfg, report_model), build_optimizer(cfg, fp_model)

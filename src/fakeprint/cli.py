@@ -77,8 +77,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint
 
-    out = args.out or str(Path(_checkpoint_dir(args.checkpoint)) / f"eval-{args.split}")
-    m = evaluate_checkpoint(args.checkpoint, args.data, args.split, out, tta=args.tta, device=args.device)
+    ckpts = args.checkpoint
+    if not args.out and len(ckpts) > 1:
+        raise FakeprintError("evaluating several checkpoints as an ensemble needs --out DIR")
+    out = args.out or str(Path(_checkpoint_dir(ckpts[0])) / f"eval-{args.split}")
+    m = evaluate_checkpoint(ckpts if len(ckpts) > 1 else ckpts[0], args.data, args.split, out, tta=args.tta,
+                            device=args.device)
     print(m["text"])
     print(f"wrote {out}/metrics.json, {out}/report.md, {out}/confusion_matrix.png")
     return 0
@@ -201,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("evaluate", help="accuracy, confusion matrix and classification report of a checkpoint")
-    s.add_argument("checkpoint")
+    s.add_argument("checkpoint", nargs="+", help="a checkpoint, or several: their probabilities are averaged")
     s.add_argument("--data", required=True)
     s.add_argument("--split", default="validation", help="validation, train, or internal (the run's split.csv)")
     s.add_argument("--out", default=None, help="folder for metrics.json, report.md, confusion_matrix.png")

@@ -60,8 +60,8 @@ DEFAULTS: dict[str, Any] = {
     # machinery
     "seed": 0,
     "device": "auto",             # auto | cpu | cuda | cuda:N | mps
-    "amp": "auto",                # auto (bf16 on capable GPUs) | bf16 | fp16 | off
-    "channels_last": "auto",      # auto (on GPU) | on | off
+    "amp": "auto",                # auto (bf16 on GPUs and CPUs with native bf16) | bf16 | fp16 | off
+    "channels_last": "auto",      # auto (on GPU; on CPU where safe, see train._channels_last) | on | off
     "compile": False,
     "deterministic": False,       # deterministic algorithms (for exact reproducibility on CPU)
     "threads": 0,                 # CPU threads for torch (0: leave torch's default)
@@ -77,7 +77,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "scheduler": ("plateau", "onecycle", "cosine", "none"),
     "rotation_interp": ("nearest", "bilinear"),
     "normalize": ("imagenet", "none"),
-    "amp": ("auto", "bf16", "fp16", "off"),
+    "amp": ("auto", "bf16", "fp16", "off", "on"),
     "channels_last": ("auto", "on", "off"),
     "on_bad_image": ("error", "skip"),
 }
@@ -148,6 +148,8 @@ def _merge(cfg: dict[str, Any], data: dict[str, Any], source: str) -> None:
         if key not in DEFAULTS:
             raise FakeprintError(f"{source}: unknown config key {key!r} (known: {', '.join(sorted(DEFAULTS))})")
         default = DEFAULTS[key]
+        if key in CHOICES and isinstance(value, bool):  # YAML reads a bare on/off as true/false
+            value = "on" if value else "off"
         if isinstance(default, bool) and not isinstance(value, bool):
             raise FakeprintError(f"{source}: {key} must be true or false, got {value!r}")
         if isinstance(default, (int, float)) and not isinstance(default, bool):

@@ -12,7 +12,7 @@ from .checkpoint import resolve_checkpoint
 from .data.cache import SplitData, load_split
 from .errors import FakeprintError
 from .metrics import confusion_text, report_text, write_report
-from .predict import Classifier
+from .predict import Classifier, EnsembleClassifier
 from .predict import load as load_classifier
 
 
@@ -33,13 +33,14 @@ def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | N
     return full.subset(idx, "internal")
 
 
-def evaluate(clf: Classifier, data: SplitData, out_dir: Path | None, tta: bool = False,
+def evaluate(clf: Classifier | EnsembleClassifier, data: SplitData, out_dir: Path | None, tta: bool = False,
              title: str | None = None) -> dict[str, Any]:
     if data.labels is None:
         raise FakeprintError(f"split {data.name!r} has no labels; evaluation needs image_id,label")
     pred = clf.predict(data.images, tta=tta)
     title = title or f"{clf.name} on the {data.name} split of {data.root}"
-    extra = {"split": data.name, "checkpoint": str(clf.path), "tta": tta}
+    extra = {"split": data.name, "checkpoint": str(clf.path) if clf.path else [str(m.path) for m in clf.members],
+             "tta": tta}
     if out_dir is None:
         from .metrics import summary
 
@@ -51,8 +52,20 @@ def evaluate(clf: Classifier, data: SplitData, out_dir: Path | None, tta: bool =
     return m
 
 
-def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, split: str = "validation",
+def evaluate_checkpoint(checkpoint: str | Path | list, data: str | Path, split: str = "validation",
                         out_dir: str | Path | None = None, tta: bool = False, device: str = "cpu") -> dict[str, Any]:
-    clf = load_classifier(checkpoint, device)
-    ds = load_eval_split(Path(data), split, Path(checkpoint))
+    """Evaluate one checkpoint, or several as a probability-averaging ensemble (a list of checkpoints)."""
+    paths = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
+    if split == "internal" and len(paths) > 1:
+        splits = {_split_file(p).read_bytes() if _split_file(p).is_file() else None for p in paths}
+        if len(splits) != 1:
+            raise FakeprintError("--split internal: the checkpoints' runs used different internal splits "
+                                 "(their split.csv files differ), so no image is held out from all of them")
+    members = [load_classifier(p, device) for p in paths]
+    clf = members[0] if len(members) == 1 else EnsembleClassifier(members)
+    ds = load_eval_split(Path(data), split, paths[0])
     return evaluate(clf, ds, Path(out_dir) if out_dir else None, tta=tta)
+
+
+def _split_file(checkpoint: Path) -> Path:
+    return resolve_checkpoint(checkpoint).parent / "split.csv"

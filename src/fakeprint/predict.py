@@ -92,6 +92,30 @@ def _array_to_rgb(a: np.ndarray, i: int) -> np.ndarray:
     return to_rgb_array(Image.fromarray(a))
 
 
+class EnsembleClassifier:
+    """Several classifiers of any registered models, combined by averaging their class probabilities."""
+
+    def __init__(self, members: list[Classifier]):
+        if not members:
+            raise FakeprintError("an ensemble needs at least one checkpoint")
+        classes = members[0].classes
+        for m in members[1:]:
+            if m.classes != classes:
+                raise FakeprintError(f"{m.path}: classes {m.classes} differ from {members[0].path}: {classes}")
+        self.members, self.classes = members, classes
+        self.meta = {"model": "+".join(m.name for m in members), "num_classes": len(classes), "classes": classes}
+        self.path = Path(str(members[0].path)) if len(members) == 1 else None
+
+    @property
+    def name(self) -> str:
+        return "ensemble(" + ", ".join(m.name for m in self.members) + ")"
+
+    def predict(self, images: Any, batch_size: int = 256, tta: bool = False) -> Predictions:
+        arr = self.members[0].to_array(images)
+        probs = np.mean([m.predict(arr, batch_size, tta).probs for m in self.members], axis=0)
+        return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
+
+
 def load(path: str | Path | None = None, device: str = "cpu") -> Classifier:
     """Load a checkpoint (a run folder, ``NAME.safetensors`` or its stem); no path: the shipped default model."""
     if path is None:

@@ -209,7 +209,7 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
                     device: torch.device, amp_dtype, scaler, ema: EMA | None, gen: torch.Generator,
                     d: Dist, desc: str) -> dict[str, float]:
     model.train()
-    channels_last = _channels_last(cfg, device)
+    channels_last = _channels_last(cfg, device, model)
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen = 0
@@ -257,7 +257,7 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
     idx = torch.arange(d.rank, images.shape[0], d.world_size, device=images.device)
     cm = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     loss_sum = torch.zeros((), device=device)
-    channels_last = _channels_last(cfg, device)
+    channels_last = _channels_last(cfg, device, model)
     bs = int(cfg["eval_batch_size"])
     for start in range(0, len(idx), bs):
         b = idx[start : start + bs]
@@ -280,8 +280,19 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
             "val_macro_f1": float(f1.mean()), "val_recall": recall.tolist(), "confusion_matrix": cm}
 
 
-def _channels_last(cfg: dict, device: torch.device) -> bool:
-    return cfg["channels_last"] == "on" or (cfg["channels_last"] == "auto" and device.type == "cuda")
+def _channels_last(cfg: dict, device: torch.device, model: nn.Module | None = None) -> bool:
+    """``auto``: on for GPUs, and on CPUs for models that avoid a oneDNN bug (torch 2.13: the backward of a
+    stride-2 1x1 convolution with fewer than 16 input channels in channels-last layout crashes)."""
+    if cfg["channels_last"] != "auto":
+        return cfg["channels_last"] == "on"
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and model is not None and channels_last_safe_on_cpu(model)
+
+
+def channels_last_safe_on_cpu(model: nn.Module) -> bool:
+    return not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and max(m.stride) > 1 and m.in_channels < 16
+                   for m in model.modules())
 
 
 def _inner(model: nn.Module) -> nn.Module:
@@ -329,7 +340,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     y_val = torch.from_numpy(val_split.labels).to(device)
 
     model = build_model(cfg, num_classes).to(device)
-    if _channels_last(cfg, device):
+    if _channels_last(cfg, device, model):
         model = model.to(memory_format=torch.channels_last)
     batches = DeviceBatches(x_train, y_train, int(cfg["batch_size"]), sampler=cfg["sampler"], drop_last=True,
                             seed=cfg["seed"], rank=d.rank, world_size=d.world_size)
@@ -433,7 +444,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
                                "train_time_s": train_time, "split": split_desc}
     if d.main and (out / "best.safetensors").exists():
         best, meta = load_checkpoint(out / "best", map_location=device)
-        ev = evaluate_model(best, x_val, y_val, cfg, device, amp_dtype, Dist(), num_classes)
+        ev = evaluate_model(best, x_val, y_val, cfg, device, None, Dist(), num_classes)  # the report: fp32
         y_true, y_pred = _cm_to_pairs(ev["confusion_matrix"])
         m = write_report(out, y_true, y_pred, title=f"{cfg['model']} (best epoch {meta['epoch']}) on the {split_desc}",
                          extra={"split": split_desc, "epoch": meta["epoch"], "train_time_s": train_time})

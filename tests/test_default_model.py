@@ -1,0 +1,46 @@
+"""The model shipped inside the package loads with no path and predicts as it did when it was shipped."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fakeprint
+from fakeprint.predict import default_model_path
+
+pytestmark = pytest.mark.skipif(default_model_path() is None, reason="no default model shipped in this checkout")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+
+
+def test_default_model_is_small_and_documented():
+    path = default_model_path()
+    assert path.stat().st_size <= 15 * 1024 * 1024
+    clf = fakeprint.load()
+    assert clf.meta["num_classes"] == 5 and "internal_split_metrics" in clf.meta
+    assert clf.meta["internal_split_metrics"]["n"] == 1250
+
+
+def test_default_model_reproduces_its_self_test_on_generated_images():
+    from ship_default_model import self_test_images
+
+    clf = fakeprint.load()
+    pred = clf.predict(self_test_images())
+    expected = np.array(clf.meta["self_test"]["probs"])
+    assert pred.probs.shape == (5, 5)
+    np.testing.assert_allclose(pred.probs, expected, atol=1e-4)
+    assert (pred.labels == expected.argmax(1)).all()
+
+
+def test_cli_predict_without_a_checkpoint_uses_the_default_model(cli, tmp_path):
+    from PIL import Image
+
+    from fakeprint.data.demo import render
+
+    path = tmp_path / "gen.png"
+    Image.fromarray(render(3, np.random.default_rng(7))).save(path)
+    proc = cli("predict", str(path))
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip().split("\t")
+    assert line[0] == str(path) and line[1] in {"0", "1", "2", "3", "4"}
+    assert "default.safetensors" in proc.stderr

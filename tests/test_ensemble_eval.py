@@ -1,0 +1,51 @@
+"""Ensembles of any registered models: probability averaging over several checkpoints."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fakeprint.checkpoint import save_checkpoint
+from fakeprint.errors import FakeprintError
+from fakeprint.models import create_model
+from fakeprint.predict import EnsembleClassifier, load
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    runs = []
+    for i, name in enumerate(("fpnet_tiny", "threecnn")):
+        torch.manual_seed(i)
+        save_checkpoint(tmp_path / f"run{i}" / "best", create_model(name), {"model": name, "num_classes": 5})
+        runs.append(tmp_path / f"run{i}")
+    return runs
+
+
+def test_ensemble_averages_member_probabilities(two_runs):
+    members = [load(r) for r in two_runs]
+    ens = EnsembleClassifier(members)
+    x = np.random.default_rng(0).integers(0, 256, (6, 100, 100, 3), dtype=np.uint8)
+    expected = (members[0].predict(x).probs + members[1].predict(x).probs) / 2
+    pred = ens.predict(x)
+    np.testing.assert_allclose(pred.probs, expected, atol=1e-6)
+    assert (pred.labels == expected.argmax(1)).all() and ens.name == "ensemble(fpnet_tiny, threecnn)"
+
+
+def test_cli_evaluates_several_checkpoints_as_one_ensemble(cli, two_runs, tiny_data, tmp_path):
+    proc = cli("evaluate", *map(str, two_runs), "--data", str(tiny_data), "--out", str(tmp_path / "ev"))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["n"] == 50 and len(m["checkpoint"]) == 2
+
+
+def test_internal_split_must_be_shared_by_every_member(cli, two_runs, tiny_data, tmp_path):
+    (two_runs[0] / "split.csv").write_text("image_id,label,subset\na,0,internal\n")
+    (two_runs[1] / "split.csv").write_text("image_id,label,subset\nb,0,internal\n")
+    proc = cli("evaluate", *map(str, two_runs), "--data", str(tiny_data), "--split", "internal", "--out", str(tmp_path / "e"))
+    assert proc.returncode == 2 and "different internal splits" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_ensemble_refuses_no_members():
+    with pytest.raises(FakeprintError, match="at least one"):
+        EnsembleClassifier([])
