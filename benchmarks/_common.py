@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 import fakeprint
+from fakeprint.train import setup_backends  # noqa: F401  (re-exported for the benchmarks)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "data" / "unibuc-deepfake"
@@ -100,19 +101,6 @@ def sync(device: torch.device) -> None:
     """Wait for the device: put this on both sides of every timed region."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def setup_backends(cfg: dict, device: torch.device) -> None:
-    """The backend switches ``fakeprint.train.train`` sets before training (threads, cuDNN, TF32)."""
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
 
 # ------------------------------------------------------------------------------------------- memory

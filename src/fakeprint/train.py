@@ -302,6 +302,19 @@ def _inner(model: nn.Module) -> nn.Module:
 
 # ------------------------------------------------------------------------------------------------ main
 
+def setup_backends(cfg: dict, device: torch.device) -> None:
+    """Threads, determinism, cuDNN autotuning and TF32: the backend switches set before training."""
+    if cfg["threads"]:
+        torch.set_num_threads(int(cfg["threads"]))
+    if cfg["deterministic"]:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train ``cfg['model']`` on ``data_root`` into the run folder ``out``; returns the run's summary."""
     out = Path(out)
@@ -319,15 +332,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     elif d.main and (out / "metrics.csv").exists():
         raise FakeprintError(f"{out}: a run folder with results already exists; use --resume to continue it "
                              "or choose another --out")
-    if cfg["threads"]:
-        torch.set_num_threads(int(cfg["threads"]))
-    if cfg["deterministic"]:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
-    elif device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+    setup_backends(cfg, device)
     torch.manual_seed(cfg["seed"])
     if d.main:
         out.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,53 @@
+"""Batched CPU inference throughput of a model (default: the one shipped in the package).
+
+    python benchmarks/cpu_inference.py [--checkpoint RUN] [--images 2048] [--batch-size 256] [--threads 2]
+
+Times ``Classifier.predict`` on uint8 images already in memory (decoding excluded; that is the data
+path's job), after one warm-up batch, and prints one JSON object (environment header, images/s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import fakeprint  # noqa: E402
+from _common import emit, environment  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", default=None, help="default: the shipped model")
+    ap.add_argument("--images", type=int, default=2048)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clf = fakeprint.load(args.checkpoint)
+    x = np.random.default_rng(0).integers(0, 256, (args.images, 100, 100, 3), dtype=np.uint8)
+    clf.predict(x[: args.batch_size], batch_size=args.batch_size, tta=args.tta)
+    rates = []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        clf.predict(x, batch_size=args.batch_size, tta=args.tta)
+        rates.append(args.images / (time.perf_counter() - t0))
+    result = {"benchmark": "cpu_inference", "environment": environment(torch.device("cpu")),
+              "model": clf.name, "checkpoint": str(clf.path), "images": args.images, "batch_size": args.batch_size,
+              "tta": args.tta, "images_per_s": {"median": float(np.median(rates)), "all": rates}}
+    emit(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
