@@ -16,10 +16,10 @@ from .errors import FakeprintError
 def _cmd_models(args: argparse.Namespace) -> int:
     from .models import count_parameters, create_model, describe, list_models
 
-    print(f"{'model':<20}{'parameters':>14}{'trainable':>14}  description")
+    print(f"{'model':<26}{'parameters':>12}{'trainable':>12}  description")
     for name in list_models():
         m = create_model(name)
-        print(f"{name:<20}{count_parameters(m):>14,}{count_parameters(m, True):>14,}  {describe(name)}")
+        print(f"{name:<26}{count_parameters(m):>12,}{count_parameters(m, True):>12,}  {describe(name)}")
     return 0
 
 

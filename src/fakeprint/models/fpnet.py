@@ -65,7 +65,7 @@ def fpnet_s(num_classes: int = 5, **kwargs) -> nn.Module:
 
 @register_model
 def fpnet_m(num_classes: int = 5, **kwargs) -> nn.Module:
-    """FPNet, width 32, depths (1, 2, 2): the GPU recipe's model."""
+    """FPNet, width 32, depths (1, 2, 2): a larger variant meant for GPU training (not yet trained at scale)."""
     kwargs.setdefault("width", 32)
     kwargs.setdefault("depths", (1, 2, 2))
     return FPNet(num_classes, **kwargs)
