@@ -9,10 +9,25 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fakeprint.data.demo import make_demo_dataset
 
 os.environ.setdefault("FAKEPRINT_COMMIT", "test")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _restore_torch_threads():
+    """Training with ``threads=N`` sets a process-wide torch setting: no test module leaks it to the next
+    (module scope, so that module-scoped fixtures that train are covered too)."""
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+def make_train_only(root: Path, n_train: int, seed: int) -> Path:
+    """A generated dataset with train.csv + train/ only: training makes an internal split of it."""
+    return make_demo_dataset(root, n_train=n_train, n_val=0, n_test=0, seed=seed)
 
 
 @pytest.fixture(scope="session")

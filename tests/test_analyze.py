@@ -5,7 +5,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from fakeprint.analyze import analyze, calibration, confused_pairs, mean_log_spectrum
 from fakeprint.cli import main
@@ -13,13 +12,6 @@ from fakeprint.config import load_config
 from fakeprint.data.demo import make_demo_dataset
 from fakeprint.study import SCALE_BASE
 from fakeprint.train import train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -1,34 +1,22 @@
 """`fakeprint label-issues`: folds, cleanlab ranking, and the whole search end to end on a tiny dataset."""
 
 import csv
-import shutil
 
 import numpy as np
 import pytest
-import torch
 
+from conftest import make_train_only
 from fakeprint.cli import main
-from fakeprint.data.demo import make_demo_dataset
 from fakeprint.errors import FakeprintError
 from fakeprint.label_issues import find_issues, fold_indices, rank_label_issues
 
 FAST = {"epochs": 1, "model_args": {"width": 4}, "progress": False, "threads": 1, "workers": 1, "batch_size": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _keep_torch_threads():
-    n = torch.get_num_threads()
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    root = make_demo_dataset(tmp_path_factory.mktemp("li") / "data", n_train=60, n_val=1, n_test=1, seed=4)
-    for split in ("validation", "test"):
-        (root / f"{split}.csv").unlink()
-        shutil.rmtree(root / split)
-    return root
+    return make_train_only(tmp_path_factory.mktemp("li") / "data", n_train=60, seed=4)
 
 
 def test_folds_hold_every_image_out_exactly_once_and_are_stratified():

@@ -2,14 +2,12 @@
 
 import csv
 import json
-import shutil
 
 import numpy as np
 import pytest
-import torch
 
+from conftest import make_train_only
 from fakeprint.cli import main
-from fakeprint.data.demo import make_demo_dataset
 from fakeprint.errors import FakeprintError
 from fakeprint.study import (
     STUDIES,
@@ -23,21 +21,11 @@ from fakeprint.study import (
 COLUMNS = ["variant", "accuracy (%)", "macro F1", "class-4 recall", "training time (s)"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _keep_torch_threads():
-    n = torch.get_num_threads()  # the tiny scale trains with threads=1, a process-wide setting
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """20 images per class, no validation.csv: studies evaluate on the internal split."""
-    root = make_demo_dataset(tmp_path_factory.mktemp("study") / "data", n_train=100, n_val=1, n_test=1, seed=2)
-    for split in ("validation", "test"):
-        (root / f"{split}.csv").unlink()
-        shutil.rmtree(root / split)
-    return root
+    return make_train_only(tmp_path_factory.mktemp("study") / "data", n_train=100, seed=2)
 
 
 @pytest.fixture(scope="module")
