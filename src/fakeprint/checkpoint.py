@@ -113,17 +113,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return p
 
 
+def read_json_metadata(path: Path, fmt: str, missing_hint: str, kind: str) -> dict[str, Any]:
+    """A metadata JSON object whose ``format`` is ``fmt``; ``CheckpointError`` naming the file otherwise."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: metadata file missing ({missing_hint})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != fmt:
+        found = meta.get("format") if isinstance(meta, dict) else None
+        raise CheckpointError(f"{path}: not {kind} (format {found!r})")
+    return meta
+
+
 def read_metadata(path: str | Path) -> dict[str, Any]:
     weights = resolve_checkpoint(path)
     meta_path = weights.with_suffix(".json")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{meta_path}: metadata file missing (a checkpoint is NAME.safetensors + NAME.json)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{meta_path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: not a fakeprint checkpoint (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    meta = read_json_metadata(meta_path, FORMAT, "a checkpoint is NAME.safetensors + NAME.json", "a fakeprint checkpoint")
     if meta.get("model") not in list_models():
         raise CheckpointError(f"{meta_path}: unknown model {meta.get('model')!r} (known: {', '.join(list_models())})")
     if not isinstance(meta.get("num_classes"), int) or meta["num_classes"] < 2:

@@ -10,12 +10,12 @@ backend for the CLI and the service: ``auto`` is ``onnx`` for ``.onnx`` files an
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .checkpoint import read_json_metadata
 from .errors import CheckpointError, FakeprintError
 from .export import FORMAT, INPUT_NAME, check_parity, export_bytes, metadata_path, onnx_session, parity_images
 from .predict import Classifier, Predictions
@@ -26,14 +26,7 @@ BACKENDS = ("auto", "torch", "onnx")
 def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     """The ``MODEL.onnx.json`` written beside ``MODEL.onnx``, validated."""
     p = metadata_path(path)
-    try:
-        meta = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{p}: metadata file missing (fakeprint export writes MODEL.onnx + MODEL.onnx.json)") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: not fakeprint ONNX metadata (format {meta.get('format') if isinstance(meta, dict) else None!r})")
+    meta = read_json_metadata(p, FORMAT, "fakeprint export writes MODEL.onnx + MODEL.onnx.json", "fakeprint ONNX metadata")
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) < 2:
         raise CheckpointError(f"{p}: 'classes' must list at least two class names")
