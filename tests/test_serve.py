@@ -278,7 +278,11 @@ def test_the_page_and_its_files_are_served_without_external_resources(client):
 
 
 def test_openapi_docs(client):
-    assert client.get("/docs").status_code == 200
+    docs = client.get("/docs")
+    assert docs.status_code == 200
+    scripts = re.findall(r'src="([^"]+)"', docs.text) + re.findall(r'href="([^"]+\.css)"', docs.text)
+    assert scripts and not [u for u in scripts if u.startswith(("http:", "https:", "//"))], scripts  # no CDN
+    assert all(client.get(u).status_code == 200 for u in scripts)
     spec = client.get("/openapi.json").json()
     assert {"/v1/predict", "/v1/model", "/healthz"} <= set(spec["paths"])
     body = spec["paths"]["/v1/predict"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]

@@ -23,6 +23,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -194,7 +195,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
     limiter = anyio.CapacityLimiter(max(1, workers))
     clf = service.classifier
 
-    app = FastAPI(
+    app = FastAPIOffline(  # FastAPI whose /docs and /redoc serve Swagger UI and ReDoc from the package, no CDN
         title="fakeprint",
         version=__version__,
         summary="Which of five image generators made a 100x100 image?",
