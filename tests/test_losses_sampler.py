@@ -42,7 +42,9 @@ def test_focal_weighting_multiplies_each_example_by_its_class_weight():
     target = torch.tensor([1, 0])
     easy, hard = -(0.25 ** 2) * math.log(0.75), -(0.75 ** 2) * math.log(0.25)
     w = torch.tensor([1.0, 3.0])
-    assert focal_loss(logits, target, 2.0, w).item() == pytest.approx((3 * easy + 1 * hard) / 2, rel=1e-5)
+    assert focal_loss(logits, target, 2.0, w).item() == pytest.approx((3 * easy + 1 * hard) / (3 + 1), rel=1e-5)
+    # gamma 0 with weights is weighted cross-entropy, normalised the same way
+    assert torch.allclose(focal_loss(logits, target, 0.0, w), F.cross_entropy(logits, target, weight=w), atol=1e-6)
 
 
 def _cfg(**kw):

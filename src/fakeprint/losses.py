@@ -8,11 +8,14 @@ import torch.nn.functional as F
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
                weight: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean of ``-w_y (1 - p_y)^gamma log p_y`` (Lin et al. 2017). ``gamma=0`` is cross-entropy."""
+    """``-(1 - p_y)^gamma log p_y`` (Lin et al. 2017), averaged; with class weights ``w`` the weighted mean
+    ``sum(w_y l) / sum(w_y)``, as ``F.cross_entropy(weight=w)`` does, so ``gamma=0`` is (weighted)
+    cross-entropy either way."""
     logp = F.log_softmax(logits.float(), dim=1).gather(1, target[:, None]).squeeze(1)
     loss = -((1 - logp.exp()) ** gamma) * logp
     if weight is not None:
-        loss = loss * weight[target]
+        w = weight[target]
+        return (loss * w).sum() / w.sum()
     return loss.mean()
 
 

@@ -51,33 +51,45 @@ class Classifier:
     def name(self) -> str:
         return str(self.meta["model"])
 
-    def to_array(self, images: Any) -> np.ndarray:
-        """Paths, PIL images, uint8 arrays (HxWx3, HxW or NxHxWx3) -> N x 100 x 100 x 3 uint8."""
-        if isinstance(images, np.ndarray) and images.ndim == 4:
-            items = list(images)
-        elif isinstance(images, (str, Path, Image.Image, np.ndarray)):
-            items = [images]
-        else:
-            items = list(images)
+    def to_array(self, images: Any, offset: int = 0) -> np.ndarray:
+        """Paths, PIL images, uint8 arrays (HxWx3, HxW or NxHxWx3) -> N x 100 x 100 x 3 uint8.
+        ``offset`` numbers the images in error messages (for chunks of a longer list)."""
+        items = _as_items(images)
+        if isinstance(items, np.ndarray) and items.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3) and items.dtype == np.uint8:
+            return items
         out = np.empty((len(items), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
-        for i, item in enumerate(items):
+        for i, item in enumerate(items, start=offset):
             if isinstance(item, (str, Path)):
-                out[i] = decode_image(Path(item))
+                out[i - offset] = decode_image(Path(item))
             elif isinstance(item, Image.Image):
-                out[i] = to_rgb_array(item)
+                out[i - offset] = to_rgb_array(item)
             elif isinstance(item, np.ndarray):
-                out[i] = _array_to_rgb(item, i)
+                out[i - offset] = _array_to_rgb(item, i)
             else:
                 raise FakeprintError(f"image {i}: expected a path, a PIL image or a uint8 array, got {type(item).__name__}")
         return out
 
     def predict(self, images: Any, batch_size: int = 256, tta: bool = False) -> Predictions:
+        """Classify images in batches of ``batch_size``, decoding each batch just before it is used."""
         if batch_size < 1:
             raise FakeprintError(f"batch_size must be at least 1, got {batch_size}")
-        arr = self.to_array(images)
-        probs = predict_logits(self.model, arr, self.device, batch_size=batch_size, norm=self.normalize,
-                               tta=tta).softmax(1).numpy() if len(arr) else np.zeros((0, len(self.classes)))
-        return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
+        items = _as_items(images)
+        parts = [np.zeros((0, len(self.classes)), np.float32)]
+        for start in range(0, len(items), batch_size):
+            arr = self.to_array(items[start : start + batch_size], offset=start)
+            parts.append(predict_logits(self.model, arr, self.device, batch_size=batch_size, norm=self.normalize,
+                                        tta=tta).softmax(1).numpy())
+        probs = np.concatenate(parts)
+        return Predictions(probs.argmax(1) if len(probs) else np.zeros(0, np.int64), probs, self.classes)
+
+
+def _as_items(images: Any) -> list | np.ndarray:
+    """One image or many -> something to slice: an N x H x W x C array stays an array, else a list."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return images
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        return [images]
+    return list(images)
 
 
 def _array_to_rgb(a: np.ndarray, i: int) -> np.ndarray:

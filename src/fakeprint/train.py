@@ -82,6 +82,13 @@ def _all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     return t
 
 
+def _broadcast_buffers(model: nn.Module, d: Dist) -> None:
+    """Make every rank's buffers (BatchNorm statistics) rank 0's: each rank updates its own in training."""
+    if d.world_size > 1:
+        for b in model.buffers():
+            dist.broadcast(b, src=0)
+
+
 def _barrier(d: Dist) -> None:
     if d.world_size > 1:
         dist.barrier()
@@ -409,6 +416,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
+        _broadcast_buffers(eval_model(), d)  # every rank evaluates with rank 0's BatchNorm statistics
         ev = evaluate_model(eval_model(), x_val, y_val, cfg, device, amp_dtype, d, num_classes)
         epoch_time = time.perf_counter() - t0
         lr = opt.param_groups[0]["lr"]
