@@ -38,12 +38,17 @@ def tiny_data_master(tmp_path_factory) -> Path:
     return root
 
 
+def private_copy(master: Path, tmp_path: Path) -> Path:
+    """A copy of a generated dataset (without its decoded cache) that one test may modify."""
+    dst = tmp_path / "data"
+    shutil.copytree(master, dst, ignore=shutil.ignore_patterns(".fakeprint-cache"))
+    return dst
+
+
 @pytest.fixture
 def tiny_data(tiny_data_master, tmp_path) -> Path:
     """A private copy of the tiny dataset that a test may modify."""
-    dst = tmp_path / "data"
-    shutil.copytree(tiny_data_master, dst, ignore=shutil.ignore_patterns(".fakeprint-cache"))
-    return dst
+    return private_copy(tiny_data_master, tmp_path)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from conftest import private_copy
 from fakeprint.augment import augment, normalize, to_float
 from fakeprint.config import load_config
 from fakeprint.data import cache as cache_module
@@ -38,9 +38,7 @@ def master(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def data(master, tmp_path) -> Path:
-    dst = tmp_path / "data"
-    shutil.copytree(master, dst, ignore=shutil.ignore_patterns(".fakeprint-cache"))
-    return dst
+    return private_copy(master, tmp_path)
 
 
 @pytest.fixture
