@@ -41,7 +41,8 @@ def pil_limit_restored():
 
 
 def make_checkpoint(root: Path, model: str = "fpnet_tiny", seed: int = 0, sharpen: float = 1.0,
-                    metrics: dict | None = None, norm: str = "imagenet") -> Path:
+                    metrics: dict | None = None, norm: str = "imagenet", held_out: dict | None = None,
+                    tta: str | None = None) -> Path:
     """A random-weight checkpoint ``root/m/best`` (returns the run folder ``root/m``). ``sharpen`` scales the
     last linear layer so that the random model gives confident, varied predictions."""
     from fakeprint.checkpoint import save_checkpoint
@@ -64,7 +65,7 @@ def make_checkpoint(root: Path, model: str = "fpnet_tiny", seed: int = 0, sharpe
     save_checkpoint(run / "best", net, {
         "model": model, "num_classes": 5, "classes": list(CLASSES), "model_args": {},
         "normalization": {"mode": norm}, "metrics": metrics if metrics is not None else {"val_acc": 0.5},
-    })
+    } | ({"held_out": held_out} if held_out else {}) | ({"tta": tta} if tta else {}))
     return run
 
 

@@ -57,7 +57,7 @@ def test_load_accepts_every_spelling_of_a_checkpoint(run, images):
 def test_load_reports_the_model_and_its_classes(clf, run):
     assert clf.name == "fpnet_tiny"
     assert clf.classes == CLASSES
-    assert clf.path == run
+    assert clf.path == run / "best.safetensors"  # the checkpoint file the run folder resolved to
 
 
 def test_load_without_a_default_model_is_a_clear_error(monkeypatch):

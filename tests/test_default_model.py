@@ -17,8 +17,18 @@ def test_default_model_is_small_and_documented():
     path = default_model_path()
     assert path.stat().st_size <= 15 * 1024 * 1024
     clf = fakeprint.load()
-    assert clf.meta["num_classes"] == 5 and "internal_split_metrics" in clf.meta
-    assert clf.meta["internal_split_metrics"]["n"] == 1250
+    assert clf.meta["num_classes"] == 5
+
+
+def test_default_model_claims_only_a_held_out_figure():
+    """Its figure is one on images a model never trained on, labelled; no figure on its own training images."""
+    meta = fakeprint.load().meta
+    held = meta["held_out"]
+    assert held["n"] == 1250 and 0.2 < held["accuracy"] < 1.0 and held["how"] and held["selection"] == "last epoch"
+    assert "internal split" in held["split"]
+    if meta["config"]["train_on_all"]:  # trained on the internal split itself: no figure of its own may be shown
+        assert not meta["metrics"] and "same recipe" in held["how"]
+    assert fakeprint.load().tta == held["tta"] == meta["self_test"]["tta"]
 
 
 def test_default_model_reproduces_its_self_test_on_generated_images():

@@ -95,10 +95,25 @@ def test_ensemble_trains_from_two_frozen_base_checkpoints(tiny_data, tmp_path):
         assert torch.equal(ens.members[1].state_dict()[k], v), k
 
 
-def test_train_on_all_uses_every_image_and_keeps_the_last_epoch(cli, tiny_train_only, tmp_path):
+def test_train_on_all_uses_every_image_and_claims_no_held_out_figure(cli, tiny_train_only, tmp_path):
     run = tmp_path / "run"
     proc = cli("train", "--data", str(tiny_train_only), *FAST_TRAIN, "--set", "train_on_all=true", "--out", str(run))
     assert proc.returncode == 0, proc.stderr
     info = json.loads((run / "run.json").read_text())
-    assert info["train_images"] == 100 and "NOT held out" in info["split"]
-    assert json.loads((run / "best.json").read_text())["epoch"] == 2
+    assert info["train_images"] == 100 and info["val_images"] == 0 and "no held-out split" in info["split"]
+    meta = json.loads((run / "last.json").read_text())
+    assert meta["epoch"] == 2 and meta["metrics"] == {} and "held_out" not in meta
+    assert not (run / "best.safetensors").exists() and not (run / "metrics.json").exists()
+    with open(run / "split.csv", newline="") as f:  # every image listed, none as "internal"
+        subsets = [r["subset"] for r in csv.DictReader(f)]
+    assert len(subsets) == 100 and set(subsets) == {"train"}
+    with open(run / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["val_acc"] == "" for r in rows)
+    # scoring the "internal split" of such a run would score training images: refused with a clear error
+    proc = cli("evaluate", str(run), "--data", str(tiny_train_only), "--split", "internal")
+    assert proc.returncode == 2 and "train_on_all" in proc.stderr and "Traceback" not in proc.stderr
+    # a schedule steered by a held-out split cannot exist without one
+    proc = cli("train", "--data", str(tiny_train_only), *FAST_TRAIN, "--set", "train_on_all=true",
+               "--set", "scheduler=plateau", "--out", str(tmp_path / "r2"))
+    assert proc.returncode == 2 and "fixed schedule" in proc.stderr

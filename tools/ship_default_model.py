@@ -1,10 +1,15 @@
-"""Copy a run's best checkpoint into the package as the shipped default model.
+"""Copy a run's checkpoint into the package as the shipped default model.
 
-    python tools/ship_default_model.py RUN [--metrics RUN/eval-internal/metrics.json]
+    python tools/ship_default_model.py RUN_OR_CHECKPOINT [--held-out OTHER_RUN --how TEXT]
 
-Writes ``src/fakeprint/weights/default.safetensors`` and ``default.json``: the run's metadata, plus the
-internal-split metrics given, and a self-test (the probabilities the model gives to a few generated
-images) that ``tests/test_default_model.py`` checks after loading the shipped file.
+Writes ``src/fakeprint/weights/default.safetensors`` and ``default.json``: the checkpoint's metadata and a
+self-test (the probabilities the model gives to a few generated images) that
+``tests/test_default_model.py`` checks after loading the shipped file.
+
+The figure shipped with it (``held_out``) must be one on images the model never trained on. A checkpoint
+trained with an internal split carries its own (its last epoch's); one trained on every image
+(``train_on_all``) has none, and ``--held-out`` must name a run of the same recipe trained without the
+internal split, whose last checkpoint's figure is shipped, labelled with ``--how``.
 """
 
 from __future__ import annotations
@@ -32,19 +37,24 @@ def self_test_images() -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
-    ap.add_argument("--metrics", help="metrics.json of an evaluation on the internal split")
+    ap.add_argument("--held-out", help="for a train_on_all model: a run of the same recipe with an internal split")
+    ap.add_argument("--how", default="", help="with --held-out: how that run relates to the shipped model")
     ap.add_argument("--note", default="", help="free text for the metadata (how it was trained)")
     args = ap.parse_args()
     src = resolve_checkpoint(args.run)
     meta = json.loads(src.with_suffix(".json").read_text())
-    if args.metrics:
-        m = json.loads(Path(args.metrics).read_text())
-        meta["internal_split_metrics"] = {k: m[k] for k in ("accuracy", "macro_f1", "n", "per_class", "confusion_matrix")}
+    if args.held_out:
+        other = json.loads(resolve_checkpoint(args.held_out).with_suffix(".json").read_text())
+        if not other.get("held_out") or not args.how:
+            sys.exit(f"{args.held_out}: no held-out figure in its checkpoint, or no --how given")
+        meta["held_out"] = other["held_out"] | {"how": args.how}
+    elif not meta.get("held_out"):
+        sys.exit(f"{src}: no held-out figure (a train_on_all model?): give --held-out RUN --how TEXT")
     meta["shipped_from"] = str(src)
     meta["note"] = args.note
     clf = load(src)
     probs = clf.predict(self_test_images()).probs
-    meta["self_test"] = {"seeds": list(SELF_TEST_SEEDS), "probs": probs.round(6).tolist()}
+    meta["self_test"] = {"seeds": list(SELF_TEST_SEEDS), "tta": clf.tta, "probs": probs.round(6).tolist()}
     DEST.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(src, DEST / "default.safetensors")
     atomic_write(DEST / "default.json", (json.dumps(meta, indent=2) + "\n").encode())

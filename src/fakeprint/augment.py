@@ -96,3 +96,64 @@ def augment(x: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
         gray = (0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3])
         x = ((x - gray) * sat + gray).clamp_(0, 1)
     return x
+
+
+def mix_batch(x: torch.Tensor, cfg: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """MixUp or CutMix on a whole batch (one coefficient per batch, as in the papers' reference code).
+
+    With probability ``mix_prob`` the batch is mixed with a shuffled copy of itself: CutMix
+    (``cutmix`` = Beta alpha > 0) pastes a random box, MixUp (``mixup`` = Beta alpha > 0) blends; when both
+    are on, each mixed batch picks one at random. Returns ``(x, perm, lam)``: the targets are
+    ``lam * y + (1 - lam) * y[perm]``; ``perm`` is None when the batch is left alone (``lam`` 1)."""
+    mixup, cutmix = float(cfg.get("mixup") or 0.0), float(cfg.get("cutmix") or 0.0)
+    if mixup <= 0 and cutmix <= 0:
+        return x, None, 1.0
+    dev = x.device
+    u = torch.rand(3, generator=g, device=dev).tolist()
+    if u[0] >= float(cfg.get("mix_prob", 1.0)):
+        return x, None, 1.0
+    use_cutmix = cutmix > 0 and (mixup <= 0 or u[1] < 0.5)
+    alpha = cutmix if use_cutmix else mixup
+    # Beta(alpha, alpha) from two Gamma draws with the batch's generator (reproducible, resumable)
+    ga = torch._standard_gamma(torch.full((2,), alpha, device=dev), generator=g)
+    lam = float(ga[0] / ga.sum())
+    perm = torch.randperm(x.shape[0], generator=g, device=dev)
+    if not use_cutmix:
+        return x * lam + x[perm] * (1.0 - lam), perm, lam
+    h, w = x.shape[2], x.shape[3]
+    rh, rw = int(h * math.sqrt(1.0 - lam)), int(w * math.sqrt(1.0 - lam))
+    c = torch.rand(2, generator=g, device=dev).tolist()
+    cy, cx = int(c[0] * h), int(c[1] * w)
+    y0, y1, x0, x1 = max(cy - rh // 2, 0), min(cy + rh // 2, h), max(cx - rw // 2, 0), min(cx + rw // 2, w)
+    x = x.clone()
+    x[:, :, y0:y1, x0:x1] = x[perm][:, :, y0:y1, x0:x1]
+    lam = 1.0 - (y1 - y0) * (x1 - x0) / (h * w)  # the area actually pasted
+    return x, perm, lam
+
+
+TTA_MODES = ("none", "flip", "dihedral")
+
+
+def tta_mode(value: object) -> str:
+    """Normalise a ``tta`` setting: ``False``/``"none"``, ``True``/``"flip"`` (the image and its horizontal
+    flip), ``"dihedral"`` (all eight flips and quarter turns)."""
+    if value is None or value is False:
+        return "none"
+    if value is True:
+        return "flip"
+    if isinstance(value, str) and value in TTA_MODES:
+        return value
+    from .errors import FakeprintError
+
+    raise FakeprintError(f"tta must be one of none, flip, dihedral (or true/false), got {value!r}")
+
+
+def tta_views(x: torch.Tensor, mode: str) -> list[torch.Tensor]:
+    """The views of an N x C x H x W batch that test-time augmentation averages over."""
+    mode = tta_mode(mode)
+    if mode == "none":
+        return [x]
+    if mode == "flip":
+        return [x, x.flip(3)]
+    views = [x.rot90(k, (2, 3)) for k in range(4)]
+    return views + [v.flip(3) for v in views]

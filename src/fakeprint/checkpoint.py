@@ -102,10 +102,11 @@ def save_checkpoint(stem: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """Accept a run folder (-> its best checkpoint), a stem, ``.safetensors`` or ``.json``."""
+    """Accept a run folder (-> its last checkpoint, the one its report describes; ``best`` for runs that have
+    no ``last``), a stem, ``.safetensors`` or ``.json``."""
     p = Path(path)
     if p.is_dir():
-        p = p / "best.safetensors"
+        p = p / "last.safetensors" if (p / "last.safetensors").exists() else p / "best.safetensors"
     elif p.suffix == ".json" or p.suffix != ".safetensors" and not p.exists():
         p = p.with_suffix(".safetensors")
     if not p.exists():

@@ -209,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", required=True)
     s.add_argument("--split", default="validation", help="validation, train, or internal (the run's split.csv)")
     s.add_argument("--out", default=None, help="folder for metrics.json, report.md, confusion_matrix.png")
-    s.add_argument("--tta", action="store_true", help="average with horizontally flipped images")
+    _add_tta(s)
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=_cmd_evaluate)
 
@@ -219,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--data", default=None)
     s.add_argument("--split", default="test")
     s.add_argument("--out", default=None, help="submission file (default submission.csv)")
-    s.add_argument("--tta", action="store_true")
+    _add_tta(s)
     s.add_argument("--json", action="store_true")
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
@@ -235,6 +235,16 @@ def build_parser() -> argparse.ArgumentParser:
 # parser and sets ``fn`` (which takes the parsed args and returns an exit code). Imports inside ``fn``
 # keep ``fakeprint --help`` fast.
 _COMMAND_MODULES = ("study", "analyze", "label_issues", "export", "serve")
+
+
+def _add_tta(s: argparse.ArgumentParser) -> None:
+    """``--tta [MODE]`` and ``--no-tta``: by default the test-time augmentation recorded in the checkpoint."""
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--tta", nargs="?", const="flip", default=None, choices=("none", "flip", "dihedral"),
+                   help="test-time augmentation: none, flip (the image and its mirror; the value of a bare --tta) "
+                        "or dihedral (8 flips and quarter turns); default: the one the checkpoint's figures used")
+    g.add_argument("--no-tta", dest="tta", action="store_const", const="none",
+                   help="no test-time augmentation, whatever the checkpoint says")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -46,6 +46,7 @@ DEFAULTS: dict[str, Any] = {
     "warmup_epochs": 0.0,         # onecycle/cosine: linear warm-up length in epochs
     "early_stop": 15,             # epochs without a better validation accuracy before stopping (0: never)
     "ema": 0.0,                   # decay of an exponential moving average of the weights (0: off)
+    "ema_warmup": True,           # EMA decay min(ema, (1+t)/(10+t)) at update t, so early EMA figures mean something
     "grad_clip": 0.0,
     # augmentation (batched, on the device)
     "hflip": True,
@@ -55,8 +56,12 @@ DEFAULTS: dict[str, Any] = {
     "rot90": False,               # random multiples of 90 degrees (lossless)
     "translate": 0,               # max pixels of random translation (lossless roll with zero fill)
     "color_jitter": 0.0,          # photometric: brightness/contrast/saturation strength (0: off)
+    "mixup": 0.0,                 # MixUp Beta(alpha, alpha) (0: off)
+    "cutmix": 0.0,                # CutMix Beta(alpha, alpha) (0: off); with mixup too, each mixed batch picks one
+    "mix_prob": 1.0,              # share of batches that MixUp/CutMix mix
     "normalize": "imagenet",      # imagenet | none
-    "tta": False,                 # evaluate with horizontal-flip test-time augmentation
+    "tta": "none",                # test-time augmentation: none | flip (true) | dihedral (8 flips/quarter turns);
+                                  # recorded in checkpoints and applied by default by evaluate/predict/serve
     # machinery
     "seed": 0,
     "device": "auto",             # auto | cpu | cuda | cuda:N | mps
@@ -160,6 +165,12 @@ def _merge(cfg: dict[str, Any], data: dict[str, Any], source: str) -> None:
 
 
 def validate(cfg: dict[str, Any]) -> None:
+    from .augment import tta_mode
+
+    try:
+        cfg["tta"] = tta_mode(cfg["tta"])
+    except FakeprintError as e:
+        raise FakeprintError(f"config: {e}") from None
     for key, options in CHOICES.items():
         if cfg[key] not in options:
             raise FakeprintError(f"config: {key} must be one of {', '.join(options)}, got {cfg[key]!r}")

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from .augment import tta_mode
 from .checkpoint import resolve_checkpoint
 from .data.cache import SplitData, load_split
 from .errors import FakeprintError
@@ -26,6 +27,9 @@ def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | N
         raise FakeprintError(f"{split_csv}: not found; --split internal needs the split.csv of the training run")
     with open(split_csv, newline="") as f:
         held = {r["image_id"] for r in csv.DictReader(f) if r.get("subset") == "internal"}
+    if not held:
+        raise FakeprintError(f"{split_csv}: this run held no internal split out (trained with train_on_all), so "
+                             "--split internal would score images it trained on; evaluate another split")
     full = load_split(Path(data), "train", cache_dir=cache_dir, progress=progress)
     idx = np.array([i for i, image_id in enumerate(full.ids) if image_id in held], dtype=np.int64)
     if len(idx) != len(held):
@@ -33,11 +37,13 @@ def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | N
     return full.subset(idx, "internal")
 
 
-def evaluate(clf: Classifier | EnsembleClassifier, data: SplitData, out_dir: Path | None, tta: bool = False,
-             title: str | None = None) -> dict[str, Any]:
+def evaluate(clf: Classifier | EnsembleClassifier, data: SplitData, out_dir: Path | None,
+             tta: bool | str | None = None, title: str | None = None) -> dict[str, Any]:
+    """``tta`` None: the checkpoint's own test-time augmentation (recorded in the metrics as used)."""
     if data.labels is None:
         raise FakeprintError(f"split {data.name!r} has no labels; evaluation needs image_id,label")
     pred = clf.predict(data.images, tta=tta)
+    tta = getattr(clf, "tta", "none") if tta is None else tta_mode(tta)
     title = title or f"{clf.name} on the {data.name} split of {data.root}"
     extra = {"split": data.name, "checkpoint": str(clf.path) if clf.path else [str(m.path) for m in clf.members],
              "tta": tta}
@@ -53,7 +59,8 @@ def evaluate(clf: Classifier | EnsembleClassifier, data: SplitData, out_dir: Pat
 
 
 def evaluate_checkpoint(checkpoint: str | Path | list, data: str | Path, split: str = "validation",
-                        out_dir: str | Path | None = None, tta: bool = False, device: str = "cpu") -> dict[str, Any]:
+                        out_dir: str | Path | None = None, tta: bool | str | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
     """Evaluate one checkpoint, or several as a probability-averaging ensemble (a list of checkpoints)."""
     paths = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
     if split == "internal" and len(paths) > 1:

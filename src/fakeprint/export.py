@@ -41,6 +41,7 @@ from .checkpoint import atomic_write, load_checkpoint, resolve_checkpoint, versi
 from .data.dataset import IMAGE_SIZE
 from .errors import FakeprintError
 from .inference import predict_logits
+from .predict import checkpoint_tta
 
 FORMAT = "fakeprint-onnx/1"
 INPUT_NAME = "images"
@@ -265,6 +266,8 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
         "source_checkpoint": {"path": str(weights.resolve()), "sha256": _sha256(weights),
                               "created": meta.get("created"), "model_args": meta.get("model_args") or {}},
         "metrics": meta.get("metrics") or {},
+        "tta": checkpoint_tta(meta),
+        "held_out": meta.get("held_out"),
         "parity": {"max_abs_prob_diff": diff, "tolerance": tolerance, "images": int(n_images),
                    "batch_sizes": [int(n_images), 3]},
         "versions": versions() | {"onnxruntime": _ort_version()},

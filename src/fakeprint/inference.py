@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import normalize, to_float
+from .augment import normalize, to_float, tta_views
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -57,10 +57,10 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
-                   batch_size: int = 256, norm: str = "imagenet", tta: bool = False,
+                   batch_size: int = 256, norm: str = "imagenet", tta: bool | str = False,
                    amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
-    """Logits (float32, on CPU) for N x H x W x 3 uint8 images. ``tta`` averages the logits of the image and
-    its horizontal flip."""
+    """Logits (float32, on CPU) for N x H x W x 3 uint8 images. ``tta`` (a mode of ``augment.tta_views``:
+    none/False, flip/True, dihedral) averages the logits of the views."""
     was_training = model.training
     model.eval()
     out = []
@@ -73,9 +73,8 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: 
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            views = tta_views(x, tta)
+            logits = sum(model(v).float() for v in views) / len(views)
         out.append(logits.cpu())
     model.train(was_training)
     if not out:

@@ -5,7 +5,9 @@ Every image of ``train.csv`` is held out by exactly one of ``k`` stratified fold
 the other ``k - 1`` folds through ``fakeprint.train.train`` on a *view* of the dataset (a folder with
 ``train.csv`` = the fold's training images, ``validation.csv`` = its held-out images and symlinks to the
 original image folder; no image is copied), and the held-out images are classified with the fold's
-**last** checkpoint (the best one is selected on the held-out fold, which would leak). The out-of-fold
+**last** checkpoint (the best one is selected on the held-out fold, which would leak). For the same reason
+the folds train on a fixed schedule: a plateau scheduler or early stopping, which read the held-out fold's
+labels, are refused. The out-of-fold
 probabilities go to ``cleanlab.filter.find_label_issues`` (default ``filter_by='prune_by_noise_rate'``),
 ranked by self-confidence (the probability the model gives the given label; lowest first).
 
@@ -69,6 +71,10 @@ def find_issues(data: str | Path, out: str | Path, folds: int = 5, config: str |
     if not (data / "train.csv").is_file():
         raise FakeprintError(f"{data / 'train.csv'}: file not found (label-issues searches train.csv)")
     cfg = load_config(config, overrides)
+    if cfg["scheduler"] == "plateau" or int(cfg["early_stop"]):
+        # the fold's held-out images are its validation split: they must not steer its training
+        raise FakeprintError("label-issues: a plateau scheduler or early stopping would be steered by the held-out "
+                             "fold's labels; use a fixed schedule (--set scheduler=onecycle --set early_stop=0)")
     full = load_split(data, "train", cache_dir=cfg["cache_dir"], workers=cfg["workers"], progress=cfg["progress"])
     labels = full.labels
     splits = fold_indices(labels, folds, seed)

@@ -15,10 +15,11 @@ from typing import Any
 
 import numpy as np
 
+from .augment import tta_mode
 from .checkpoint import read_json_metadata
 from .errors import CheckpointError, FakeprintError
 from .export import FORMAT, INPUT_NAME, check_parity, export_bytes, metadata_path, onnx_session, parity_images
-from .predict import Classifier, Predictions
+from .predict import Classifier, Predictions, checkpoint_tta
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -43,6 +44,7 @@ class OnnxClassifier:
         self.session, self.meta, self.path = session, meta, path
         self.classes: list[str] = list(meta["classes"])
         self.normalize = (meta.get("normalization") or {}).get("mode", "imagenet")
+        self.tta = checkpoint_tta(meta)
         inputs = {i.name: i for i in session.get_inputs()}
         if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != "tensor(uint8)":
             raise CheckpointError(f"{path}: expected a uint8 input named {INPUT_NAME!r} (a model from fakeprint export)")
@@ -60,17 +62,18 @@ class OnnxClassifier:
                for s in range(0, len(arr), batch_size)]
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, len(self.classes)), np.float32)
 
-    def predict(self, images: Any, batch_size: int = 256, tta: bool = False) -> Predictions:
-        """Class probabilities for paths, PIL images or uint8 arrays; ``tta`` averages the logits of each image
-        and its horizontal mirror (as the PyTorch backend does)."""
+    def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
+        """Class probabilities for paths, PIL images or uint8 arrays; ``tta`` as in ``Classifier.predict``
+        (None: the model's own; the same views as the PyTorch backend, taken on the uint8 images)."""
+        tta = self.tta if tta is None else tta_mode(tta)
         if batch_size < 1:
             raise FakeprintError(f"batch_size must be at least 1, got {batch_size}")
         arr = self.to_array(images)
         if not len(arr):
             return Predictions(np.zeros(0, np.int64), np.zeros((0, len(self.classes)), np.float32), self.classes)
-        logits = self.logits(arr, batch_size)
-        if tta:
-            logits = (logits + self.logits(np.ascontiguousarray(arr[:, :, ::-1]), batch_size)) / 2
+        views = [arr] if tta == "none" else [arr, arr[:, :, ::-1]] if tta == "flip" else \
+            [v for k in range(4) for v in (np.rot90(arr, k, (1, 2)), np.rot90(arr, k, (1, 2))[:, :, ::-1])]
+        logits = sum(self.logits(np.ascontiguousarray(v), batch_size) for v in views) / len(views)
         z = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(z)
         probs /= probs.sum(axis=1, keepdims=True)
@@ -101,7 +104,7 @@ def onnx_from_classifier(clf: Classifier, threads: int | None = None, tolerance:
     if not diff < tolerance:
         raise FakeprintError(f"{clf.path}: ONNX export differs from PyTorch by {diff:.3g} (tolerance {tolerance:g})")
     meta = {"format": FORMAT, "model": clf.name, "num_classes": len(clf.classes), "classes": clf.classes,
-            "normalization": {"mode": clf.normalize}, "metrics": clf.meta.get("metrics") or {},
+            "normalization": {"mode": clf.normalize}, "metrics": clf.meta.get("metrics") or {}, "tta": clf.tta,
             "source_checkpoint": {"path": str(clf.path)}, "parity": {"max_abs_prob_diff": diff}}
     return OnnxClassifier(session, meta, clf.path)
 

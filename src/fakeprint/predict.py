@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import load_checkpoint
+from .augment import tta_mode
+from .checkpoint import load_checkpoint, resolve_checkpoint
 from .data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
 from .errors import FakeprintError
 from .inference import pick_device, predict_logits
@@ -46,6 +47,7 @@ class Classifier:
         self.model, self.meta, self.device, self.path = model.eval(), meta, device, path
         self.classes: list[str] = list(meta.get("classes") or [str(i) for i in range(meta["num_classes"])])
         self.normalize = (meta.get("normalization") or {}).get("mode", "imagenet")
+        self.tta = checkpoint_tta(meta)
 
     @property
     def name(self) -> str:
@@ -69,8 +71,11 @@ class Classifier:
                 raise FakeprintError(f"image {i}: expected a path, a PIL image or a uint8 array, got {type(item).__name__}")
         return out
 
-    def predict(self, images: Any, batch_size: int = 256, tta: bool = False) -> Predictions:
-        """Classify images in batches of ``batch_size``, decoding each batch just before it is used."""
+    def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
+        """Classify images in batches of ``batch_size``, decoding each batch just before it is used. ``tta``:
+        None (default) applies the test-time augmentation the checkpoint's figures used (``self.tta``);
+        ``"none"``/False, ``"flip"``/True or ``"dihedral"`` choose one."""
+        tta = self.tta if tta is None else tta_mode(tta)
         if batch_size < 1:
             raise FakeprintError(f"batch_size must be at least 1, got {batch_size}")
         items = _as_items(images)
@@ -81,6 +86,16 @@ class Classifier:
                                         tta=tta).softmax(1).numpy())
         probs = np.concatenate(parts)
         return Predictions(probs.argmax(1) if len(probs) else np.zeros(0, np.int64), probs, self.classes)
+
+
+def checkpoint_tta(meta: dict[str, Any]) -> str:
+    """The test-time augmentation a checkpoint's figures were measured with: its ``tta`` field, else its
+    training config's ``tta`` (older checkpoints), else none."""
+    value = meta.get("tta", (meta.get("config") or {}).get("tta", False))
+    try:
+        return tta_mode(value)
+    except FakeprintError:
+        return "none"
 
 
 def _as_items(images: Any) -> list | np.ndarray:
@@ -117,12 +132,15 @@ class EnsembleClassifier:
         self.members, self.classes = members, classes
         self.meta = {"model": "+".join(m.name for m in members), "num_classes": len(classes), "classes": classes}
         self.path = Path(str(members[0].path)) if len(members) == 1 else None
+        modes = {m.tta for m in members}
+        self.tta = modes.pop() if len(modes) == 1 else "mixed"
 
     @property
     def name(self) -> str:
         return "ensemble(" + ", ".join(m.name for m in self.members) + ")"
 
-    def predict(self, images: Any, batch_size: int = 256, tta: bool = False) -> Predictions:
+    def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
+        """Mean of the members' probabilities; ``tta`` None: each member's own test-time augmentation."""
         arr = self.members[0].to_array(images)
         probs = np.mean([m.predict(arr, batch_size, tta).probs for m in self.members], axis=0)
         return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
@@ -137,4 +155,4 @@ def load(path: str | Path | None = None, device: str = "cpu") -> Classifier:
                                  "(a run folder or a .safetensors file)")
     dev = pick_device(device)
     model, meta = load_checkpoint(path, map_location=dev)
-    return Classifier(model, meta, dev, Path(path))
+    return Classifier(model, meta, dev, resolve_checkpoint(path))

@@ -313,7 +313,9 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     except (OSError, ValueError) as e:
         raise FakeprintError(f"{run_dir}: no finished run there ({e})") from None
     recall = [metrics["per_class"][str(c)]["recall"] for c in range(len(metrics["per_class"]))]
-    return {"run": str(run_dir), "seed": yaml.safe_load((run_dir / "config.yaml").read_text())["seed"],
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    return {"run": str(run_dir), "seed": cfg["seed"],
+            "steered": cfg.get("scheduler") == "plateau" or bool(cfg.get("early_stop")),
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "class4_recall": recall[WEAK_CLASS],
             "recall": recall, "confusion_matrix": metrics["confusion_matrix"], "n": metrics["n"],
             "train_time_s": summary["train_time_s"], "own_train_time_s": summary["train_time_s"],
@@ -497,7 +499,8 @@ def study_markdown(report: dict[str, Any]) -> str:
     lines = [
         f"# Study: {report['study']} ({report['scale']})",
         "",
-        f"Evaluated on {where}; each run's best epoch is selected on that split, as in the report. "
+        f"Evaluated on {where}, at each run's **last epoch** (no epoch is selected on that split)"
+        f"{_steering_note(report)}. "
         f"{spread.capitalize()}. Training time: seconds in the training loop, including the members a "
         f"combined variant needs. Whole study: {report['wall_time_s'] / 60:.1f} min{again}.",
         "",
@@ -530,6 +533,16 @@ def study_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _steering_note(report: dict[str, Any]) -> str:
+    """Say so where runs of the study let the evaluation split steer their training."""
+    uses = [v["label"] for v in report["variants"] if v["kind"] != "average" and any(
+        r.get("steered") for r in v["runs"])]
+    if not uses:
+        return ""
+    return ("; these runs let that split steer a plateau scheduler or early stopping, so their figures are "
+            "optimistic: " + ", ".join(uses))
+
+
 def _yaml(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
@@ -539,7 +552,7 @@ def write_outputs(out: Path, report: dict[str, Any]) -> None:
     atomic_write(out / "study.json", (json.dumps(report, indent=2) + "\n").encode())
     atomic_write(out / "study.md", study_markdown(report).encode())
     plot_accuracy(report, out / "accuracy.png")
-    plot_curves(report, out / "curves.png")
+    plot_study_curves(report, out / "curves.png")
 
 
 def plot_accuracy(report: dict[str, Any], path: Path) -> None:
@@ -567,7 +580,7 @@ def plot_accuracy(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(report: dict[str, Any], path: Path) -> None:
+def plot_study_curves(report: dict[str, Any], path: Path) -> None:
     """Validation accuracy and training loss per epoch of every trained run (one colour per variant)."""
     import matplotlib
 

@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, augment, normalize, to_float
+from .augment import IMAGENET_MEAN, IMAGENET_STD, augment, mix_batch, normalize, to_float, tta_views
 from .checkpoint import (
     atomic_write,
     git_commit,
@@ -96,9 +96,10 @@ def _barrier(d: Dist) -> None:
 
 # ----------------------------------------------------------------------------------------------- data
 
-def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None) -> tuple[SplitData, SplitData, str]:
+def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None) -> tuple[SplitData, SplitData | None, str]:
     """Train and validation splits: the dataset's own ``validation.csv`` if present, else a seeded
-    stratified internal split of train (recorded as ``split.csv`` in the run folder)."""
+    stratified internal split of train (recorded as ``split.csv`` in the run folder). With ``train_on_all``
+    (and no ``validation.csv``) every image is trained on and there is no validation split (None)."""
     root = Path(root)
     kw = dict(cache_dir=cfg["cache_dir"], workers=cfg["workers"], on_bad_image=cfg["on_bad_image"],
               progress=cfg["progress"] and d.main)
@@ -119,21 +120,34 @@ def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None) -> tuple[
         train, val = full, load_split(root, "validation", **kw)
         desc = "official validation split (validation.csv)"
     else:
-        tr, va = stratified_split(full.labels, cfg["val_fraction"], cfg["split_seed"])
-        train, val = full.subset(tr, "train"), full.subset(va, "internal")
-        desc = (f"internal split: {len(va)} images ({cfg['val_fraction']:.0%} of train.csv, stratified, "
-                f"seed {cfg['split_seed']})")
         if cfg["train_on_all"]:
-            train = full
-            desc += " - NOT held out: train_on_all trains on these images too"
+            tr, va = np.arange(len(full)), np.zeros(0, dtype=np.int64)
+            train, val = full, None
+            desc = "no held-out split: train_on_all trains on every image of train.csv"
+        else:
+            tr, va = stratified_split(full.labels, cfg["val_fraction"], cfg["split_seed"])
+            train, val = full.subset(tr, "train"), full.subset(va, "internal")
+            desc = (f"internal split: {len(va)} images ({cfg['val_fraction']:.0%} of train.csv, stratified, "
+                    f"seed {cfg['split_seed']})")
         if run_dir is not None and d.main:
-            rows = ["image_id,label,subset"] + [f"{full.ids[i]},{full.labels[i]},train" for i in tr] + [
-                f"{full.ids[i]},{full.labels[i]},internal" for i in va]
-            atomic_write(run_dir / "split.csv", ("\n".join(rows) + "\n").encode())
+            write_split_csv(run_dir / "split.csv", full.ids, full.labels, tr, va)
     if cfg["max_train_images"] and cfg["max_train_images"] < len(train):
         keep, _ = stratified_split(train.labels, 1 - cfg["max_train_images"] / len(train), cfg["split_seed"] + 1)
         train = train.subset(keep, "train")
     return train, val, desc
+
+
+def write_split_csv(path: Path, ids: list[str], labels: np.ndarray, train_idx, internal_idx) -> None:
+    """``split.csv`` (``image_id,label,subset``; subset ``train`` or ``internal``), written with the csv module
+    (ids with commas or quotes stay one field). ``evaluate.load_eval_split`` reads it back."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["image_id", "label", "subset"])
+    w.writerows([ids[i], int(labels[i]), "train"] for i in train_idx)
+    w.writerows([ids[i], int(labels[i]), "internal"] for i in internal_idx)
+    atomic_write(path, buf.getvalue().encode())
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -188,24 +202,35 @@ def build_scheduler(cfg: dict, opt: torch.optim.Optimizer, steps_per_epoch: int)
 
 
 class EMA:
-    """Exponential moving average of the weights and BatchNorm statistics, used for evaluation and checkpoints."""
+    """Exponential moving average of the weights and BatchNorm statistics, used for evaluation and checkpoints.
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
+    With ``warmup`` the decay of update ``t`` (counted from 0) is ``min(decay, (1 + t) / (10 + t))``: early
+    averages then cover the few steps there are instead of the random initial weights, so per-epoch
+    figures of the EMA model mean something from the first epoch on (timm's ModelEmaV2 warm-up)."""
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self.decay, self.warmup, self.updates = decay, warmup, 0
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def current_decay(self) -> float:
+        if not self.warmup:
+            return self.decay
+        return min(self.decay, (1 + self.updates) / (10 + self.updates))
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
         ema_p = [p for p in self.model.parameters()]
         cur_p = [p.detach() for p in model.parameters()]
-        torch._foreach_lerp_(ema_p, cur_p, 1.0 - self.decay)
+        torch._foreach_lerp_(ema_p, cur_p, 1.0 - decay)
         # BatchNorm statistics are averaged like the weights they belong to: copying the current ones
         # beside averaged weights mismatches them and wrecks the EMA model early in training.
         for b_ema, b in zip(self.model.buffers(), model.buffers(), strict=True):
             if b_ema.is_floating_point():
-                b_ema.lerp_(b, 1.0 - self.decay)
+                b_ema.lerp_(b, 1.0 - decay)
             else:
                 b_ema.copy_(b)
 
@@ -223,11 +248,14 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (cfg["progress"] and d.main),
                dynamic_ncols=True)
     for i, (xb, yb) in enumerate(bar):
-        x = normalize(augment(to_float(xb), cfg, gen), cfg["normalize"])
+        x, perm, lam = mix_batch(augment(to_float(xb), cfg, gen), cfg, gen)
+        x = normalize(x, cfg["normalize"])
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         with autocast(device, amp_dtype):
             logits = model(x)
         loss = loss_fn(logits, yb)
+        if perm is not None:  # MixUp/CutMix: the targets are mixed like the images
+            loss = lam * loss + (1.0 - lam) * loss_fn(logits, yb[perm])
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -257,8 +285,9 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: dict, device: torch.device,
-                   amp_dtype, d: Dist, num_classes: int, tta: bool | None = None) -> dict[str, Any]:
-    """Loss and confusion matrix on (this rank's shard of) a split, summed across ranks."""
+                   amp_dtype, d: Dist, num_classes: int, tta: bool | str | None = None) -> dict[str, Any]:
+    """Loss and confusion matrix on (this rank's shard of) a split, summed across ranks; ``tta`` (default: the
+    config's) is a test-time augmentation mode (see ``augment.tta_views``)."""
     model.eval()
     tta = cfg["tta"] if tta is None else tta
     idx = torch.arange(d.rank, images.shape[0], d.world_size, device=images.device)
@@ -272,9 +301,8 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         y = labels[b]
         with autocast(device, amp_dtype):
-            logits = model(x).float()
-            if tta:
-                logits = (logits + model(x.flip(3)).float()) / 2
+            views = tta_views(x, tta)
+            logits = sum(model(v).float() for v in views) / len(views)
         loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
         cm += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
     cm = _all_sum(cm, d).view(num_classes, num_classes).cpu().numpy()
@@ -348,8 +376,13 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     num_classes = NUM_CLASSES
     x_train = to_device_tensor(train_split.images, device)
     y_train = torch.from_numpy(train_split.labels).to(device)
-    x_val = to_device_tensor(val_split.images, device)
-    y_val = torch.from_numpy(val_split.labels).to(device)
+    held_out = val_split is not None
+    if not held_out and (cfg["scheduler"] == "plateau" or int(cfg["early_stop"])):
+        raise FakeprintError("train_on_all leaves no held-out split to steer a plateau scheduler or early stopping: "
+                             "use a fixed schedule (--set scheduler=onecycle early_stop=0)")
+    if held_out:
+        x_val = to_device_tensor(val_split.images, device)
+        y_val = torch.from_numpy(val_split.labels).to(device)
 
     model = build_model(cfg, num_classes).to(device)
     if _channels_last(cfg, device, model):
@@ -364,7 +397,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     loss_fn = make_loss(cfg, y_train, num_classes, device)
     amp_dtype = autocast_dtype(device, cfg["amp"])
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
-    ema = EMA(model, float(cfg["ema"])) if cfg["ema"] else None
+    ema = EMA(model, float(cfg["ema"]), bool(cfg["ema_warmup"])) if cfg["ema"] else None
 
     start_epoch, best_acc, bad_epochs, history = 0, -1.0, 0, []
     if resume:
@@ -375,6 +408,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             sched.load_state_dict(state["scheduler"])
         if ema is not None and state.get("ema") is not None:
             ema.model.load_state_dict(state["ema"])
+            ema.updates = int(state.get("ema_updates", 0))
         start_epoch, best_acc, bad_epochs = state["epoch"] + 1, state["best_acc"], state["bad_epochs"]
         history = _read_history(out / "metrics.csv", start_epoch)
 
@@ -389,18 +423,18 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         "model": cfg["model"], "model_args": cfg["model_args"], "num_classes": num_classes,
         "classes": [str(c) for c in range(num_classes)], "image_size": 100,
         "normalization": {"mode": cfg["normalize"], "mean": IMAGENET_MEAN, "std": IMAGENET_STD},
-        "config": cfg, "commit": git_commit(), "versions": versions(), "split": split_desc,
+        "config": cfg, "tta": cfg["tta"], "commit": git_commit(), "versions": versions(), "split": split_desc,
         "parameters": count_parameters(model), "trainable_parameters": count_parameters(model, True),
     }
     if d.main:
         atomic_write(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
         run_info = {"data": str(Path(data_root).resolve()), "split": split_desc, "train_images": len(train_split),
-                    "val_images": len(val_split), "device": _device_name(device), "world_size": d.world_size,
+                    "val_images": len(val_split) if held_out else 0, "device": _device_name(device), "world_size": d.world_size,
                     "commit": meta_base["commit"], "versions": meta_base["versions"], "argv": sys.argv,
                     "parameters": meta_base["parameters"], "trainable_parameters": meta_base["trainable_parameters"]}
         atomic_write(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
         print(f"training {cfg['model']} ({meta_base['trainable_parameters']:,} trainable parameters) on "
-              f"{len(train_split)} images, validating on {len(val_split)} ({split_desc}); device "
+              f"{len(train_split)} images, validating on {len(val_split) if held_out else 0} ({split_desc}); device "
               f"{run_info['device']} x{d.world_size}; run folder {out}", file=sys.stderr)
 
     eval_model = lambda: ema.model if ema is not None else model  # noqa: E731
@@ -417,35 +451,42 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
         _broadcast_buffers(eval_model(), d)  # every rank evaluates with rank 0's BatchNorm statistics
-        ev = evaluate_model(eval_model(), x_val, y_val, cfg, device, amp_dtype, d, num_classes)
+        ev = evaluate_model(eval_model(), x_val, y_val, cfg, device, amp_dtype, d, num_classes) if held_out else None
         epoch_time = time.perf_counter() - t0
         lr = opt.param_groups[0]["lr"]
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"],
-               "val_loss": ev["val_loss"], "val_acc": ev["val_acc"], "val_macro_f1": ev["val_macro_f1"],
-               "val_recall_weakest": min(ev["val_recall"]), "epoch_time_s": epoch_time,
+               "val_loss": ev["val_loss"] if ev else None, "val_acc": ev["val_acc"] if ev else None,
+               "val_macro_f1": ev["val_macro_f1"] if ev else None,
+               "val_recall_weakest": min(ev["val_recall"]) if ev else None, "epoch_time_s": epoch_time,
                "train_images_per_s": tr["images"] / max(train_time, 1e-9)}
         history.append(row)
         if sched is not None and not per_step:
             sched.step(ev["val_acc"])
-        improved = ev["val_acc"] > best_acc or bool(cfg["train_on_all"])  # train_on_all: best = last
+        improved = held_out and ev["val_acc"] > best_acc
         if improved:
             best_acc, bad_epochs = ev["val_acc"], 0
         else:
             bad_epochs += 1
-        stop = bool(cfg["early_stop"]) and bad_epochs >= int(cfg["early_stop"])
+        stop = held_out and bool(cfg["early_stop"]) and bad_epochs >= int(cfg["early_stop"])
         if d.main:
-            metrics = {k: row[k] for k in ("val_acc", "val_loss", "val_macro_f1")} | {"epoch": epoch + 1}
+            metrics = ({k: row[k] for k in ("val_acc", "val_loss", "val_macro_f1")} | {"epoch": epoch + 1}) if ev else {}
+            last_meta = meta_base | {"epoch": epoch + 1, "metrics": metrics}
+            if ev:
+                last_meta["held_out"] = held_out_figure(ev, split_desc, cfg["tta"], epoch + 1, "last epoch")
             if improved:
-                save_checkpoint(out / "best", eval_model(), meta_base | {"epoch": epoch + 1, "metrics": metrics})
-            save_checkpoint(out / "last", eval_model(), meta_base | {"epoch": epoch + 1, "metrics": metrics})
+                best_meta = last_meta | {"held_out": held_out_figure(
+                    ev, split_desc, cfg["tta"], epoch + 1, "best epoch, chosen on this same split (optimistic)")}
+                save_checkpoint(out / "best", eval_model(), best_meta)
+            save_checkpoint(out / "last", eval_model(), last_meta)
             _write_history(out / "metrics.csv", history)  # before the resume point moves (see save_resume_point)
             save_resume_point(out, epoch, model, meta_base, {
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
-                "ema": ema.model.state_dict() if ema is not None else None, "epoch": epoch,
+                "ema": ema.model.state_dict() if ema is not None else None,
+                "ema_updates": ema.updates if ema is not None else 0, "epoch": epoch,
                 "best_acc": best_acc, "bad_epochs": bad_epochs})
-            print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f}  "
-                  f"val {row['val_acc']:.4f}  f1 {row['val_macro_f1']:.4f}  lr {lr:.2e}  "
-                  f"{epoch_time:.1f}s{'  *' if improved else ''}", file=sys.stderr)
+            val = f"val {row['val_acc']:.4f}  f1 {row['val_macro_f1']:.4f}" if ev else "no held-out split"
+            print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f} (augmented)  "
+                  f"{val}  lr {lr:.2e}  {epoch_time:.1f}s{'  *' if improved else ''}", file=sys.stderr)
         _barrier(d)
         if stop:
             if d.main:
@@ -453,17 +494,23 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             break
     train_time = time.perf_counter() - train_start
 
-    summary: dict[str, Any] = {"run": str(out), "best_val_acc": best_acc, "epochs_run": epoch + 1,
-                               "train_time_s": train_time, "split": split_desc}
-    if d.main and (out / "best.safetensors").exists():
-        best, meta = load_checkpoint(out / "best", map_location=device)
-        ev = evaluate_model(best, x_val, y_val, cfg, device, None, Dist(), num_classes)  # the report: fp32
-        y_true, y_pred = _cm_to_pairs(ev["confusion_matrix"])
-        m = write_report(out, y_true, y_pred, title=f"{cfg['model']} (best epoch {meta['epoch']}) on the {split_desc}",
-                         extra={"split": split_desc, "epoch": meta["epoch"], "train_time_s": train_time})
-        print("\n" + confusion_text(m["confusion_matrix"]) + "\n\n" + report_text(y_true, y_pred), file=sys.stderr)
-        plot_curves(history, out / "curves.png", cfg["model"])
-        summary |= {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+    summary: dict[str, Any] = {"run": str(out), "epochs_run": epoch + 1, "train_time_s": train_time,
+                               "split": split_desc, "selection": "last epoch" if held_out else None}
+    if held_out:
+        summary["best_val_acc"] = best_acc
+        summary["best_val_acc_note"] = "best epoch chosen on this same split: optimistic, not a held-out figure"
+    if d.main and (out / "last.safetensors").exists():
+        plot_training_curves(history, out / "curves.png", cfg["model"])
+        if held_out:  # the report: the last epoch's weights, fp32, with the config's test-time augmentation
+            last, meta = load_checkpoint(out / "last", map_location=device)
+            ev = evaluate_model(last, x_val, y_val, cfg, device, None, Dist(), num_classes)
+            y_true, y_pred = _cm_to_pairs(ev["confusion_matrix"])
+            m = write_report(out, y_true, y_pred,
+                             title=f"{cfg['model']} (last epoch, {meta['epoch']}; TTA {cfg['tta']}) on the {split_desc}",
+                             extra={"split": split_desc, "epoch": meta["epoch"], "selection": "last epoch",
+                                    "tta": cfg["tta"], "train_time_s": train_time})
+            print("\n" + confusion_text(m["confusion_matrix"]) + "\n\n" + report_text(y_true, y_pred), file=sys.stderr)
+            summary |= {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
         atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     _barrier(d)
     if d.world_size > 1 and dist.is_initialized():
@@ -502,6 +549,14 @@ def load_resume_point(out: Path) -> tuple[nn.Module, dict[str, Any]]:
     return weights, load_resume_state(folder / "state.pt")
 
 
+def held_out_figure(ev: dict[str, Any], split: str, tta: str, epoch: int, selection: str) -> dict[str, Any]:
+    """What a checkpoint may claim: its accuracy on images it was not trained on, and how it was measured."""
+    return {"accuracy": ev["val_acc"], "macro_f1": ev["val_macro_f1"],
+            "recall": [float(r) for r in ev["val_recall"]], "n": int(np.asarray(ev["confusion_matrix"]).sum()),
+            "split": split, "epoch": epoch, "selection": selection, "tta": tta,
+            "how": "this model, on images it never trained on"}
+
+
 def _cm_to_pairs(cm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Expand a confusion matrix into (y_true, y_pred) pairs (for scikit-learn's report)."""
     k = cm.shape[0]
@@ -522,8 +577,8 @@ def _write_history(path: Path, history: list[dict]) -> None:
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
     w.writeheader()
-    for row in history:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+    for row in history:  # a missing figure (no held-out split) is an empty field
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in row.items()})
     atomic_write(path, buf.getvalue().encode())
 
 
@@ -531,11 +586,13 @@ def _read_history(path: Path, upto_epoch: int) -> list[dict]:
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        rows = [{k: (int(v) if k == "epoch" else float(v)) for k, v in r.items()} for r in csv.DictReader(f)]
+        rows = [{k: (int(v) if k == "epoch" else float(v) if v != "" else None) for k, v in r.items()}
+                for r in csv.DictReader(f)]
     return [r for r in rows if r["epoch"] <= upto_epoch]
 
 
-def plot_curves(history: list[dict], path: Path, title: str) -> None:
+def plot_training_curves(history: list[dict], path: Path, title: str) -> None:
+    """Loss and accuracy per epoch of one run (training, and the held-out split where there is one)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -546,12 +603,14 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ep = [r["epoch"] for r in history]
     fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
     a.plot(ep, [r["train_loss"] for r in history], label="train")
-    a.plot(ep, [r["val_loss"] for r in history], label="validation")
+    if history[0]["val_loss"] is not None:
+        a.plot(ep, [r["val_loss"] for r in history], label="held out")
     a.set_xlabel("epoch")
     a.set_ylabel("loss")
     a.legend()
-    b.plot(ep, [r["train_acc"] for r in history], label="train")
-    b.plot(ep, [r["val_acc"] for r in history], label="validation")
+    b.plot(ep, [r["train_acc"] for r in history], label="train (augmented batches)")
+    if history[0]["val_acc"] is not None:
+        b.plot(ep, [r["val_acc"] for r in history], label="held out")
     b.set_xlabel("epoch")
     b.set_ylabel("accuracy")
     b.legend()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-STUDY_NAMES = ("augmentation", "residual", "ensemble", "optimizer", "failed", "class4")
+STUDY_NAMES = ("augmentation", "residual", "ensemble", "optimizer", "failed", "class4", "recipes")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +24,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value in every run (e.g. device=cuda)")
     s.add_argument("--dry-run", action="store_true", help="print the runs and their configs, train nothing")
+    s.add_argument("--budget-minutes", type=float, default=None,
+                   help="recipes only: CPU-minutes of training per candidate (each gets the whole epochs its "
+                        "measured speed fits into them); required for recipes")
+    s.add_argument("--only", default=None, metavar="ID[,ID...]",
+                   help="recipes only: these candidates, in this order (default: all; see docs/STUDIES.md)")
     s.set_defaults(fn=_cmd_study)
 
 
@@ -32,6 +37,12 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from ..study import get_grid, run_study, variant_config
 
     extra = parse_overrides(args.set)
+    if args.name == "recipes":
+        return _cmd_recipes(args, extra)
+    if args.budget_minutes is not None or args.only is not None:
+        from ..errors import FakeprintError
+
+        raise FakeprintError("--budget-minutes and --only apply to the recipes study only")
     if args.dry_run:
         grid = get_grid(args.name, args.scale)
         print(f"study {args.name} ({args.scale}): {len(grid.variants)} variants x {args.seeds} seed(s) = "
@@ -49,4 +60,30 @@ def _cmd_study(args: argparse.Namespace) -> int:
     from ..study import study_markdown
 
     print(study_markdown(report))
+    return 0
+
+
+def _cmd_recipes(args: argparse.Namespace, extra: dict) -> int:
+    from ..errors import FakeprintError
+    from ..recipes import candidates, recipe_config, recipes_markdown, run_recipes
+
+    if args.seeds != 1:
+        raise FakeprintError("study recipes: --seeds does not apply (give a seed with --set seed=N and another --out)")
+    if args.scale not in ("small", "tiny"):
+        raise FakeprintError("study recipes: --scale does not apply (its size is --budget-minutes)")
+    only = [o.strip() for o in args.only.split(",") if o.strip()] if args.only else None
+    if args.dry_run:
+        for r in candidates(only):
+            if r.members:
+                print(f"  {r.id:<18} {r.label}")
+                continue
+            cfg = recipe_config(r, extra, args.scale == "tiny")
+            keys = ("model", "model_args", "batch_size", "lr", "weight_decay", "hflip", "vflip", "rot90", "rotation",
+                    "translate", "mixup", "cutmix", "loss")
+            print(f"  {r.id:<18} {r.label}: " + ", ".join(f"{k}={cfg[k]}" for k in keys))
+        return 0
+    if args.budget_minutes is None:
+        raise FakeprintError("study recipes needs --budget-minutes N (CPU-minutes of training per candidate)")
+    report = run_recipes(args.data, args.budget_minutes, args.out, only, extra, tiny=args.scale == "tiny")
+    print(recipes_markdown(report))
     return 0

@@ -18,11 +18,12 @@ class FPNet(nn.Module):
     """``stem="conv"``: ``stem_convs`` 3x3 convolutions at full resolution. ``stem="s2d"``: a lossless 2x2
     space-to-depth (pixel unshuffle: every pixel kept, moved into channels) then the convolutions at half
     resolution, which keeps the pixel-level traces at a quarter of the cost. Stages halve the resolution
-    with strided residual blocks; widths double per stage."""
+    with strided residual blocks; widths double per stage. ``drop_path``: stochastic depth of the last block
+    (earlier blocks get linearly less)."""
 
     def __init__(self, num_classes: int = 5, width: int = 32, depths: tuple[int, ...] = (1, 1, 1),
                  stem_convs: int = 2, dropout: float = 0.0, stem: str = "conv", stage_widths: tuple[int, ...] | None = None,
-                 first_stride: int = 2):
+                 first_stride: int = 2, drop_path: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = []
         cin = 3
@@ -34,10 +35,15 @@ class FPNet(nn.Module):
             cin = width
         self.stem = nn.Sequential(*layers)
         stages: list[nn.Module] = []
+        n_blocks, b = sum(depths), 0
         for i, depth in enumerate(depths):
             cout = stage_widths[i] if stage_widths else width * 2 ** (i + 1)
-            blocks = [ResidualBlock(cin, cout, stride=2 if i > 0 else first_stride, bias=False)]
-            blocks += [ResidualBlock(cout, cout, bias=False) for _ in range(depth - 1)]
+            blocks = []
+            for j in range(depth):  # stochastic depth grows linearly with depth, up to ``drop_path``
+                p = drop_path * b / max(n_blocks - 1, 1)
+                blocks.append(ResidualBlock(cin if j == 0 else cout, cout, bias=False, drop_path=p,
+                                            stride=(2 if i > 0 else first_stride) if j == 0 else 1))
+                b += 1
             stages.append(nn.Sequential(*blocks))
             cin = cout
         self.stages = nn.Sequential(*stages)

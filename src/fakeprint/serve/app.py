@@ -162,7 +162,13 @@ class ModelInfo(BaseModel):
     source: str = Field(description="the checkpoint or ONNX file name")
     classes: list[str]
     num_classes: int
-    metrics: dict[str, Any] = Field(description="metrics recorded in the checkpoint metadata")
+    metrics: dict[str, Any] = Field(description="the last training epoch's figures recorded in the checkpoint "
+                                                "(empty for a model trained on every image)")
+    held_out: dict[str, Any] | None = Field(
+        default=None, description="accuracy on images the model (or, for a model trained on every image, the same "
+                                  "recipe) never trained on, with the split, epoch selection and TTA it was measured "
+                                  "with; null when there is none")
+    tta: str = Field(description="the test-time augmentation applied to every prediction (none, flip, dihedral)")
     input_size: dict[str, int]
     normalization: str
     gradcam: dict[str, Any]
@@ -243,6 +249,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
     info = ModelInfo(
         name=clf.name, backend=service.backend, source=service.source, classes=list(clf.classes),
         num_classes=len(clf.classes), metrics=dict(clf.meta.get("metrics") or {}),
+        held_out=clf.meta.get("held_out") or None, tta=getattr(clf, "tta", "none"),
         input_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE, "channels": 3}, normalization=clf.normalize,
         gradcam={"available": service.cam is not None, "layer": service.cam.layer if service.cam else None,
                  "note": service.cam_note},

@@ -26,10 +26,15 @@
       box.replaceChildren();
       box.append(el("span", { className: "chip strong" }, m.name));
       box.append(el("span", { className: "chip" }, `${m.backend} backend`));
-      const acc = m.metrics && (m.metrics.val_acc ?? m.metrics.accuracy);
-      if (typeof acc === "number") {
-        box.append(el("span", { className: "chip" }, `validation accuracy ${(acc <= 1 ? acc * 100 : acc).toFixed(1)}%`));
+      const h = m.held_out;
+      if (h && typeof h.accuracy === "number") {
+        const chip = el("span", { className: "chip" }, `held-out accuracy ${(h.accuracy * 100).toFixed(1)}%`);
+        chip.title = `${h.split}; ${h.how}; ${h.selection}; test-time augmentation ${h.tta}`;
+        box.append(chip);
+      } else {
+        box.append(el("span", { className: "chip" }, "no held-out accuracy recorded"));
       }
+      if (m.tta && m.tta !== "none") box.append(el("span", { className: "chip" }, `TTA: ${m.tta}`));
       box.append(el("span", { className: "chip" }, `${m.num_classes} classes`));
       if (!m.gradcam.available) {
         document.body.classList.add("no-cam");
