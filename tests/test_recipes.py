@@ -196,3 +196,25 @@ def test_label_issues_refuses_a_schedule_steered_by_the_held_out_fold(tiny_train
 
     with pytest.raises(FakeprintError, match="held-out"):
         find_issues(tiny_train_only, tmp_path / "li", folds=2, overrides={"scheduler": "plateau"})
+
+
+def test_distillation_trains_towards_the_teachers_and_refuses_a_leaky_teacher(tiny_train_only, tmp_path):
+    from fakeprint.train import distill_loss, train
+
+    logits = torch.tensor([[2.0, 0.0, -1.0, 0.0, 0.0]])
+    same = distill_loss(logits, logits.clone(), None, 1.0, torch.tensor(0.0), 1.0, 2.0)
+    other = distill_loss(logits, torch.tensor([[0.0, 3.0, 0.0, 0.0, 0.0]]), None, 1.0, torch.tensor(0.0), 1.0, 2.0)
+    assert same.item() == pytest.approx(0.0, abs=1e-6) and other.item() > 0.5
+    base = {"epochs": 1, "progress": False, "batch_size": 25, "threads": 1, "workers": 1}
+    teacher = tmp_path / "teacher"
+    train(tiny_train_only, load_config("demo", base), teacher)
+    student = train(tiny_train_only, load_config("demo", base | {"distill_from": [str(teacher / "last.safetensors")]}),
+                    tmp_path / "student")
+    assert student["epochs_run"] == 1 and 0 <= student["accuracy"] <= 1
+    leaky = tmp_path / "leaky"
+    train(tiny_train_only, load_config("demo", base | {"train_on_all": True}), leaky)
+    with pytest.raises(FakeprintError, match="held-out images"):
+        train(tiny_train_only, load_config("demo", base | {"distill_from": [str(leaky / "last.safetensors")]}),
+              tmp_path / "s2")
+    with pytest.raises(FakeprintError, match="list them before it"):
+        candidates(["distill_reg", "baseline", "cutmix", "translate", "rot15_bilinear"])

@@ -46,6 +46,7 @@ class Recipe:
     overrides: dict[str, Any] = field(default_factory=dict)
     preset: str = "fpnet_cpu"
     members: tuple[str, ...] = ()             # an ensemble of earlier candidates (nothing trained)
+    teachers: tuple[str, ...] = ()            # distilled from these earlier candidates' last checkpoints
 
 
 # Every candidate: the fpnet_cpu recipe (AdamW, warm-up + linear decay, label smoothing 0.1, EMA, the eight
@@ -68,6 +69,8 @@ CANDIDATES: tuple[Recipe, ...] = (
            {"model": "threecnn_dilated", "model_args": {}, "batch_size": 32} | REPORT_AUG),
     Recipe("ensemble_reg", "ensemble: baseline + cutmix + translate + rot15_bilinear",
            members=("baseline", "cutmix", "translate", "rot15_bilinear")),
+    Recipe("distill_reg", "fpnet_cpu distilled from the ensemble_reg members (weight 0.5, T 2)",
+           teachers=("baseline", "cutmix", "translate", "rot15_bilinear")),
 )
 TINY: dict[str, Any] = {"model": "fpnet_tiny", "model_args": {"width": 4}, "batch_size": 16, "eval_batch_size": 64,
                         "threads": 1, "workers": 1, "max_train_images": 120}
@@ -81,9 +84,14 @@ def candidates(only: list[str] | None = None) -> list[Recipe]:
     if bad:
         raise FakeprintError(f"unknown recipe(s) {', '.join(bad)} (known: {', '.join(known)})")
     chosen = [known[o] for o in only]
-    missing = {m for r in chosen for m in r.members} - set(only)
+    for i, r in enumerate(chosen):
+        late = [t for t in r.teachers if t in only and only.index(t) > i]
+        if late:
+            raise FakeprintError(f"{r.id} is distilled from {', '.join(late)}: list them before it in --only")
+    missing = {m for r in chosen for m in (*r.members, *r.teachers)} - set(only)
     if missing:
-        raise FakeprintError(f"ensemble needs its members too: add {', '.join(sorted(missing))} to --only")
+        raise FakeprintError(f"an ensemble or distillation needs its members too: add {', '.join(sorted(missing))} "
+                             "to --only")
     return chosen
 
 
@@ -214,6 +222,8 @@ def run_recipes(data: str | Path, budget_minutes: float, out: str | Path | None 
             atomic_write(plan_path, (json.dumps(plan, indent=2) + "\n").encode())
         p = plan["runs"][r.id]
         cfg["epochs"] = int(p["epochs"])
+        if r.teachers:
+            cfg["distill_from"] = [str(out / "runs" / t / "last.safetensors") for t in r.teachers]
         run_dir = out / "runs" / r.id
         log(f"[{i}/{len(trained)}] {r.label}: {p['epochs']} epoch(s) at ~{p['images_per_s_probe']:.0f} images/s "
             f"-> {run_dir}")
@@ -228,7 +238,7 @@ def run_recipes(data: str | Path, budget_minutes: float, out: str | Path | None 
         "machine": machine(), "commit": git_commit(), "versions": versions(), "tiny": tiny,
         "extra_overrides": extra or {}, "wall_time_s": time.perf_counter() - t0,
         "candidates": [{"id": r.id, "label": r.label, "preset": r.preset, "overrides": r.overrides,
-                        "members": list(r.members)} | rows[r.id] for r in chosen],
+                        "members": list(r.members), "teachers": list(r.teachers)} | rows[r.id] for r in chosen],
     }
     atomic_write(out / "recipes.json", (json.dumps(report, indent=2) + "\n").encode())
     atomic_write(out / "recipes.md", recipes_markdown(report).encode())
@@ -343,6 +353,9 @@ def recipes_markdown(report: dict[str, Any]) -> str:
     for r in rows:
         what = (", ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) or "nothing") if not r["members"] else \
             "mean probabilities of " + ", ".join(r["members"])
+        if r.get("teachers"):
+            what = ("distilled from the last checkpoints of " + ", ".join(r["teachers"]) + " (their mean 8-view "
+                    "logits, computed once before training and not counted in its minutes)")
         lines.append(f"- **{r['id']}**: {what}")
     lines += ["", f"Commit {report['commit']}; torch {report['versions'].get('torch', '?')}; "
               f"study wall time {report['wall_time_s'] / 60:.1f} min (reused runs count nothing)."]

@@ -247,7 +247,7 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
     seen = 0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (cfg["progress"] and d.main),
                dynamic_ncols=True)
-    for i, (xb, yb) in enumerate(bar):
+    for i, (xb, yb, *soft) in enumerate(bar):
         x, perm, lam = mix_batch(augment(to_float(xb), cfg, gen), cfg, gen)
         x = normalize(x, cfg["normalize"])
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -256,6 +256,9 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
         loss = loss_fn(logits, yb)
         if perm is not None:  # MixUp/CutMix: the targets are mixed like the images
             loss = lam * loss + (1.0 - lam) * loss_fn(logits, yb[perm])
+        if soft:  # distillation: the teacher's (mixed) probabilities at temperature T
+            loss = distill_loss(logits, soft[0], perm, lam, loss, float(cfg["distill_weight"]),
+                                float(cfg["distill_temperature"]))
         opt.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -281,6 +284,40 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
     stats = _all_sum(torch.stack([loss_sum.float(), correct.float(), torch.tensor(float(seen), device=device)]), d)
     n = max(stats[2].item(), 1.0)
     return {"train_loss": stats[0].item() / n, "train_acc": stats[1].item() / n, "images": stats[2].item()}
+
+
+def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, perm: torch.Tensor | None, lam: float,
+                 hard_loss: torch.Tensor, weight: float, temperature: float) -> torch.Tensor:
+    """``(1 - weight) * hard_loss + weight * T^2 * KL(teacher_T || student_T)`` (Hinton et al. 2015), where the
+    teacher's probabilities at temperature T are mixed with ``lam`` like the images under MixUp/CutMix."""
+    t = temperature
+    target = torch.softmax(teacher_logits.float() / t, dim=1)
+    if perm is not None:
+        target = lam * target + (1.0 - lam) * target[perm]
+    logp = torch.log_softmax(logits.float() / t, dim=1)
+    kl = torch.nn.functional.kl_div(logp, target, reduction="batchmean")
+    return (1.0 - weight) * hard_loss + weight * t * t * kl
+
+
+@torch.no_grad()
+def teacher_logits(paths: list[str], images: torch.Tensor, device: torch.device, cfg: dict) -> torch.Tensor:
+    """Mean logits of the teacher checkpoints on every training image, each teacher with eight-view dihedral
+    test-time augmentation (so that the targets do not depend on the flips and turns of training)."""
+    from .inference import predict_logits
+
+    total = None
+    for p in paths:
+        model, meta = load_checkpoint(p, map_location=device)
+        tcfg = meta.get("config") or {}
+        if not cfg["train_on_all"] and (tcfg.get("train_on_all") or tcfg.get("split_seed") != cfg["split_seed"]
+                                        or tcfg.get("val_fraction") != cfg["val_fraction"]):
+            raise FakeprintError(f"{p}: this teacher was not trained on the same training part (train_on_all, "
+                                 "split_seed or val_fraction differ): it may have seen the student's held-out images")
+        norm = (meta.get("normalization") or {}).get("mode", "imagenet")
+        logits = predict_logits(model, images, device, batch_size=int(cfg["eval_batch_size"]), norm=norm,
+                                tta="dihedral", amp_dtype=autocast_dtype(device, cfg["amp"])).to(device)
+        total = logits if total is None else total + logits
+    return total / len(paths)
 
 
 @torch.no_grad()
@@ -387,8 +424,16 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     model = build_model(cfg, num_classes).to(device)
     if _channels_last(cfg, device, model):
         model = model.to(memory_format=torch.channels_last)
+    soft = None
+    if cfg["distill_from"]:
+        if not isinstance(cfg["distill_from"], list):
+            raise FakeprintError("config: distill_from must be a list of teacher checkpoints")
+        if d.main:
+            print(f"distillation: teacher logits of {len(cfg['distill_from'])} checkpoint(s) on "
+                  f"{len(train_split)} training images (8 views each)", file=sys.stderr)
+        soft = teacher_logits(cfg["distill_from"], x_train, device, cfg)
     batches = DeviceBatches(x_train, y_train, int(cfg["batch_size"]), sampler=cfg["sampler"], drop_last=True,
-                            seed=cfg["seed"], rank=d.rank, world_size=d.world_size)
+                            seed=cfg["seed"], rank=d.rank, world_size=d.world_size, targets=soft)
     if len(batches) == 0:
         raise FakeprintError(f"batch_size {cfg['batch_size']} is larger than the training set "
                              f"({len(train_split)} images over {d.world_size} process(es))")

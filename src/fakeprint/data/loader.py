@@ -25,13 +25,14 @@ def to_device_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 class DeviceBatches:
-    """Iterate ``(images_uint8, labels)`` batches. ``sampler``: ``shuffle`` (a permutation per epoch),
+    """Iterate ``(images_uint8, labels)`` batches (``(images_uint8, labels, targets)`` when ``targets``, one
+    row per image, is given). ``sampler``: ``shuffle`` (a permutation per epoch),
     ``balanced`` (class-balanced sampling with replacement) or ``sequential``."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, batch_size: int,
                  sampler: str = "shuffle", drop_last: bool = True, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
-        self.images, self.labels = images, labels
+                 world_size: int = 1, targets: torch.Tensor | None = None):
+        self.images, self.labels, self.targets = images, labels, targets
         self.batch_size, self.sampler, self.drop_last = batch_size, sampler, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.epoch = 0
@@ -74,4 +75,8 @@ class DeviceBatches:
         stop = len(idx) - len(idx) % self.batch_size if self.drop_last else len(idx)
         for start in range(0, stop, self.batch_size):
             b = idx[start : start + self.batch_size]
-            yield self.images[b], (None if self.labels is None else self.labels[b])
+            labels = None if self.labels is None else self.labels[b]
+            if self.targets is not None:  # per-image soft targets (a teacher's logits), same rows
+                yield self.images[b], labels, self.targets[b]
+            else:
+                yield self.images[b], labels
