@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, output_dir
 from .errors import FakeprintError
 
 LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
@@ -170,7 +170,7 @@ def analyze(checkpoint: str | Path, data: str | Path, split: str = "internal", o
     from .predict import load
 
     weights = resolve_checkpoint(checkpoint)
-    out = Path(out) if out else weights.parent / f"analysis-{split}"
+    out = Path(out) if out else output_dir(weights, f"analysis-{split}")
     clf = load(checkpoint, device)
     ds = load_eval_split(Path(data), split, Path(checkpoint), progress=progress)
     if ds.labels is None:

@@ -101,10 +101,38 @@ def save_checkpoint(stem: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     return weights
 
 
+DEFAULT_NAME = "default"
+
+
+def shipped_model_path() -> Path | None:
+    """The model shipped inside the package (``weights/default.safetensors`` + ``.json``), if there is one."""
+    from importlib import resources
+
+    path = Path(str(resources.files("fakeprint") / "weights" / "default.safetensors"))
+    return path if path.is_file() and path.with_suffix(".json").is_file() else None
+
+
+def output_dir(checkpoint: Path, name: str) -> Path:
+    """Where a command writes its results by default: ``name`` beside the checkpoint, except for a checkpoint
+    inside the installed package (the shipped model), whose results go to ``./name-default`` instead."""
+    from importlib import resources
+
+    package = Path(str(resources.files("fakeprint"))).resolve()
+    if Path(checkpoint).resolve().is_relative_to(package):
+        return Path.cwd() / f"{name}-default"
+    return Path(checkpoint).parent / name
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run folder (-> its last checkpoint, the one its report describes; ``best`` for runs that have
-    no ``last``), a stem, ``.safetensors`` or ``.json``."""
+    no ``last``), a stem, ``.safetensors`` or ``.json``; ``default``: the model shipped in the package (unless
+    a file or folder of that name is in the working directory)."""
     p = Path(path)
+    if str(path) == DEFAULT_NAME and not p.exists():
+        shipped = shipped_model_path()
+        if shipped is None:
+            raise CheckpointError("'default': no default model is shipped in this installation")
+        return shipped
     if p.is_dir():
         p = p / "last.safetensors" if (p / "last.safetensors").exists() else p / "best.safetensors"
     elif p.suffix == ".json" or p.suffix != ".safetensors" and not p.exists():

@@ -80,17 +80,18 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     ckpts = args.checkpoint
     if not args.out and len(ckpts) > 1:
         raise FakeprintError("evaluating several checkpoints as an ensemble needs --out DIR")
-    out = args.out or str(Path(_checkpoint_dir(ckpts[0])) / f"eval-{args.split}")
+    if args.out:
+        out = args.out
+    else:
+        from .checkpoint import output_dir, resolve_checkpoint
+
+        first = Path(ckpts[0]) if str(ckpts[0]).endswith(".onnx") else resolve_checkpoint(ckpts[0])
+        out = str(output_dir(first, f"eval-{args.split}"))
     m = evaluate_checkpoint(ckpts if len(ckpts) > 1 else ckpts[0], args.data, args.split, out, tta=args.tta,
                             device=args.device)
     print(m["text"])
     print(f"wrote {out}/metrics.json, {out}/report.md, {out}/confusion_matrix.png")
     return 0
-
-
-def _checkpoint_dir(path: str) -> str:
-    p = Path(path)
-    return str(p if p.is_dir() else p.parent)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:

@@ -14,7 +14,6 @@ from .data.cache import SplitData, load_split
 from .errors import FakeprintError
 from .metrics import confusion_text, report_text, write_report
 from .predict import Classifier, EnsembleClassifier
-from .predict import load as load_classifier
 
 
 def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | None = None,
@@ -22,7 +21,7 @@ def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | N
     """A labelled split; ``internal`` is the held-out part of train recorded in the run's ``split.csv``."""
     if split != "internal":
         return load_split(Path(data), split, cache_dir=cache_dir, progress=progress)
-    split_csv = resolve_checkpoint(checkpoint).parent / "split.csv"
+    split_csv = _split_file(Path(checkpoint))
     if not split_csv.is_file():
         raise FakeprintError(f"{split_csv}: not found; --split internal needs the split.csv of the training run")
     with open(split_csv, newline="") as f:
@@ -68,11 +67,15 @@ def evaluate_checkpoint(checkpoint: str | Path | list, data: str | Path, split: 
         if len(splits) != 1:
             raise FakeprintError("--split internal: the checkpoints' runs used different internal splits "
                                  "(their split.csv files differ), so no image is held out from all of them")
-    members = [load_classifier(p, device) for p in paths]
+    from .onnx_backend import load_backend
+
+    members = [load_backend(p, "auto", device) for p in paths]
     clf = members[0] if len(members) == 1 else EnsembleClassifier(members)
     ds = load_eval_split(Path(data), split, paths[0])
     return evaluate(clf, ds, Path(out_dir) if out_dir else None, tta=tta)
 
 
 def _split_file(checkpoint: Path) -> Path:
+    if str(checkpoint).endswith(".onnx"):
+        return Path(checkpoint).parent / "split.csv"
     return resolve_checkpoint(checkpoint).parent / "split.csv"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -12,16 +11,15 @@ import torch
 from PIL import Image
 
 from .augment import tta_mode
-from .checkpoint import load_checkpoint, resolve_checkpoint
+from .checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
 from .data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
 from .errors import FakeprintError
 from .inference import pick_device, predict_logits
 
 
 def default_model_path() -> Path | None:
-    """The model shipped inside the package, if there is one."""
-    path = Path(str(resources.files("fakeprint") / "weights" / "default.safetensors"))
-    return path if path.is_file() and path.with_suffix(".json").is_file() else None
+    """The model shipped inside the package, if there is one (also named ``default`` on the command line)."""
+    return shipped_model_path()
 
 
 @dataclass
