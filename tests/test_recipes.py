@@ -218,3 +218,67 @@ def test_distillation_trains_towards_the_teachers_and_refuses_a_leaky_teacher(ti
               tmp_path / "s2")
     with pytest.raises(FakeprintError, match="list them before it"):
         candidates(["distill_reg", "baseline", "cutmix", "translate", "rot15_bilinear"])
+
+
+# --------------------------------------------------------------------------------- honest confidence
+
+def test_temperature_scaling_recovers_an_overconfident_model():
+    from fakeprint.calibration import calibrate, fit_temperature
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(4000, 5)) * 1.5
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    labels = np.array([rng.choice(5, p=row) for row in p])
+    assert fit_temperature(z * 3.0, labels) == pytest.approx(3.0, rel=0.1)  # logits 3x too sharp
+    cal = calibrate(z * 3.0, labels)
+    assert cal["ece_after_cross_fitted"] < cal["ece_before"] / 2
+    assert cal["flagged_share"] == pytest.approx(0.05, abs=0.01) and cal["n"] == 4000
+    with pytest.raises(FakeprintError, match="at least 20"):
+        calibrate(z[:5], labels[:5])
+
+
+def test_a_calibrated_checkpoint_scales_its_probabilities_and_flags_low_scores(tmp_path, cli):
+    from fakeprint.checkpoint import update_metadata
+    from fakeprint.inference import predict_logits
+
+    run = make_checkpoint(tmp_path, sharpen=8.0, seed=5)
+    images = random_images(8, seed=4)
+    raw = fakeprint.load(run)
+    assert raw.predict(images).uncertain is None  # no calibration: nothing is claimed
+    logits = predict_logits(raw.model, images, raw.device).numpy()
+    top = np.sort((np.exp(logits / 2) / np.exp(logits / 2).sum(1, keepdims=True)).max(1))
+    update_metadata(run, {"calibration": {"temperature": 2.0, "uncertain_below": float(top[3] + 1e-6)}})
+    clf = fakeprint.load(run)
+    pred = clf.predict(images)
+    want = np.exp(logits / 2) / np.exp(logits / 2).sum(1, keepdims=True)
+    np.testing.assert_allclose(pred.probs, want, atol=1e-5)
+    assert pred.uncertain.sum() == 4 and pred.as_dicts()[0]["uncertain"] in (True, False)
+    from PIL import Image
+
+    flagged = int(np.argmax(pred.uncertain))
+    path = tmp_path / "u.png"
+    Image.fromarray(images[flagged]).save(path)
+    out = cli("predict", str(run), str(path))
+    assert out.returncode == 0 and out.stdout.strip().endswith("\tuncertain"), out.stderr
+    from fastapi.testclient import TestClient
+
+    from fakeprint.serve import build_service, create_app
+
+    with TestClient(create_app(build_service(run))) as client:
+        r = client.post("/v1/predict", files=[("files", ("u.png", path.read_bytes(), "image/png"))]).json()
+        assert r["results"][0]["uncertain"] is True
+        assert client.get("/v1/model").json()["calibration"]["temperature"] == 2.0
+
+
+def test_training_calibrates_its_last_checkpoint_and_calibrate_refuses_training_images(cli, tiny_train_only, tmp_path):
+    run = tmp_path / "run"
+    proc = cli("train", "--data", str(tiny_train_only), *FAST_TRAIN, "--set", "val_fraction=0.3", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    cal = json.loads((run / "last.json").read_text())["calibration"]
+    assert cal["n"] == 30 and cal["temperature"] > 0 and "internal split" in cal["split"]
+    proc = cli("calibrate", str(run), "--data", str(tiny_train_only))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert set(report["flagged_share_probes"]) == {"plain colour", "noise", "demo (synthetic generators)"}
+    proc = cli("calibrate", "default", "--data", str(tiny_train_only), "--split", "validation")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -101,6 +101,20 @@ def save_checkpoint(stem: Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     return weights
 
 
+def update_metadata(path: str | Path, fields: dict[str, Any]) -> Path:
+    """Add or replace ``fields`` in a checkpoint's JSON metadata (the weights are untouched); refuses the
+    model shipped inside the package. Returns the JSON path."""
+    weights = resolve_checkpoint(path)
+    shipped = shipped_model_path()
+    if shipped is not None and weights.resolve() == shipped.resolve():
+        raise CheckpointError(f"{weights}: the shipped model is not changed in place (tools/ship_default_model.py "
+                              "ships a new one)")
+    meta_path = weights.with_suffix(".json")
+    meta = json.loads(meta_path.read_text()) | fields
+    atomic_write(meta_path, (json.dumps(meta, indent=2, default=str) + "\n").encode())
+    return meta_path
+
+
 DEFAULT_NAME = "default"
 
 

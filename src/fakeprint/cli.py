@@ -124,11 +124,20 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([{"image": i} | d for i, d in zip(items, pred.as_dicts(), strict=True)], indent=2))
     else:
-        for path, lab, pr in zip(items, pred.labels, pred.probs, strict=True):
+        flags = [None] * len(items) if pred.uncertain is None else list(pred.uncertain)
+        for path, lab, pr, unc in zip(items, pred.labels, pred.probs, flags, strict=True):
             probs = " ".join(f"{c}:{p:.3f}" for c, p in zip(clf.classes, pr, strict=True))
-            print(f"{path}\t{clf.classes[lab]}\t{probs}")
+            print(f"{path}\t{clf.classes[lab]}\t{probs}" + ("\tuncertain" if unc else ""))
         backend = getattr(clf, "backend", "torch")
         print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({clf.path}, {backend})", file=sys.stderr)
+    return 0
+
+
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from .calibration import calibrate_checkpoint
+
+    cal = calibrate_checkpoint(args.checkpoint, args.data, args.split)
+    print(json.dumps(cal, indent=2))
     return 0
 
 
@@ -226,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="auto (default): onnx for a .onnx model, else torch; onnx with a checkpoint exports it in memory")
     s.set_defaults(fn=_cmd_predict)
+
+    s = sub.add_parser("calibrate", help="fit temperature scaling and the uncertain flag on held-out images",
+                       description="Fit a temperature and an uncertain-flag threshold (the 5th percentile of the top "
+                                   "probability) on a held-out split, store them in the checkpoint's metadata, and print "
+                                   "the calibration error before and after (cross-fitted) and the share of plain-colour, "
+                                   "noise and synthetic images flagged. Training does this for the last checkpoint.")
+    s.add_argument("checkpoint", help="a run folder or NAME.safetensors")
+    s.add_argument("--data", required=True, help="the dataset the run trained on")
+    s.add_argument("--split", default="internal", choices=("internal", "validation"),
+                   help="held-out images to fit on (default internal: the run's split.csv)")
+    s.set_defaults(fn=_cmd_calibrate)
 
     for module in _COMMAND_MODULES:
         importlib.import_module(f"fakeprint.commands.{module}").register(sub)

@@ -268,6 +268,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
         "metrics": meta.get("metrics") or {},
         "tta": checkpoint_tta(meta),
         "held_out": meta.get("held_out"),
+        "calibration": meta.get("calibration"),
         "parity": {"max_abs_prob_diff": diff, "tolerance": tolerance, "images": int(n_images),
                    "batch_sizes": [int(n_images), 3]},
         "versions": versions() | {"onnxruntime": _ort_version()},

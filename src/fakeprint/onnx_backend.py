@@ -19,7 +19,7 @@ from .augment import tta_mode
 from .checkpoint import read_json_metadata
 from .errors import CheckpointError, FakeprintError
 from .export import FORMAT, INPUT_NAME, check_parity, export_bytes, metadata_path, onnx_session, parity_images
-from .predict import Classifier, Predictions, checkpoint_tta
+from .predict import Classifier, Predictions, calibrated, checkpoint_tta
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -74,10 +74,7 @@ class OnnxClassifier:
         views = [arr] if tta == "none" else [arr, arr[:, :, ::-1]] if tta == "flip" else \
             [v for k in range(4) for v in (np.rot90(arr, k, (1, 2)), np.rot90(arr, k, (1, 2))[:, :, ::-1])]
         logits = sum(self.logits(np.ascontiguousarray(v), batch_size) for v in views) / len(views)
-        z = logits - logits.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
-        return Predictions(probs.argmax(1), probs.astype(np.float32), self.classes)
+        return calibrated(logits, self.meta, self.classes)
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxClassifier:
@@ -105,6 +102,7 @@ def onnx_from_classifier(clf: Classifier, threads: int | None = None, tolerance:
         raise FakeprintError(f"{clf.path}: ONNX export differs from PyTorch by {diff:.3g} (tolerance {tolerance:g})")
     meta = {"format": FORMAT, "model": clf.name, "num_classes": len(clf.classes), "classes": clf.classes,
             "normalization": {"mode": clf.normalize}, "metrics": clf.meta.get("metrics") or {}, "tta": clf.tta,
+            "calibration": clf.meta.get("calibration"), "held_out": clf.meta.get("held_out"),
             "source_checkpoint": {"path": str(clf.path)}, "parity": {"max_abs_prob_diff": diff}}
     return OnnxClassifier(session, meta, clf.path)
 

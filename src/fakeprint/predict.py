@@ -24,18 +24,39 @@ def default_model_path() -> Path | None:
 
 @dataclass
 class Predictions:
-    """``labels[i]`` is the predicted class of image i, ``probs[i]`` its class probabilities."""
+    """``labels[i]`` is the predicted class of image i, ``probs[i]`` its class probabilities (temperature-scaled
+    where the checkpoint is calibrated), ``uncertain[i]`` whether its top probability is below what the
+    calibration split shows (None: the model has no calibration, so nothing is known)."""
 
     labels: np.ndarray
     probs: np.ndarray
     classes: list[str]
+    uncertain: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def as_dicts(self) -> list[dict[str, Any]]:
-        return [{"label": int(lab), "probabilities": {c: float(p) for c, p in zip(self.classes, pr, strict=True)}}
-                for lab, pr in zip(self.labels, self.probs, strict=True)]
+        flags = [None] * len(self.labels) if self.uncertain is None else [bool(u) for u in self.uncertain]
+        return [{"label": int(lab), "probabilities": {c: float(p) for c, p in zip(self.classes, pr, strict=True)},
+                 "uncertain": u}
+                for lab, pr, u in zip(self.labels, self.probs, flags, strict=True)]
+
+
+def calibrated(logits: np.ndarray, meta: dict[str, Any], classes: list[str]) -> Predictions:
+    """Predictions from logits with the checkpoint's calibration (``meta['calibration']``), if it has one."""
+    cal = meta.get("calibration") or None
+    z = np.asarray(logits, np.float64) / (float(cal["temperature"]) if cal else 1.0)
+    if len(z):
+        z = z - z.max(axis=1, keepdims=True)
+        probs = np.exp(z)
+        probs /= probs.sum(axis=1, keepdims=True)
+    else:
+        probs = np.zeros((0, len(classes)))
+    uncertain = probs.max(1) < float(cal["uncertain_below"]) if cal and len(probs) else (
+        np.zeros(0, bool) if cal else None)
+    labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+    return Predictions(labels, probs.astype(np.float32), classes, uncertain)
 
 
 class Classifier:
@@ -77,13 +98,12 @@ class Classifier:
         if batch_size < 1:
             raise FakeprintError(f"batch_size must be at least 1, got {batch_size}")
         items = _as_items(images)
-        parts = [np.zeros((0, len(self.classes)), np.float32)]
+        parts = [np.zeros((0, len(self.classes)), np.float32)]  # logits
         for start in range(0, len(items), batch_size):
             arr = self.to_array(items[start : start + batch_size], offset=start)
             parts.append(predict_logits(self.model, arr, self.device, batch_size=batch_size, norm=self.normalize,
-                                        tta=tta).softmax(1).numpy())
-        probs = np.concatenate(parts)
-        return Predictions(probs.argmax(1) if len(probs) else np.zeros(0, np.int64), probs, self.classes)
+                                        tta=tta).numpy())
+        return calibrated(np.concatenate(parts), self.meta, self.classes)
 
 
 def checkpoint_tta(meta: dict[str, Any]) -> str:
@@ -141,6 +161,7 @@ class EnsembleClassifier:
         """Mean of the members' probabilities; ``tta`` None: each member's own test-time augmentation."""
         arr = self.members[0].to_array(images)
         probs = np.mean([m.predict(arr, batch_size, tta).probs for m in self.members], axis=0)
+        # no calibration of the average itself: its uncertainty is unknown (None)
         return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
 
 

@@ -294,7 +294,8 @@ def train_variant(data: Path, cfg: dict, run_dir: Path) -> dict[str, Any]:
     summary_path = run_dir / "summary.json"
     saved = run_dir / "config.yaml"
     if saved.is_file():
-        old = yaml.safe_load(saved.read_text())
+        # keys added to fakeprint since that run started take their defaults (as --resume does)
+        old = load_config(None, yaml.safe_load(saved.read_text()) or {})
         if old != cfg:
             changed = sorted(k for k in cfg if old.get(k) != cfg[k])
             raise FakeprintError(f"{run_dir}: an earlier run with another config is there (differs in "

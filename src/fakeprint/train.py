@@ -34,6 +34,7 @@ from .checkpoint import (
     read_metadata,
     save_checkpoint,
     save_resume_state,
+    update_metadata,
     versions,
 )
 from .data.cache import SplitData, load_split
@@ -556,6 +557,15 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
                                     "tta": cfg["tta"], "train_time_s": train_time})
             print("\n" + confusion_text(m["confusion_matrix"]) + "\n\n" + report_text(y_true, y_pred), file=sys.stderr)
             summary |= {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+            if len(val_split) >= 20:  # temperature and uncertain-flag threshold of the last checkpoint
+                from .calibration import calibrate
+                from .inference import predict_logits
+
+                logits = predict_logits(last, val_split.images, device, batch_size=int(cfg["eval_batch_size"]),
+                                        norm=cfg["normalize"], tta=cfg["tta"]).numpy()
+                cal = calibrate(logits, val_split.labels) | {"split": split_desc, "tta": cfg["tta"]}
+                update_metadata(out / "last", {"calibration": cal})
+                summary["calibration"] = cal
         atomic_write(out / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     _barrier(d)
     if d.world_size > 1 and dist.is_initialized():

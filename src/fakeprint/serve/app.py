@@ -141,7 +141,10 @@ class ImageResult(BaseModel):
     filename: str
     label: str = Field(description="the predicted class name")
     label_index: int
-    confidence: float = Field(description="the predicted class's probability")
+    confidence: float = Field(description="the predicted class's probability (temperature-scaled where the model "
+                                          "is calibrated)")
+    uncertain: bool | None = Field(default=None, description="true when the confidence is below what the model "
+                                   "shows on 95% of its held-out calibration images (absent: no calibration)")
     probabilities: dict[str, float] = Field(description="class name -> probability (they sum to 1)")
     time_ms: float = Field(description="this image's decoding plus its share of the batched model call "
                                        "(and of the Grad-CAM pass when asked for)")
@@ -169,6 +172,8 @@ class ModelInfo(BaseModel):
                                   "recipe) never trained on, with the split, epoch selection and TTA it was measured "
                                   "with; null when there is none")
     tta: str = Field(description="the test-time augmentation applied to every prediction (none, flip, dihedral)")
+    calibration: dict[str, Any] | None = Field(default=None, description="temperature, uncertain-flag threshold and "
+                                               "calibration errors fitted on held-out images; null when none")
     input_size: dict[str, int]
     normalization: str
     gradcam: dict[str, Any]
@@ -250,6 +255,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
         name=clf.name, backend=service.backend, source=service.source, classes=list(clf.classes),
         num_classes=len(clf.classes), metrics=dict(clf.meta.get("metrics") or {}),
         held_out=clf.meta.get("held_out") or None, tta=getattr(clf, "tta", "none"),
+        calibration=clf.meta.get("calibration") or None,
         input_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE, "channels": 3}, normalization=clf.normalize,
         gradcam={"available": service.cam is not None, "layer": service.cam.layer if service.cam else None,
                  "note": service.cam_note},
@@ -279,9 +285,10 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
                     for m, c in zip(res.maps, res.classes, strict=True)]
             share += (time.perf_counter() - t) * 1e3 / len(batch)
         out = []
-        for (name, _), dms, lab, pr, cm in zip(blobs, decode_ms, pred.labels, pred.probs, cams, strict=True):
+        flags = [None] * len(blobs) if pred.uncertain is None else [bool(u) for u in pred.uncertain]
+        for (name, _), dms, lab, pr, cm, unc in zip(blobs, decode_ms, pred.labels, pred.probs, cams, flags, strict=True):
             out.append({"filename": name, "label": clf.classes[int(lab)], "label_index": int(lab),
-                        "confidence": float(pr[int(lab)]),
+                        "confidence": float(pr[int(lab)]), "uncertain": unc,
                         "probabilities": {c: float(p) for c, p in zip(clf.classes, pr, strict=True)},
                         "time_ms": round(dms + share, 3), "cam": cm})
         return out

@@ -82,7 +82,11 @@
     card.classList.add("done");
     card.dataset.label = r.label;
     $(".label-text", card).textContent = displayName(r.label);
-    $(".confidence", card).textContent = pct(r.confidence);
+    $(".confidence", card).textContent = pct(r.confidence) + (r.uncertain ? " \u00b7 uncertain" : "");
+    if (r.uncertain) {
+      card.classList.add("uncertain");
+      $(".confidence", card).title = "below the confidence the model shows on 95% of its held-out images";
+    }
     const bars = $(".bars", card);
     bars.replaceChildren();
     for (const [cls, p] of Object.entries(r.probabilities)) {
