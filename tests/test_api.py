@@ -158,7 +158,11 @@ def test_empty_input_gives_empty_predictions(clf):
 def test_as_dicts(clf, images):
     pred = clf.predict(images[:2])
     d = pred.as_dicts()
-    assert [x["label"] for x in d] == pred.labels.tolist()
+    assert [x["label_index"] for x in d] == pred.labels.tolist()  # one label type everywhere: name and index
+    assert [x["label"] for x in d] == [CLASSES[i] for i in pred.labels]
+    assert all(x["uncertain"] is None for x in d)  # an uncalibrated model claims nothing
+    assert "fpnet_tiny" in repr(clf) and "tta=" in repr(clf)
+    np.testing.assert_allclose(clf(images[:2]).probs, pred.probs)
     assert list(d[0]["probabilities"]) == CLASSES
     assert d[1]["probabilities"]["3"] == pytest.approx(float(pred.probs[1, 3]))
     json.dumps(d)  # plain JSON types
@@ -204,6 +208,7 @@ def test_cli_predict_json_agrees_with_the_api(run, clf, images, tmp_path, capsys
     out = json.loads(capsys.readouterr().out)
     pred = clf.predict(paths)
     assert [o["image"] for o in out] == [str(p) for p in paths]
-    assert [o["label"] for o in out] == pred.labels.tolist()
+    assert [o["label_index"] for o in out] == pred.labels.tolist()
+    assert [o["label"] for o in out] == [CLASSES[i] for i in pred.labels] and all(len(o["top"]) == 5 for o in out)
     for o, row in zip(out, pred.probs, strict=True):
         np.testing.assert_allclose([o["probabilities"][c] for c in CLASSES], row, atol=1e-6)

@@ -61,3 +61,47 @@ def test_evaluate_takes_an_onnx_model(tiny_data, tmp_path):
     assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
     ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
     assert ma["confusion_matrix"] == mb["confusion_matrix"] and ma["n"] == 50
+
+
+def test_predict_flags_that_do_not_apply_are_errors_and_folders_are_expanded(cli, tmp_path):
+    from conftest_service import encode, random_images
+
+    run = make_checkpoint(tmp_path)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, im in enumerate(random_images(3, seed=9)):
+        (folder / f"i{i}.png").write_bytes(encode(im))
+    (folder / "notes.txt").write_text("not an image")
+    one = str(folder / "i0.png")
+    for extra, words in ((["--split", "test"], "--split applies with --data"), (["--out", "x.csv"], "--out is the"),
+                         (["--top-k", "0"], "--top-k")):
+        proc = cli("predict", str(run), one, *extra)
+        assert proc.returncode == 2 and words in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    proc = cli("predict", str(run), "--data", str(tmp_path), "--json")
+    assert proc.returncode == 2 and "--json applies to image files" in proc.stderr
+    proc = cli("predict", str(run), str(folder), "--json", "--top-k", "2", "--probs", str(tmp_path / "p.csv"))
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [Path(r["image"]).name for r in rows] == ["i0.png", "i1.png", "i2.png"]
+    assert all(len(r["top"]) == 2 and r["top"][0]["label"] == r["label"] for r in rows)
+    import csv
+
+    with open(tmp_path / "p.csv", newline="") as f:
+        probs = list(csv.DictReader(f))
+    assert [Path(r["image"]).name for r in probs] == ["i0.png", "i1.png", "i2.png"]
+    assert abs(sum(float(probs[0][f"p_{c}"]) for c in "01234") - 1) < 1e-4
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    proc = cli("predict", str(run), str(empty))
+    assert proc.returncode == 2 and "no image files" in proc.stderr
+
+
+def test_evaluate_and_analyze_share_their_split_default(tiny_data, tmp_path):
+    from fakeprint.evaluate import default_split
+
+    run = make_checkpoint(tmp_path)
+    assert default_split(run) == "validation"  # no split.csv: nothing was held out by the run
+    (run / "split.csv").write_text("image_id,label,subset\na,0,train\nb,1,internal\n")
+    assert default_split(run) == "internal"
+    (run / "split.csv").write_text("image_id,label,subset\na,0,train\n")
+    assert default_split(run) == "validation"

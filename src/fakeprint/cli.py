@@ -75,9 +75,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import evaluate_checkpoint
+    from .evaluate import default_split, evaluate_checkpoint
 
     ckpts = args.checkpoint
+    args.split = args.split or default_split(ckpts[0])
     if not args.out and len(ckpts) > 1:
         raise FakeprintError("evaluating several checkpoints as an ensemble needs --out DIR")
     if args.out:
@@ -99,38 +100,105 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
     items = list(args.items)
     ckpt = args.model
-    if ckpt is None and items and (Path(items[0]).is_dir() or items[0].endswith((".safetensors", ".json", ".onnx"))):
+    if ckpt is None and items and _is_checkpoint(items[0]):
         ckpt = items.pop(0)
+    if args.data is None and args.split is not None:
+        raise FakeprintError("--split applies with --data (a dataset split); image files need no split")
+    if args.data is not None and args.json:
+        raise FakeprintError("--json applies to image files; with --data the predictions go to --out (a submission) "
+                             "and --probs (probabilities)")
+    if args.data is None and args.out is not None:
+        raise FakeprintError("--out is the submission file of --data; for image files use --json or --probs FILE")
+    if args.top_k is not None and args.top_k < 1:
+        raise FakeprintError(f"--top-k must be at least 1, got {args.top_k}")
     clf = load_backend(ckpt, args.backend, args.device)
     if args.data:
+        from .checkpoint import atomic_write
         from .data.cache import load_split
 
         if items:
             raise FakeprintError("give either --data (a dataset split) or image files, not both")
-        ds = load_split(Path(args.data), args.split)
+        ds = load_split(Path(args.data), args.split or "test")
         pred = clf.predict(ds.images, tta=args.tta)
         out = Path(args.out or "submission.csv")
-        from .checkpoint import atomic_write
-
-        lines = ["image_id,label"] + [f"{i},{int(lab)}" for i, lab in zip(ds.ids, pred.labels, strict=True)]
-        atomic_write(out, ("\n".join(lines) + "\n").encode())
+        atomic_write(out, _csv_bytes(["image_id", "label"], ([i, int(lab)] for i, lab in zip(ds.ids, pred.labels,
+                                                                                             strict=True))))
         print(f"wrote {len(ds.ids)} predictions to {out}")
+        if args.probs:
+            _write_probs(Path(args.probs), ds.ids, pred, clf.classes)
         return 0
+    items = _expand_folders(items)
     if not items:
-        raise FakeprintError("nothing to predict: give image files, or --data DIR [--split test] --out FILE")
+        raise FakeprintError("nothing to predict: give image files or folders, or --data DIR [--split test] --out FILE")
     t0 = time.perf_counter()
     pred = clf.predict(items, tta=args.tta)
     dt = time.perf_counter() - t0
+    k = min(args.top_k or len(clf.classes), len(clf.classes))
+    if args.probs:
+        _write_probs(Path(args.probs), items, pred, clf.classes)
     if args.json:
-        print(json.dumps([{"image": i} | d for i, d in zip(items, pred.as_dicts(), strict=True)], indent=2))
+        rows = []
+        for i, d, pr in zip(items, pred.as_dicts(), pred.probs, strict=True):
+            top = [{"label": clf.classes[c], "label_index": int(c), "probability": float(pr[c])}
+                   for c in pr.argsort()[::-1][:k]]
+            rows.append({"image": i} | d | {"top": top})
+        print(json.dumps(rows, indent=2))
     else:
         flags = [None] * len(items) if pred.uncertain is None else list(pred.uncertain)
         for path, lab, pr, unc in zip(items, pred.labels, pred.probs, flags, strict=True):
-            probs = " ".join(f"{c}:{p:.3f}" for c, p in zip(clf.classes, pr, strict=True))
+            order = pr.argsort()[::-1][:k] if args.top_k else range(len(clf.classes))
+            probs = " ".join(f"{clf.classes[c]}:{pr[c]:.3f}" for c in order)
             print(f"{path}\t{clf.classes[lab]}\t{probs}" + ("\tuncertain" if unc else ""))
         backend = getattr(clf, "backend", "torch")
-        print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({clf.path}, {backend})", file=sys.stderr)
+        print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({clf.path}, {backend}, TTA {clf.tta})",
+              file=sys.stderr)
     return 0
+
+
+def _is_checkpoint(item: str) -> bool:
+    """A run folder (it holds checkpoints), a checkpoint or ONNX file, or the shipped model's name."""
+    p = Path(item)
+    if item == "default" and not p.exists():
+        return True
+    if p.is_dir():
+        return any(p.glob("*.safetensors"))
+    return item.endswith((".safetensors", ".json", ".onnx"))
+
+
+def _expand_folders(items: list[str]) -> list[str]:
+    """Image files as given; a folder stands for the image files in it (sorted, not recursive)."""
+    from .data.dataset import IMAGE_EXTS
+
+    out: list[str] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            if not found:
+                raise FakeprintError(f"{p}: a folder with no image files ({', '.join(IMAGE_EXTS)})")
+            out += found
+        else:
+            out.append(item)
+    return out
+
+
+def _csv_bytes(header: list[str], rows) -> bytes:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(header)
+    w.writerows(rows)
+    return buf.getvalue().encode()
+
+
+def _write_probs(path: Path, names: list[str], pred, classes: list[str]) -> None:
+    from .checkpoint import atomic_write
+
+    rows = ([n, *(f"{p:.6f}" for p in pr)] for n, pr in zip(names, pred.probs, strict=True))
+    atomic_write(path, _csv_bytes(["image", *(f"p_{c}" for c in classes)], rows))
+    print(f"wrote the class probabilities of {len(names)} image(s) to {path}", file=sys.stderr)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
@@ -217,20 +285,28 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("evaluate", help="accuracy, confusion matrix and classification report of a checkpoint")
     s.add_argument("checkpoint", nargs="+", help="a checkpoint, or several: their probabilities are averaged")
     s.add_argument("--data", required=True)
-    s.add_argument("--split", default="validation", help="validation, train, or internal (the run's split.csv)")
+    s.add_argument("--split", default=None, choices=("internal", "validation", "train"),
+                   help="internal (the run's held-out images in its split.csv), validation or train; default: "
+                        "internal when the run held images out, else validation (as analyze)")
     s.add_argument("--out", default=None, help="folder for metrics.json, report.md, confusion_matrix.png")
     _add_tta(s)
     s.add_argument("--device", default="cpu")
     s.set_defaults(fn=_cmd_evaluate)
 
     s = sub.add_parser("predict", help="classify image files, or write a submission for a dataset split")
-    s.add_argument("items", nargs="*", metavar="[CKPT] IMAGE", help="a checkpoint (optional) then image files")
+    s.add_argument("items", nargs="*", metavar="[CKPT] IMAGE",
+                   help="a checkpoint (optional: a run folder, NAME.safetensors, MODEL.onnx or 'default'), then image "
+                        "files or folders of images")
     s.add_argument("--model", default=None, help="checkpoint (default: the first argument, or the shipped model)")
-    s.add_argument("--data", default=None)
-    s.add_argument("--split", default="test")
-    s.add_argument("--out", default=None, help="submission file (default submission.csv)")
+    s.add_argument("--data", default=None, help="a dataset folder: predict one of its splits into a submission file")
+    s.add_argument("--split", default=None, choices=("test", "validation", "train"),
+                   help="with --data: the split to predict (default test)")
+    s.add_argument("--out", default=None, help="with --data: the submission file (default submission.csv)")
+    s.add_argument("--probs", default=None, metavar="FILE",
+                   help="also write every image's class probabilities as CSV (image,p_0,...), e.g. to ensemble elsewhere")
+    s.add_argument("--top-k", type=int, default=None, metavar="K", help="show only the K most probable classes")
     _add_tta(s)
-    s.add_argument("--json", action="store_true")
+    s.add_argument("--json", action="store_true", help="image files: one JSON list on stdout")
     s.add_argument("--device", default="cpu")
     s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="auto (default): onnx for a .onnx model, else torch; onnx with a checkpoint exports it in memory")

@@ -75,6 +75,20 @@ def evaluate_checkpoint(checkpoint: str | Path | list, data: str | Path, split: 
     return evaluate(clf, ds, Path(out_dir) if out_dir else None, tta=tta)
 
 
+def default_split(checkpoint: str | Path) -> str:
+    """``internal`` when the checkpoint's run held images out (its ``split.csv`` lists some), else
+    ``validation``: the default of ``evaluate`` and ``analyze``."""
+    try:
+        path = _split_file(Path(checkpoint))
+    except FakeprintError:
+        return "validation"
+    if path.is_file():
+        with open(path, newline="") as f:
+            if any(r.get("subset") == "internal" for r in csv.DictReader(f)):
+                return "internal"
+    return "validation"
+
+
 def _split_file(checkpoint: Path) -> Path:
     if str(checkpoint).endswith(".onnx"):
         return Path(checkpoint).parent / "split.csv"

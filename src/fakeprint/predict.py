@@ -38,8 +38,8 @@ class Predictions:
 
     def as_dicts(self) -> list[dict[str, Any]]:
         flags = [None] * len(self.labels) if self.uncertain is None else [bool(u) for u in self.uncertain]
-        return [{"label": int(lab), "probabilities": {c: float(p) for c, p in zip(self.classes, pr, strict=True)},
-                 "uncertain": u}
+        return [{"label": self.classes[int(lab)], "label_index": int(lab),
+                 "probabilities": {c: float(p) for c, p in zip(self.classes, pr, strict=True)}, "uncertain": u}
                 for lab, pr, u in zip(self.labels, self.probs, flags, strict=True)]
 
 
@@ -71,6 +71,16 @@ class Classifier:
     @property
     def name(self) -> str:
         return str(self.meta["model"])
+
+    def __repr__(self) -> str:
+        held = (self.meta.get("held_out") or {}).get("accuracy")
+        figure = f", held-out accuracy {held:.2%}" if isinstance(held, (int, float)) else ""
+        return (f"Classifier({self.name}, {len(self.classes)} classes, tta={self.tta}, "
+                f"calibrated={bool(self.meta.get('calibration'))}{figure}, path={str(self.path)!r})")
+
+    def __call__(self, images: Any, **kwargs: Any) -> Predictions:
+        """``clf(images)`` is ``clf.predict(images)``."""
+        return self.predict(images, **kwargs)
 
     def to_array(self, images: Any, offset: int = 0) -> np.ndarray:
         """Paths, PIL images, uint8 arrays (HxWx3, HxW or NxHxWx3) -> N x 100 x 100 x 3 uint8.

@@ -13,8 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                     "calibration.png and the evaluation files.")
     s.add_argument("checkpoint", help="a run folder or a .safetensors checkpoint")
     s.add_argument("--data", required=True, help="dataset folder")
-    s.add_argument("--split", default="internal",
-                   help="validation, train, or internal (the training run's held-out part; default)")
+    s.add_argument("--split", default=None, choices=("internal", "validation", "train"),
+                   help="internal (the training run's held-out part), validation or train; default: internal when "
+                        "the run held images out, else validation (as evaluate)")
     s.add_argument("--out", default=None, help="analysis folder (default: analysis-SPLIT beside the checkpoint)")
     s.add_argument("--top", type=int, default=16, help="mistakes in the gallery (default 16)")
     s.add_argument("--device", default="cpu")
@@ -23,8 +24,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     from ..analyze import analyze
+    from ..evaluate import default_split
 
-    r = analyze(args.checkpoint, args.data, args.split, args.out, device=args.device, top=args.top)
+    split = args.split or default_split(args.checkpoint)
+    r = analyze(args.checkpoint, args.data, split, args.out, device=args.device, top=args.top)
     weakest = min(r["per_class"], key=lambda c: c["recall"])
     print(f"{r['split']} split, {r['n']} images: accuracy {r['accuracy'] * 100:.2f}%, weakest class "
           f"{weakest['class']} (recall {weakest['recall']:.3f}), ECE {r['calibration']['ece']:.4f}")
