@@ -32,6 +32,7 @@ import torch
 
 from .checkpoint import atomic_write, git_commit, versions
 from .config import load_config
+from .data.dataset import dataset_identity
 from .errors import FakeprintError
 
 WEAK_CLASS = 4
@@ -233,7 +234,7 @@ def run_recipes(data: str | Path, budget_minutes: float, out: str | Path | None 
         if r.members:
             rows[r.id] = evaluate_ensemble(data, [out / "runs" / m for m in r.members])
     report = {
-        "study": "recipes", "budget_minutes": budget_minutes, "data": str(data.resolve()),
+        "study": "recipes", "budget_minutes": budget_minutes, "data": dataset_identity(data),
         "split": next(iter(rows.values()))["split"] if rows else None, "selection": "last epoch (no selection)",
         "machine": machine(), "commit": git_commit(), "versions": versions(), "tiny": tiny,
         "extra_overrides": extra or {}, "wall_time_s": time.perf_counter() - t0,
@@ -297,7 +298,7 @@ def evaluate_last(data: Path, run_dir: Path) -> dict[str, Any]:
     with open(run_dir / "metrics.csv", newline="") as f:
         hist = list(csv.DictReader(f))
     ips = float(np.mean([float(h["train_images_per_s"]) for h in hist])) if hist else 0.0
-    return {"run": str(run_dir), "split": summary["split"], "n": int(len(held.labels)), "epochs": len(hist),
+    return {"run": run_dir.name, "split": summary["split"], "n": int(len(held.labels)), "epochs": len(hist),
             "train_minutes": summary["train_time_s"] / 60.0, "images_per_s": ips,
             "train_part_accuracy": train_acc, "train_part_images": int(len(idx)), "tta": by_tta}
 

@@ -288,3 +288,16 @@ def check_dataset(root: Path, decode: bool = True) -> tuple[dict, list[Problem]]
         info["formats"] = dict(formats.most_common())
         report["splits"][split] = info
     return report, problems
+
+
+def dataset_identity(root: str | Path) -> dict[str, str]:
+    """How results files name a dataset: its folder name and a hash of its CSV files, never the absolute
+    path of the machine that made them."""
+    import hashlib
+
+    root = Path(root)
+    h = hashlib.sha256()
+    for name in ("train.csv", "validation.csv", "test.csv"):
+        if (root / name).is_file():
+            h.update(name.encode() + b"\0" + (root / name).read_bytes())
+    return {"name": root.resolve().name, "csv_sha256": h.hexdigest()[:16]}
