@@ -104,3 +104,42 @@ def test_atomic_write_leaves_no_temporary_files(good):
 
 def test_written_files_are_readable_by_others(good):
     assert (good / "best.json").stat().st_mode & 0o044 == 0o044
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"classes": ["0", "1"]}, "'classes' must list 5"),
+    ({"num_classes": 2_000_000}, "bad num_classes"),
+    ({"num_classes": 10**12}, "bad num_classes"),
+    ({"num_classes": True}, "bad num_classes"),
+    ({"model_args": {"width": -3}}, "do not build"),
+    ({"model_args": {"width": 100_000}}, "do not fit"),
+    ({"normalization": {"mode": "sepia"}}, "unknown normalization mode"),
+    ({"num_classes": 4, "classes": ["a", "b", "c", "d"]}, "do not fit"),
+])
+def test_checkpoint_metadata_is_checked_before_any_model_is_built(tmp_path, monkeypatch, change, words):
+    """Absurd metadata is a one-line error naming the file, found before any model is built in memory (only
+    a model on the "meta" device, which allocates nothing, may be built to read its shapes)."""
+    import json
+
+    import fakeprint.checkpoint as ck
+    from conftest_service import make_checkpoint
+
+    run = make_checkpoint(tmp_path)
+    meta_path = run / "best.json"
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | change))
+    real_builds = []
+    original = ck.create_model
+
+    def spy(*args, **kwargs):
+        if torch.get_default_device().type != "meta":
+            real_builds.append(args)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ck, "create_model", spy)
+    with pytest.raises(CheckpointError, match=words) as e:
+        ck.load_checkpoint(run)
+    assert str(run) in str(e.value) and real_builds == []
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"num_classes": 5, "classes": list("01234"),
+                                                                          "model_args": {}, "normalization": {}}))
+    ck.load_checkpoint(run)  # the same file with sane metadata loads, through one real build
+    assert len(real_builds) == 1

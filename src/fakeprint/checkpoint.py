@@ -22,7 +22,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, FakeprintError
 from .models import create_model, list_models
 
 FORMAT = "fakeprint-checkpoint/1"
@@ -176,11 +176,61 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
     meta = read_json_metadata(meta_path, FORMAT, "a checkpoint is NAME.safetensors + NAME.json", "a fakeprint checkpoint")
     if meta.get("model") not in list_models():
         raise CheckpointError(f"{meta_path}: unknown model {meta.get('model')!r} (known: {', '.join(list_models())})")
-    if not isinstance(meta.get("num_classes"), int) or meta["num_classes"] < 2:
-        raise CheckpointError(f"{meta_path}: bad num_classes {meta.get('num_classes')!r}")
+    n = meta.get("num_classes")
+    if not isinstance(n, int) or isinstance(n, bool) or not 2 <= n <= MAX_CLASSES:
+        raise CheckpointError(f"{meta_path}: bad num_classes {n!r} (an integer from 2 to {MAX_CLASSES})")
+    classes = meta.get("classes")
+    if classes is not None and (not isinstance(classes, list) or len(classes) != n
+                                or not all(isinstance(c, str) and c for c in classes)):
+        raise CheckpointError(f"{meta_path}: 'classes' must list {n} class names (num_classes), got {classes!r}")
     if not isinstance(meta.get("model_args", {}), dict):
         raise CheckpointError(f"{meta_path}: model_args must be a mapping")
+    mode = (meta.get("normalization") or {}).get("mode", "imagenet") if isinstance(meta.get("normalization", {}),
+                                                                                 dict) else None
+    if mode not in ("imagenet", "none"):
+        raise CheckpointError(f"{meta_path}: unknown normalization mode {mode!r} (imagenet or none)")
     return meta
+
+
+MAX_CLASSES = 10_000
+
+
+def _header_shapes(raw: bytes, weights: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes from a safetensors header, read without loading any tensor."""
+    try:
+        size = int.from_bytes(raw[:8], "little")
+        header = json.loads(raw[8 : 8 + size])
+        return {k: tuple(int(d) for d in v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{weights}: corrupt safetensors header ({e})") from None
+
+
+def _build_checked(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], weights: Path) -> nn.Module:
+    """Build the model on the ``meta`` device first (no memory), check it against the file's tensor shapes,
+    and only then build it for real: absurd metadata fails as a one-line error before any allocation."""
+    args = _model_args(meta)
+    try:
+        with torch.device("meta"):
+            ghost = create_model(meta["model"], meta["num_classes"], **args)
+    except FakeprintError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any constructor failure on absurd arguments is a refusal
+        raise CheckpointError(f"{weights}: model_args {meta.get('model_args')} do not build a {meta['model']!r} "
+                              f"({type(e).__name__}: {str(e)[:120]})") from None
+    expected = {k: tuple(v.shape) for k, v in ghost.state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or wrong:
+        detail = "; ".join(
+            s for s in (
+                f"missing {missing[:3]}" if missing else "",
+                f"unexpected {unexpected[:3]}" if unexpected else "",
+                f"shape mismatch {[(k, shapes[k], expected[k]) for k in wrong[:3]]}" if wrong else "",
+            ) if s
+        )
+        raise CheckpointError(f"{weights}: weights do not fit model {meta['model']!r}: {detail}")
+    return create_model(meta["model"], meta["num_classes"], **args)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
@@ -192,24 +242,11 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(
             f"{weights}: not a safetensors file; refusing to load it (fakeprint never unpickles checkpoints)"
         )
+    model = _build_checked(meta, _header_shapes(raw, weights), weights)
     try:
         state = st_load(raw)
     except (SafetensorError, ValueError, RuntimeError) as e:
         raise CheckpointError(f"{weights}: corrupt safetensors file ({e})") from None
-    model = create_model(meta["model"], meta["num_classes"], **_model_args(meta))
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
-    if missing or unexpected or wrong:
-        detail = "; ".join(
-            s for s in (
-                f"missing {missing[:3]}" if missing else "",
-                f"unexpected {unexpected[:3]}" if unexpected else "",
-                f"shape mismatch {[(k, tuple(state[k].shape), tuple(expected[k].shape)) for k in wrong[:3]]}" if wrong else "",
-            ) if s
-        )
-        raise CheckpointError(f"{weights}: weights do not fit model {meta['model']!r}: {detail}")
     model.load_state_dict(state)
     model.eval()
     return model.to(map_location), meta
