@@ -195,3 +195,37 @@ def test_arbitrary_bytes_never_crash_the_reader(tmp_path, raw):
     assert all(str(path) in str(p) for p in problems)
     assert len(table.ids) == len(table.labels) and all(0 <= lab <= 4 for lab in table.labels)
     assert problems or table.ids  # either something read, or a reason why not
+
+
+def test_csv_output_survives_hostile_ids_and_data_check_warns_about_formulas(cli, tmp_path):
+    """Ids with commas, quotes and spreadsheet formulas stay one field in every CSV fakeprint writes."""
+    import csv as csvmod
+
+    from fakeprint.data.demo import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "d", n_train=30, n_val=0, n_test=6, seed=3)
+    hostile = ['a,b', 'say "hi"', '=HYPERLINK("x")', "+1", "plain", "@cmd"]
+    with open(root / "test.csv", newline="") as f:
+        old = [r["image_id"] for r in csvmod.DictReader(f)]
+    for o, n in zip(old, hostile, strict=True):
+        src = next((root / "test").glob(f"{o}.*"))
+        src.rename(src.with_name(n + src.suffix))
+    with open(root / "test.csv", "w", newline="") as f:
+        w = csvmod.writer(f)
+        w.writerow(["image_id"])
+        w.writerows([h] for h in hostile)
+    proc = cli("data", "check", str(root))
+    assert "warning:" in proc.stderr and "formula" in proc.stderr and "=HYPERLINK" in proc.stderr
+    run = tmp_path / "run"
+    from conftest import FAST_TRAIN
+
+    proc = cli("train", "--data", str(root), *FAST_TRAIN, "--set", "epochs=1", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    sub = tmp_path / "sub.csv"
+    proc = cli("predict", str(run), "--data", str(root), "--out", str(sub), "--probs", str(tmp_path / "p.csv"))
+    assert proc.returncode == 0, proc.stderr
+    with open(sub, newline="") as f:
+        rows = list(csvmod.DictReader(f))
+    assert [r["image_id"] for r in rows] == hostile and all(r["label"] in "01234" for r in rows)
+    with open(tmp_path / "p.csv", newline="") as f:
+        assert [r["image"] for r in csvmod.DictReader(f)] == hostile

@@ -39,6 +39,8 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
                 print("    sizes: " + ", ".join(f"{k} ({v})" for k, v in info["sizes"].items()))
                 print("    modes: " + ", ".join(f"{k} ({v})" for k, v in info["modes"].items()))
                 print("    formats: " + ", ".join(f"{k} ({v})" for k, v in info["formats"].items()))
+        for w in report["warnings"]:
+            print(f"warning: {w}", file=sys.stderr)
         if problems:
             print(f"{len(problems)} problem(s):", file=sys.stderr)
             for p in problems:
@@ -114,6 +116,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     clf = load_backend(ckpt, args.backend, args.device)
     if args.data:
         from .checkpoint import atomic_write
+        from .csvio import csv_bytes
         from .data.cache import load_split
 
         if items:
@@ -121,7 +124,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         ds = load_split(Path(args.data), args.split or "test")
         pred = clf.predict(ds.images, tta=args.tta)
         out = Path(args.out or "submission.csv")
-        atomic_write(out, _csv_bytes(["image_id", "label"], ([i, int(lab)] for i, lab in zip(ds.ids, pred.labels,
+        atomic_write(out, csv_bytes(["image_id", "label"], ([i, int(lab)] for i, lab in zip(ds.ids, pred.labels,
                                                                                              strict=True))))
         print(f"wrote {len(ds.ids)} predictions to {out}")
         if args.probs:
@@ -182,22 +185,12 @@ def _expand_folders(items: list[str]) -> list[str]:
     return out
 
 
-def _csv_bytes(header: list[str], rows) -> bytes:
-    import csv
-    import io
-
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(header)
-    w.writerows(rows)
-    return buf.getvalue().encode()
-
-
 def _write_probs(path: Path, names: list[str], pred, classes: list[str]) -> None:
     from .checkpoint import atomic_write
+    from .csvio import csv_bytes
 
     rows = ([n, *(f"{p:.6f}" for p in pr)] for n, pr in zip(names, pred.probs, strict=True))
-    atomic_write(path, _csv_bytes(["image", *(f"p_{c}" for c in classes)], rows))
+    atomic_write(path, csv_bytes(["image", *(f"p_{c}" for c in classes)], rows))
     print(f"wrote the class probabilities of {len(names)} image(s) to {path}", file=sys.stderr)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from .checkpoint import atomic_write
+from .csvio import write_csv
 from .data.dataset import NUM_CLASSES
 from .errors import FakeprintError
 
@@ -100,13 +101,12 @@ def find_issues(data: str | Path, out: str | Path, folds: int = 5, config: str |
     ranked = rank_label_issues(labels, probs)
     self_conf = probs[np.arange(len(labels)), labels]
     suggested = probs.argmax(1)
-    rows = ["image_id,given_label,suggested_label,self_confidence,rank"]
-    rows += [f"{full.ids[i]},{labels[i]},{suggested[i]},{self_conf[i]:.6f},{r + 1}" for r, i in enumerate(ranked)]
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / "label_issues.csv", ("\n".join(rows) + "\n").encode())
-    head = "image_id,label," + ",".join(f"p{c}" for c in range(probs.shape[1]))
-    oof = [head] + [f"{full.ids[i]},{labels[i]}," + ",".join(f"{p:.6f}" for p in probs[i]) for i in range(len(labels))]
-    atomic_write(out / "oof_probs.csv", ("\n".join(oof) + "\n").encode())
+    write_csv(out / "label_issues.csv", ["image_id", "given_label", "suggested_label", "self_confidence", "rank"],
+              ([full.ids[i], int(labels[i]), int(suggested[i]), f"{self_conf[i]:.6f}", r + 1]
+               for r, i in enumerate(ranked)))
+    write_csv(out / "oof_probs.csv", ["image_id", "label", *(f"p{c}" for c in range(probs.shape[1]))],
+              ([full.ids[i], int(labels[i]), *(f"{p:.6f}" for p in probs[i])] for i in range(len(labels))))
 
     from .analyze import plot_gallery
 

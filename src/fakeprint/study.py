@@ -36,6 +36,7 @@ import yaml
 
 from .checkpoint import atomic_write
 from .config import load_config
+from .csvio import write_csv
 from .errors import FakeprintError
 
 SCALES = ("small", "full", "tiny")
@@ -365,8 +366,8 @@ def dataset_view(root: Path, source: Path, splits: dict[str, tuple[list[str], li
     """
     root.mkdir(parents=True, exist_ok=True)
     for split, (ids, labels, folder) in splits.items():
-        text = "image_id,label\n" + "".join(f"{i},{int(lab)}\n" for i, lab in zip(ids, labels, strict=True))
-        atomic_write(root / f"{split}.csv", text.encode())
+        write_csv(root / f"{split}.csv", ["image_id", "label"], ([i, int(lab)] for i, lab in zip(ids, labels,
+                                                                                                strict=True)))
         link, target = root / split, (Path(source) / folder).resolve()
         if link.is_symlink() and Path(os.readlink(link)) != target:
             link.unlink()

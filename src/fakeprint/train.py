@@ -141,14 +141,11 @@ def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None) -> tuple[
 def write_split_csv(path: Path, ids: list[str], labels: np.ndarray, train_idx, internal_idx) -> None:
     """``split.csv`` (``image_id,label,subset``; subset ``train`` or ``internal``), written with the csv module
     (ids with commas or quotes stay one field). ``evaluate.load_eval_split`` reads it back."""
-    import io
+    from .csvio import write_csv
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["image_id", "label", "subset"])
-    w.writerows([ids[i], int(labels[i]), "train"] for i in train_idx)
-    w.writerows([ids[i], int(labels[i]), "internal"] for i in internal_idx)
-    atomic_write(path, buf.getvalue().encode())
+    write_csv(path, ["image_id", "label", "subset"],
+              [*([ids[i], int(labels[i]), "train"] for i in train_idx),
+               *([ids[i], int(labels[i]), "internal"] for i in internal_idx)])
 
 
 # ---------------------------------------------------------------------------------------------- model

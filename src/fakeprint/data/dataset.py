@@ -251,7 +251,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 def check_dataset(root: Path, decode: bool = True) -> tuple[dict, list[Problem]]:
     """Inspect a dataset folder: layout, class counts, image sizes and modes, and every problem found."""
     root = Path(root)
-    report: dict = {"root": str(root), "splits": {}}
+    report: dict = {"root": str(root), "splits": {}, "warnings": []}
     problems: list[Problem] = []
     if not root.is_dir():
         return report, [Problem(str(root), "dataset folder not found")]
@@ -262,6 +262,14 @@ def check_dataset(root: Path, decode: bool = True) -> tuple[dict, list[Problem]]
         files, split_problems = resolve_split(root, split)
         problems += split_problems
         info: dict = {"images": len(files.ids)}
+        from ..csvio import looks_like_formula
+
+        formulas = [i for i in files.ids if looks_like_formula(i)]
+        if formulas:
+            report["warnings"].append(
+                f"{root / (split + '.csv')}: {len(formulas)} image id(s) that a spreadsheet would run as a formula "
+                f"(first: {formulas[0]!r}); fakeprint writes them as plain quoted text, but open its CSV files with "
+                "care")
         if files.labels is not None:
             counts = Counter(files.labels)
             info["class_counts"] = {int(k): counts[k] for k in sorted(counts)}
