@@ -229,3 +229,55 @@ def test_csv_output_survives_hostile_ids_and_data_check_warns_about_formulas(cli
     assert [r["image_id"] for r in rows] == hostile and all(r["label"] in "01234" for r in rows)
     with open(tmp_path / "p.csv", newline="") as f:
         assert [r["image"] for r in csvmod.DictReader(f)] == hostile
+
+
+@pytest.fixture(scope="module")
+def bomb_png(tmp_path_factory):
+    """A small PNG of 13,500 x 13,500 pixels: over PIL's decompression-bomb limit (2 x 89.5 M pixels)."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    Image.new("1", (13_500, 13_500)).save(path, optimize=True)
+    assert path.stat().st_size < 5_000_000
+    return path
+
+
+def test_decompression_bombs_are_a_one_line_error_everywhere(cli, bomb_png, tmp_path):
+    import fakeprint
+    from fakeprint.errors import FakeprintError
+
+    proc = cli("predict", str(bomb_png))
+    assert proc.returncode == 2 and "decompression bomb" in proc.stderr and str(bomb_png) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    from conftest_service import make_checkpoint
+
+    with pytest.raises(FakeprintError, match="decompression bomb"):
+        fakeprint.load(make_checkpoint(tmp_path)).predict([str(bomb_png)])
+    from fakeprint.data.demo import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "d", n_train=10, n_val=0, n_test=0, seed=2)
+    victim = next((root / "train").iterdir())
+    victim.unlink()
+    (root / "train" / (victim.stem + ".png")).write_bytes(bomb_png.read_bytes())
+    proc = cli("data", "check", str(root))
+    assert proc.returncode == 1 and "decompression bomb" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_float_images_in_unit_range_are_scaled_and_fifos_are_refused(cli, tmp_path):
+    import os
+
+    from fakeprint.data.dataset import decode_image
+
+    a = np.linspace(0.0, 1.0, 100 * 100, dtype=np.float32).reshape(100, 100)
+    Image.fromarray(a, mode="F").save(tmp_path / "f.tiff")
+    out = decode_image(tmp_path / "f.tiff")
+    assert out.max() >= 250 and out.min() <= 5  # not black
+    from fakeprint.data.demo import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "d", n_train=10, n_val=0, n_test=0, seed=2)
+    victim = next((root / "train").iterdir())
+    victim.unlink()
+    os.mkfifo(root / "train" / (victim.stem + ".png"))
+    proc = cli("data", "check", str(root), timeout=60)
+    assert proc.returncode == 1 and "not a regular file" in proc.stderr
+    proc = cli("train", "--data", str(root), "--config", "demo", "--set", "epochs=1", "--out", str(tmp_path / "r"),
+               timeout=60)
+    assert proc.returncode == 2 and "not a regular file" in proc.stderr and "Traceback" not in proc.stderr

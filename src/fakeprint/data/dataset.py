@@ -162,6 +162,7 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
     Raises ``DataError`` naming the file when it is not a readable image.
     """
     try:
+        _regular_file(path)
         with Image.open(path) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise DataError(f"{path}: {im.width}x{im.height} pixels is too large (limit {MAX_PIXELS})")
@@ -169,6 +170,8 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
             return to_rgb_array(im, size)
     except DataError:
         raise
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except UnidentifiedImageError:
@@ -177,11 +180,27 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
         raise DataError(f"{path}: unreadable image ({e})") from None
 
 
+def _regular_file(path: Path) -> None:
+    """Refuse what is not a regular file (a FIFO or a device would block or never end) before opening it."""
+    import stat
+
+    try:
+        mode = Path(path).stat().st_mode
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: unreadable ({e.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise DataError(f"{path}: not a regular file (a FIFO, device or folder), refused")
+
+
 def to_rgb_array(im: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Any PIL image (L, LA, P, RGBA, 16-bit, float, CMYK) -> ``size x size x 3`` uint8 RGB."""
+    """Any PIL image (L, LA, P, RGBA, 16-bit, float, CMYK) -> ``size x size x 3`` uint8 RGB. Float images
+    with values in [0, 1] are scaled as such (not read as 0-255, which would turn them black)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        hi = 65535.0 if im.mode.startswith("I;16") or a.max(initial=0) > 255 else 255.0
+        top = a.max(initial=0)
+        hi = 65535.0 if im.mode.startswith("I;16") or top > 255 else 1.0 if im.mode == "F" and top <= 1.0 else 255.0
         a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         im = Image.fromarray(a, mode="L")
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -279,6 +298,7 @@ def check_dataset(root: Path, decode: bool = True) -> tuple[dict, list[Problem]]
         if decode:
             for path in files.paths:
                 try:
+                    _regular_file(path)
                     with Image.open(path) as im:
                         sizes[f"{im.width}x{im.height}"] += 1
                         modes[im.mode] += 1
@@ -287,6 +307,10 @@ def check_dataset(root: Path, decode: bool = True) -> tuple[dict, list[Problem]]
                             problems.append(Problem(str(path), f"{im.width}x{im.height} pixels is too large"))
                             continue
                         im.load()
+                except DataError as e:
+                    problems.append(Problem(str(path), str(e).removeprefix(f"{path}: ")))
+                except Image.DecompressionBombError as e:
+                    problems.append(Problem(str(path), f"refused as a decompression bomb ({e})"))
                 except UnidentifiedImageError:
                     problems.append(Problem(str(path), "not an image (unrecognised format)"))
                 except (OSError, ValueError, SyntaxError) as e:
