@@ -105,3 +105,28 @@ def test_evaluate_and_analyze_share_their_split_default(tiny_data, tmp_path):
     assert default_split(run) == "internal"
     (run / "split.csv").write_text("image_id,label,subset\na,0,train\n")
     assert default_split(run) == "validation"
+
+
+def test_resume_refuses_new_settings_and_presets_are_listed(cli, tmp_path):
+    proc = cli("train", "--resume", str(tmp_path / "run"), "--set", "lr=1")
+    assert proc.returncode == 2 and "--set cannot be changed on --resume" in proc.stderr
+    proc = cli("train", "--list-presets")
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 0 and [ln.split()[0] for ln in lines] == sorted(ln.split()[0] for ln in lines)
+    assert {"threecnn", "fpnet_cpu", "demo"} <= {ln.split()[0] for ln in lines} and all(len(ln.split()) > 3 for ln in lines)
+
+
+def test_evaluate_json_and_the_resize_warning(cli, tiny_data, tmp_path):
+    from PIL import Image
+
+    run = make_checkpoint(tmp_path)
+    proc = cli("evaluate", str(run), "--data", str(tiny_data), "--split", "validation", "--json",
+               "--out", str(tmp_path / "e"))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    assert m["n"] == 50 and len(m["confusion_matrix"]) == 5 and m["split"] == "validation"
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(tmp_path / "big.png")
+    Image.new("RGB", (100, 100), (200, 30, 30)).save(tmp_path / "ok.png")
+    proc = cli("predict", str(run), str(tmp_path / "big.png"), str(tmp_path / "ok.png"))
+    assert proc.returncode == 0 and "warning: resized to 100x100" in proc.stderr
+    assert "big.png (300x200)" in proc.stderr and "ok.png" not in proc.stderr.split("warning:")[1].split("\n")[0]

@@ -54,7 +54,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import train
 
+    if args.list_presets:
+        from .config import preset_names, preset_summary
+
+        for name in preset_names():
+            print(f"{name:<18} {preset_summary(name)}")
+        return 0
     if args.resume:
+        given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--out", args.out),
+                                          ("--on-bad-image", args.on_bad_image)) if value]
+        if given:
+            raise FakeprintError(f"{' and '.join(given)} cannot be changed on --resume: a resumed run continues with "
+                                 "the config and device it was started with (its config.yaml); start a new run instead")
         out = Path(args.resume)
         info = out / "run.json"
         data = args.data
@@ -92,8 +103,11 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
         out = str(output_dir(first, f"eval-{args.split}"))
     m = evaluate_checkpoint(ckpts if len(ckpts) > 1 else ckpts[0], args.data, args.split, out, tta=args.tta,
                             device=args.device)
-    print(m["text"])
-    print(f"wrote {out}/metrics.json, {out}/report.md, {out}/confusion_matrix.png")
+    if args.json:
+        print(json.dumps({k: v for k, v in m.items() if k != "text"} | {"out": str(out)}, indent=2))
+    else:
+        print(m["text"])
+        print(f"wrote {out}/metrics.json, {out}/report.md, {out}/confusion_matrix.png")
     return 0
 
 
@@ -131,6 +145,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             _write_probs(Path(args.probs), ds.ids, pred, clf.classes)
         return 0
     items = _expand_folders(items)
+    _warn_resized(items)
     if not items:
         raise FakeprintError("nothing to predict: give image files or folders, or --data DIR [--split test] --out FILE")
     t0 = time.perf_counter()
@@ -166,6 +181,26 @@ def _is_checkpoint(item: str) -> bool:
     if p.is_dir():
         return any(p.glob("*.safetensors"))
     return item.endswith((".safetensors", ".json", ".onnx"))
+
+
+def _warn_resized(items: list[str]) -> None:
+    """Tell the user which inputs are not 100x100: they are resized (bilinear), which blurs generator traces."""
+    from PIL import Image
+
+    from .data.dataset import IMAGE_SIZE
+
+    odd = []
+    for item in items:
+        try:
+            with Image.open(item) as im:
+                if im.size != (IMAGE_SIZE, IMAGE_SIZE):
+                    odd.append(f"{item} ({im.width}x{im.height})")
+        except Exception:  # noqa: BLE001 - unreadable files get their own error when decoded
+            continue
+    if odd:
+        more = f" and {len(odd) - 3} more" if len(odd) > 3 else ""
+        print(f"warning: resized to {IMAGE_SIZE}x{IMAGE_SIZE} (the model's input; resizing blurs the traces it reads): "
+              + ", ".join(odd[:3]) + more, file=sys.stderr)
 
 
 def _expand_folders(items: list[str]) -> list[str]:
@@ -270,7 +305,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--config", default=None, help="a YAML preset file or a shipped preset name")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
     s.add_argument("--out", help="run folder to create")
-    s.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last checkpoint")
+    s.add_argument("--resume", metavar="RUN", help="continue an interrupted run from its last resume point, with its "
+                                                   "own config (no --config/--set beside it)")
+    s.add_argument("--list-presets", action="store_true", help="list the shipped presets, one line each, and exit")
     s.add_argument("--on-bad-image", choices=("error", "skip"), default=None,
                    help="unreadable or missing images: refuse the dataset (default) or skip and list them")
     s.set_defaults(fn=_cmd_train)
@@ -283,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "internal when the run held images out, else validation (as analyze)")
     s.add_argument("--out", default=None, help="folder for metrics.json, report.md, confusion_matrix.png")
     _add_tta(s)
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the text report")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     s.set_defaults(fn=_cmd_evaluate)
 
     s = sub.add_parser("predict", help="classify image files, or write a submission for a dataset split")
@@ -300,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--top-k", type=int, default=None, metavar="K", help="show only the K most probable classes")
     _add_tta(s)
     s.add_argument("--json", action="store_true", help="image files: one JSON list on stdout")
-    s.add_argument("--device", default="cpu")
+    s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
                    help="auto (default): onnx for a .onnx model, else torch; onnx with a checkpoint exports it in memory")
     s.set_defaults(fn=_cmd_predict)

@@ -97,6 +97,17 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_summary(name: str) -> str:
+    """One line on a shipped preset: its first comment line, then its model, epochs and batch size."""
+    path = resources.files("fakeprint") / "configs" / f"{name}.yaml"
+    text = path.read_text()
+    head = " ".join(ln.lstrip("# ").strip() for ln in text.splitlines() if ln.startswith("#"))
+    first = head.split(". ")[0].removesuffix(".")
+    data = _read_yaml(path)
+    facts = ", ".join(f"{k} {data[k]}" for k in ("model", "epochs", "batch_size") if k in data)
+    return f"{first} ({facts})" if first else facts
+
+
 def _read_yaml(path: Path | Any) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())

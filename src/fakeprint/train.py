@@ -449,6 +449,8 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         opt.load_state_dict(state["optimizer"])
         if sched is not None and state.get("scheduler") is not None:
             sched.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
         if ema is not None and state.get("ema") is not None:
             ema.model.load_state_dict(state["ema"])
             ema.updates = int(state.get("ema_updates", 0))
@@ -526,6 +528,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict() if sched is not None else None,
                 "ema": ema.model.state_dict() if ema is not None else None,
                 "ema_updates": ema.updates if ema is not None else 0, "epoch": epoch,
+                "scaler": scaler.state_dict() if scaler is not None else None,
                 "best_acc": best_acc, "bad_epochs": bad_epochs})
             val = f"val {row['val_acc']:.4f}  f1 {row['val_macro_f1']:.4f}" if ev else "no held-out split"
             print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f} (augmented)  "
