@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -44,3 +45,16 @@ def test_confusion_matrix_expands_to_pairs():
     cm = np.array([[2, 1], [0, 3]])
     t, p = _cm_to_pairs(cm)
     assert sorted(zip(t.tolist(), p.tolist(), strict=True)) == [(0, 0), (0, 0), (0, 1), (1, 1), (1, 1), (1, 1)]
+
+
+def test_metrics_from_a_confusion_matrix_match_scikit_learn():
+    import numpy as np
+
+    from fakeprint.metrics import from_confusion, summary
+
+    rng = np.random.default_rng(0)
+    t = rng.integers(0, 5, 300)
+    p = np.where(rng.random(300) < 0.7, t, rng.integers(0, 5, 300))
+    s, f = summary(t, p), from_confusion(summary(t, p)["confusion_matrix"])
+    assert f["accuracy"] == pytest.approx(s["accuracy"]) and f["macro_f1"] == pytest.approx(s["macro_f1"])
+    assert f["recall"] == pytest.approx([s["per_class"][str(c)]["recall"] for c in range(5)])

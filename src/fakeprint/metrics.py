@@ -28,6 +28,18 @@ def summary(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = 5) -> dic
     }
 
 
+def from_confusion(cm: np.ndarray | list[list[int]]) -> dict:
+    """Accuracy, per-class recall and precision, and macro F1 from a confusion matrix (rows actual): the one
+    place these are derived from counts (``summary`` derives the same from label pairs via scikit-learn)."""
+    cm = np.asarray(cm, dtype=np.float64)
+    n = cm.sum()
+    recall = cm.diagonal() / np.maximum(cm.sum(1), 1)
+    precision = cm.diagonal() / np.maximum(cm.sum(0), 1)
+    f1 = np.where(recall + precision > 0, 2 * recall * precision / np.maximum(recall + precision, 1e-12), 0.0)
+    return {"accuracy": float(cm.diagonal().sum() / max(n, 1)), "recall": recall.tolist(),
+            "precision": precision.tolist(), "macro_f1": float(f1.mean()), "n": int(n)}
+
+
 def report_text(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = 5, digits: int = 4) -> str:
     return classification_report(y_true, y_pred, labels=list(range(num_classes)), digits=digits, zero_division=0)
 

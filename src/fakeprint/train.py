@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, augment, mix_batch, normalize, to_float, tta_views
+from .augment import IMAGENET_MEAN, IMAGENET_STD, augment, mix_batch, normalize, to_float
 from .checkpoint import (
     atomic_write,
     git_commit,
@@ -323,31 +323,23 @@ def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                    amp_dtype, d: Dist, num_classes: int, tta: bool | str | None = None) -> dict[str, Any]:
     """Loss and confusion matrix on (this rank's shard of) a split, summed across ranks; ``tta`` (default: the
     config's) is a test-time augmentation mode (see ``augment.tta_views``)."""
-    model.eval()
+    from .inference import predict_logits
+    from .metrics import from_confusion
+
     tta = cfg["tta"] if tta is None else tta
     idx = torch.arange(d.rank, images.shape[0], d.world_size, device=images.device)
-    cm = torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
-    loss_sum = torch.zeros((), device=device)
-    channels_last = _channels_last(cfg, device, model)
-    bs = int(cfg["eval_batch_size"])
-    for start in range(0, len(idx), bs):
-        b = idx[start : start + bs]
-        x = normalize(to_float(images[b]), cfg["normalize"])
-        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        y = labels[b]
-        with autocast(device, amp_dtype):
-            views = tta_views(x, tta)
-            logits = sum(model(v).float() for v in views) / len(views)
-        loss_sum += torch.nn.functional.cross_entropy(logits, y, reduction="sum")
-        cm += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes)
+    # the one logits core (inference.predict_logits: normalise, layout, autocast, TTA views), on this shard
+    logits = predict_logits(model, images[idx], device, batch_size=int(cfg["eval_batch_size"]), norm=cfg["normalize"],
+                            tta=tta, amp_dtype=amp_dtype, channels_last=_channels_last(cfg, device, model)).to(device)
+    y = labels[idx]
+    loss_sum = torch.nn.functional.cross_entropy(logits, y, reduction="sum") if len(y) else torch.zeros((), device=device)
+    cm = torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes) if len(y) else \
+        torch.zeros(num_classes * num_classes, device=device, dtype=torch.long)
     cm = _all_sum(cm, d).view(num_classes, num_classes).cpu().numpy()
     loss = _all_sum(loss_sum.float(), d).item()
-    n = cm.sum()
-    recall = cm.diagonal() / np.maximum(cm.sum(1), 1)
-    precision = cm.diagonal() / np.maximum(cm.sum(0), 1)
-    f1 = np.where(recall + precision > 0, 2 * recall * precision / np.maximum(recall + precision, 1e-12), 0)
-    return {"val_loss": loss / max(n, 1), "val_acc": float(cm.diagonal().sum() / max(n, 1)),
-            "val_macro_f1": float(f1.mean()), "val_recall": recall.tolist(), "confusion_matrix": cm}
+    m = from_confusion(cm)
+    return {"val_loss": loss / max(int(cm.sum()), 1), "val_acc": m["accuracy"], "val_macro_f1": m["macro_f1"],
+            "val_recall": m["recall"], "confusion_matrix": cm}
 
 
 def _channels_last(cfg: dict, device: torch.device, model: nn.Module | None = None) -> bool:
