@@ -266,11 +266,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     test = load_split(data, "test")
     pred = clf.predict(test.images)
     sub = out / "submission.csv"
-    sub.write_text("image_id,label\n" + "".join(f"{i},{int(lab)}\n" for i, lab in zip(test.ids, pred.labels, strict=True)))
+    from .csvio import write_csv
+
+    write_csv(sub, ["image_id", "label"], ([i, int(lab)] for i, lab in zip(test.ids, pred.labels, strict=True)))
     dt = time.perf_counter() - t0
     print(m["text"])
-    print(f"demo finished in {dt:.0f}s: validation accuracy {m['accuracy'] * 100:.2f}%\n"
-          f"  dataset:     {data}\n  run folder:  {run} (config.yaml, metrics.csv, best/last checkpoints, curves.png)\n"
+    print(f"demo finished in {dt:.0f}s: accuracy {m['accuracy'] * 100:.2f}% on the demo's validation split "
+          f"(last epoch, never trained on)\n"
+          f"  dataset:     {data}\n  run folder:  {run} (config.yaml, metrics.csv, last/best checkpoints, curves.png)\n"
           f"  evaluation:  {run / 'eval-validation'} (metrics.json, report.md, confusion_matrix.png)\n"
           f"  submission:  {sub}")
     return 0

@@ -229,7 +229,7 @@ def run_recipes(data: str | Path, budget_minutes: float, out: str | Path | None 
         log(f"[{i}/{len(trained)}] {r.label}: {p['epochs']} epoch(s) at ~{p['images_per_s_probe']:.0f} images/s "
             f"-> {run_dir}")
         train_variant(data, cfg, run_dir)
-        rows[r.id] = evaluate_last(data, run_dir) | {"planned": p}
+        rows[r.id] = evaluate_last_cached(data, run_dir) | {"planned": p}
     for r in chosen:
         if r.members:
             rows[r.id] = evaluate_ensemble(data, [out / "runs" / m for m in r.members])
@@ -275,6 +275,18 @@ def _metrics(labels: np.ndarray, probs: np.ndarray) -> dict[str, Any]:
     m = summary(labels, probs.argmax(1))
     return {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
             "class4_recall": m["per_class"][str(WEAK_CLASS)]["recall"], "confusion_matrix": m["confusion_matrix"]}
+
+
+def evaluate_last_cached(data: Path, run_dir: Path) -> dict[str, Any]:
+    """``evaluate_last``, kept in ``recipe-eval.json`` beside the checkpoint it describes (recomputed when the
+    checkpoint is newer), so a continued study does not evaluate finished runs again."""
+    cache = run_dir / "recipe-eval.json"
+    last = run_dir / "last.safetensors"
+    if cache.is_file() and cache.stat().st_mtime >= last.stat().st_mtime:
+        return json.loads(cache.read_text())
+    result = evaluate_last(data, run_dir)
+    atomic_write(cache, (json.dumps(result, indent=2) + "\n").encode())
+    return result
 
 
 def evaluate_last(data: Path, run_dir: Path) -> dict[str, Any]:
