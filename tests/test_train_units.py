@@ -21,8 +21,9 @@ def test_ema_averages_weights_and_batchnorm_statistics():
     assert ema.model[1].num_batches_tracked == model[1].num_batches_tracked
 
 
-def test_onecycle_warms_up_then_decays_to_zero():
+def test_warmup_linear_warms_up_then_decays_to_zero():
     cfg = load_config("demo", {"epochs": 4, "warmup_epochs": 1, "scheduler": "onecycle", "lr": 1.0})
+    assert cfg["scheduler"] == "warmup_linear"  # the old name is read as the new one
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=1.0)
     sched, per_step = build_scheduler(cfg, opt, steps_per_epoch=10)
     lrs = []

@@ -40,10 +40,11 @@ DEFAULTS: dict[str, Any] = {
     "focal_gamma": 2.0,
     "class_weights": None,        # list of per-class loss weights for weighted_ce (None: inverse frequency)
     "sampler": "shuffle",         # shuffle | balanced
-    "scheduler": "plateau",       # plateau | onecycle | cosine | none
+    "scheduler": "plateau",       # plateau | warmup_linear (linear warm-up, then linear decay to 0) | cosine | none
+                                  # ("onecycle", its old name, is read as warmup_linear)
     "plateau_patience": 15,
     "plateau_factor": 0.8,
-    "warmup_epochs": 0.0,         # onecycle/cosine: linear warm-up length in epochs
+    "warmup_epochs": 0.0,         # warmup_linear/cosine: linear warm-up length in epochs
     "early_stop": 15,             # epochs without a better validation accuracy before stopping (0: never)
     "ema": 0.0,                   # decay of an exponential moving average of the weights (0: off)
     "ema_warmup": True,           # EMA decay min(ema, (1+t)/(10+t)) at update t, so early EMA figures mean something
@@ -82,7 +83,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer": ("adam", "adamw", "sgd"),
     "loss": ("ce", "focal", "weighted_ce"),
     "sampler": ("shuffle", "balanced"),
-    "scheduler": ("plateau", "onecycle", "cosine", "none"),
+    "scheduler": ("plateau", "warmup_linear", "cosine", "none"),
     "rotation_interp": ("nearest", "bilinear"),
     "normalize": ("imagenet", "none"),
     "amp": ("auto", "bf16", "fp16", "off", "on"),
@@ -179,6 +180,8 @@ def _merge(cfg: dict[str, Any], data: dict[str, Any], source: str) -> None:
 
 
 def validate(cfg: dict[str, Any]) -> None:
+    if cfg["scheduler"] == "onecycle":  # the old name: it never was a one-cycle policy (no momentum cycle)
+        cfg["scheduler"] = "warmup_linear"
     from .augment import tta_mode
 
     try:

@@ -75,7 +75,7 @@ def find_issues(data: str | Path, out: str | Path, folds: int = 5, config: str |
     if cfg["scheduler"] == "plateau" or int(cfg["early_stop"]):
         # the fold's held-out images are its validation split: they must not steer its training
         raise FakeprintError("label-issues: a plateau scheduler or early stopping would be steered by the held-out "
-                             "fold's labels; use a fixed schedule (--set scheduler=onecycle --set early_stop=0)")
+                             "fold's labels; use a fixed schedule (--set scheduler=warmup_linear --set early_stop=0)")
     full = load_split(data, "train", cache_dir=cfg["cache_dir"], workers=cfg["workers"], progress=cfg["progress"])
     labels = full.labels
     splits = fold_indices(labels, folds, seed)

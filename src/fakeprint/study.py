@@ -69,13 +69,13 @@ class Grid:
 
 # ------------------------------------------------------------------------------------------ the grids
 
-# What every run of a scale shares. ``small``: a short one-cycle schedule on a stratified subset of the
+# What every run of a scale shares. ``small``: a short warm-up + linear-decay schedule on a stratified subset of the
 # training part, evaluated every epoch on the full internal split, one CPU thread per process (on a shared
 # 2-core machine two threads run 5-10x slower as soon as another process is busy; on an idle machine
 # ``--set threads=2`` is about 1.5x faster). ``tiny``: one epoch, for the tests.
 SCALE_BASE: dict[str, dict[str, Any]] = {
     "full": {},
-    "small": {"batch_size": 32, "early_stop": 0, "optimizer": "adam", "lr": 2e-3, "scheduler": "onecycle",
+    "small": {"batch_size": 32, "early_stop": 0, "optimizer": "adam", "lr": 2e-3, "scheduler": "warmup_linear",
               "warmup_epochs": 0.5, "threads": 1, "progress": False},
     "tiny": {"epochs": 1, "batch_size": 16, "early_stop": 0, "scheduler": "none", "eval_batch_size": 64,
              "threads": 1, "progress": False, "workers": 1},

@@ -406,7 +406,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     held_out = val_split is not None
     if not held_out and (cfg["scheduler"] == "plateau" or int(cfg["early_stop"])):
         raise FakeprintError("train_on_all leaves no held-out split to steer a plateau scheduler or early stopping: "
-                             "use a fixed schedule (--set scheduler=onecycle early_stop=0)")
+                             "use a fixed schedule (--set scheduler=warmup_linear early_stop=0)")
     if held_out:
         x_val = to_device_tensor(val_split.images, device)
         y_val = torch.from_numpy(val_split.labels).to(device)
