@@ -21,14 +21,15 @@ QUANTILE = 0.05
 BINS = 10
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of a logits array (the one used by calibration and by every prediction)."""
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
-    p = _softmax(np.asarray(logits, np.float64) / temperature)
+    p = softmax(np.asarray(logits, np.float64) / temperature)
     return float(-np.log(np.maximum(p[np.arange(len(labels)), labels], 1e-12)).mean())
 
 
@@ -71,10 +72,10 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, quantile: float = QUANTILE
     before, after = [], []
     for fit, test in (halves, halves[::-1]):
         t = fit_temperature(logits[fit], labels[fit])
-        before.append(ece(_softmax(logits[test]), labels[test]) * len(test))
-        after.append(ece(_softmax(logits[test] / t), labels[test]) * len(test))
+        before.append(ece(softmax(logits[test]), labels[test]) * len(test))
+        after.append(ece(softmax(logits[test] / t), labels[test]) * len(test))
     temperature = fit_temperature(logits, labels)
-    scores = _softmax(logits / temperature).max(1)
+    scores = softmax(logits / temperature).max(1)
     threshold = float(np.quantile(scores, quantile))
     return {"temperature": temperature, "score": "max_probability", "uncertain_below": threshold,
             "quantile": quantile, "n": int(len(labels)),

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from .augment import tta_mode
+from .calibration import softmax
 from .checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
 from .data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
 from .errors import FakeprintError
@@ -47,12 +48,7 @@ def calibrated(logits: np.ndarray, meta: dict[str, Any], classes: list[str]) -> 
     """Predictions from logits with the checkpoint's calibration (``meta['calibration']``), if it has one."""
     cal = meta.get("calibration") or None
     z = np.asarray(logits, np.float64) / (float(cal["temperature"]) if cal else 1.0)
-    if len(z):
-        z = z - z.max(axis=1, keepdims=True)
-        probs = np.exp(z)
-        probs /= probs.sum(axis=1, keepdims=True)
-    else:
-        probs = np.zeros((0, len(classes)))
+    probs = softmax(z) if len(z) else np.zeros((0, len(classes)))
     uncertain = probs.max(1) < float(cal["uncertain_below"]) if cal and len(probs) else (
         np.zeros(0, bool) if cal else None)
     labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
