@@ -42,7 +42,7 @@ def pil_limit_restored():
 
 def make_checkpoint(root: Path, model: str = "fpnet_tiny", seed: int = 0, sharpen: float = 1.0,
                     metrics: dict | None = None, norm: str = "imagenet", held_out: dict | None = None,
-                    tta: str | None = None) -> Path:
+                    tta: str | None = None, extra_meta: dict | None = None) -> Path:
     """A random-weight checkpoint ``root/m/best`` (returns the run folder ``root/m``). ``sharpen`` scales the
     last linear layer so that the random model gives confident, varied predictions."""
     from fakeprint.checkpoint import save_checkpoint
@@ -65,7 +65,7 @@ def make_checkpoint(root: Path, model: str = "fpnet_tiny", seed: int = 0, sharpe
     save_checkpoint(run / "best", net, {
         "model": model, "num_classes": 5, "classes": list(CLASSES), "model_args": {},
         "normalization": {"mode": norm}, "metrics": metrics if metrics is not None else {"val_acc": 0.5},
-    } | ({"held_out": held_out} if held_out else {}) | ({"tta": tta} if tta else {}))
+    } | ({"held_out": held_out} if held_out else {}) | ({"tta": tta} if tta else {}) | (extra_meta or {}))
     return run
 
 
@@ -101,15 +101,17 @@ def png_header_only(width: int, height: int) -> bytes:
 
 
 @contextmanager
-def running_server(app, timeout: float = 30.0) -> Iterator[str]:
-    """Run ``app`` with uvicorn in a thread on a free 127.0.0.1 port; yields the base URL."""
+def running_server(app, timeout: float = 30.0, **config) -> Iterator[str]:
+    """Run ``app`` with uvicorn in a thread on a free 127.0.0.1 port; yields the base URL. ``config``: more
+    ``uvicorn.Config`` arguments (``http=``, ``limit_concurrency=``)."""
     import uvicorn
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", timeout_keep_alive=5,
+                                                **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

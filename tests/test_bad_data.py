@@ -259,6 +259,36 @@ def test_decompression_bombs_are_a_one_line_error_everywhere(cli, bomb_png, tmp_
     (root / "train" / (victim.stem + ".png")).write_bytes(bomb_png.read_bytes())
     proc = cli("data", "check", str(root))
     assert proc.returncode == 1 and "decompression bomb" in proc.stderr and "Traceback" not in proc.stderr
+    # --on-bad-image skip covers it: the bomb is left out and named, the other images train
+    proc = cli("train", "--data", str(root), "--config", "demo", "--set", "epochs=1", "--set", "val_fraction=0.3",
+               "--set", "batch_size=4", "--on-bad-image", "skip", "--out", str(tmp_path / "run"), timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "skipped 1 bad image" in proc.stderr and victim.stem in proc.stderr and "decompression bomb" in proc.stderr
+
+
+def test_links_out_of_the_dataset_are_refused_unless_allowed(cli, tmp_path):
+    import os
+
+    from fakeprint.data.demo import make_demo_dataset
+
+    root = make_demo_dataset(tmp_path / "d", n_train=10, n_val=0, n_test=0, seed=3)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    victim = sorted((root / "train").iterdir())[0]
+    victim.rename(outside / victim.name)
+    os.symlink(outside / victim.name, victim)  # train/x.png -> a file outside the dataset
+    inside = sorted((root / "train").iterdir())[1]
+    (root / "shared").mkdir()
+    inside.rename(root / "shared" / inside.name)
+    os.symlink(root / "shared" / inside.name, inside)  # a link that stays inside the dataset: fine
+    proc = cli("data", "check", str(root))
+    assert proc.returncode == 1 and "outside the dataset folder" in proc.stderr and victim.name in proc.stderr
+    assert inside.name not in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("train", "--data", str(root), "--config", "demo", "--set", "epochs=1", "--on-bad-image", "skip",
+               "--out", str(tmp_path / "r"), timeout=120)
+    assert proc.returncode == 2 and "outside the dataset folder" in proc.stderr  # never skipped in silence
+    proc = cli("--follow-external-links", "data", "check", str(root))
+    assert proc.returncode == 0, proc.stderr
 
 
 def test_float_images_in_unit_range_are_scaled_and_fifos_are_refused(cli, tmp_path):

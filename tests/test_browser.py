@@ -163,18 +163,41 @@ def test_upload_shows_label_bars_and_heat_map(page, run, tmp_path, request):
     assert not page.problems, page.problems
 
 
-def test_dropping_a_file_classifies_it(page, run):
-    expect(page.locator("#model .chip.strong")).to_have_text("fpnet_tiny")
-    png = encode(random_images(1, seed=62)[0])
-    expected = fakeprint.load(run).predict(random_images(1, seed=62))
-    page.evaluate("""async (bytes) => {
-        const file = new File([new Uint8Array(bytes)], 'dropped.png', { type: 'image/png' });
+def drop(page, name: str, png: bytes) -> None:
+    """Drag and drop one PNG onto the page's drop zone, as a user would."""
+    page.evaluate("""async ([name, bytes]) => {
+        const file = new File([new Uint8Array(bytes)], name, { type: 'image/png' });
         const dt = new DataTransfer();
         dt.items.add(file);
         const zone = document.querySelector('#drop');
         zone.dispatchEvent(new DragEvent('dragover', { dataTransfer: dt, bubbles: true, cancelable: true }));
         zone.dispatchEvent(new DragEvent('drop', { dataTransfer: dt, bubbles: true, cancelable: true }));
-    }""", list(png))
+    }""", [name, list(png)])
+
+
+def test_dropping_a_file_classifies_it(page, run):
+    expect(page.locator("#model .chip.strong")).to_have_text("fpnet_tiny")
+    png = encode(random_images(1, seed=62)[0])
+    expected = fakeprint.load(run).predict(random_images(1, seed=62))
+    drop(page, "dropped.png", png)
     page.wait_for_selector('.card.done[data-filename="dropped.png"]')
     assert page.locator(".card.done .label-text").text_content() == f"Generator {CLASSES[expected.labels[0]]}"
     assert not page.problems, page.problems
+
+
+def test_a_service_with_an_api_token_asks_for_it_once(browser, run):
+    """With a token (the service beyond loopback), the page asks for it at the first 401, keeps it for the tab and
+    sends it with every call: the model loads and an upload is classified."""
+    asked: list[str] = []
+    with running_server(create_app(build_service(run), token="s3cret")) as base:
+        context = browser.new_context()
+        pg = context.new_page()
+        pg.set_default_timeout(60_000)
+        pg.on("dialog", lambda d: (asked.append(d.message), d.accept("s3cret")))
+        pg.goto(base + "/")
+        expect(pg.locator("#model .chip.strong")).to_have_text("fpnet_tiny")
+        png = encode(random_images(1, seed=7)[0])
+        drop(pg, "tok.png", png)
+        pg.wait_for_selector('.card.done[data-filename="tok.png"]')
+        context.close()
+    assert len(asked) == 1 and "API token" in asked[0]

@@ -139,6 +139,17 @@ def test_plan_and_candidates():
         candidates(["ensemble_reg"])
 
 
+def test_speed_probe_can_run_for_a_time_from_a_start_time():
+    import time
+
+    from fakeprint.recipes import measure_speed, recipe_config
+
+    cfg = recipe_config(candidates(["baseline"])[0], {"threads": 1}, tiny=True)
+    start = time.time() + 0.3
+    ips = measure_speed(cfg, steps=2, seconds=0.5, start_at=start)
+    assert ips > 0 and time.time() >= start + 0.5  # waited for the start, then timed at least the period
+
+
 def test_recipe_study_end_to_end(cli, tiny_train_only, tmp_path):
     out = tmp_path / "study"
     args = ["study", "recipes", "--data", str(tiny_train_only), "--scale", "tiny", "--budget-minutes", "0.01",
@@ -150,10 +161,13 @@ def test_recipe_study_end_to_end(cli, tiny_train_only, tmp_path):
     assert list(rows) == ["baseline", "cutmix", "translate", "rot15_bilinear", "ensemble_reg"]
     assert report["selection"] == "last epoch (no selection)" and "internal split" in report["split"]
     for r in rows.values():
-        assert set(r["tta"]) == {"none", "flip", "dihedral"} and r["n"] == 10
+        assert set(r["tta"]) == {"none", "flip", "dihedral", "own"} and r["n"] == 10
         for m in r["tta"].values():
             assert np.asarray(m["confusion_matrix"]).sum() == 10 and 0 <= m["accuracy"] <= 1
     base = rows["baseline"]
+    # "own": the views the model was trained with (the baseline: all eight flips and turns)
+    assert base["tta"]["own"]["views"] == "dihedral"
+    assert base["tta"]["own"]["accuracy"] == base["tta"]["dihedral"]["accuracy"]
     assert base["epochs"] == report["candidates"][0]["planned"]["epochs"] >= 1
     assert base["train_part_images"] == 90 and 0 <= base["train_part_accuracy"] <= 1
     assert yaml.safe_load((out / "runs" / "cutmix" / "config.yaml").read_text())["cutmix"] == 1.0
@@ -218,6 +232,29 @@ def test_distillation_trains_towards_the_teachers_and_refuses_a_leaky_teacher(ti
               tmp_path / "s2")
     with pytest.raises(FakeprintError, match="list them before it"):
         candidates(["distill_reg", "baseline", "cutmix", "translate", "rot15_bilinear"])
+
+
+def test_teachers_are_asked_only_about_the_views_they_were_trained_on(tmp_path):
+    """A teacher trained with horizontal flips only is averaged over the image and its mirror, one trained with
+    all flips and turns over the eight views (asking the first about quarter turns cost 13 points once)."""
+    from fakeprint.inference import predict_logits
+    from fakeprint.predict import load
+    from fakeprint.train import teacher_logits, teacher_views
+
+    assert teacher_views({"hflip": True, "vflip": False, "rot90": False}) == "flip"
+    assert teacher_views({"hflip": True, "vflip": True, "rot90": True}) == "dihedral"
+    assert teacher_views({"hflip": False}) == "none"
+    images = torch.from_numpy(random_images(6))
+    cfg = load_config("demo", {"progress": False})
+    for aug, views in (({"hflip": True, "vflip": False, "rot90": False}, "flip"),
+                       ({"hflip": True, "vflip": True, "rot90": True}, "dihedral")):
+        path = make_checkpoint(tmp_path / views, extra_meta={"config": cfg | aug}) / "best.safetensors"
+        model = load(path).model
+        want = predict_logits(model, images, torch.device("cpu"), batch_size=4, norm="imagenet", tta=views)
+        other = predict_logits(model, images, torch.device("cpu"), batch_size=4, norm="imagenet",
+                               tta="dihedral" if views == "flip" else "flip")
+        got = teacher_logits([str(path)], images, torch.device("cpu"), cfg)
+        assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, other, atol=1e-5)
 
 
 # --------------------------------------------------------------------------------- honest confidence

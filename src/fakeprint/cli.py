@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(prog="fakeprint", description="Tell which image generator made an image.")
     p.add_argument("--version", action="version", version=f"fakeprint {__version__}")
+    p.add_argument("--follow-external-links", action="store_true",
+                   help="read dataset images that are symbolic links to files outside the dataset folder "
+                        "(refused by default)")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("demo", help="generate the synthetic demo dataset, train, evaluate and predict on it")
@@ -381,6 +384,10 @@ def _add_tta(s: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.follow_external_links:
+        from .data.dataset import LINKS_ENV
+
+        os.environ[LINKS_ENV] = "1"  # read by data.dataset.index_images (and inherited by worker processes)
     try:
         return int(args.fn(args) or 0)
     except FakeprintError as e:

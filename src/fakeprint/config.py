@@ -49,7 +49,7 @@ DEFAULTS: dict[str, Any] = {
     "ema": 0.0,                   # decay of an exponential moving average of the weights (0: off)
     "ema_warmup": True,           # EMA decay min(ema, (1+t)/(10+t)) at update t, so early EMA figures mean something
     "grad_clip": 0.0,
-    "distill_from": [],           # teacher checkpoints: train on their mean (8-view TTA) logits too (distillation)
+    "distill_from": [],           # teacher checkpoints: train on their mean logits too (distillation; each teacher over the flips/turns it was trained with)
     "distill_weight": 0.5,        # share of the distillation term in the loss (the rest: the label loss)
     "distill_temperature": 2.0,   # softmax temperature of teacher and student in the distillation term
     # augmentation (batched, on the device)

@@ -54,6 +54,8 @@ class Recipe:
 # flips and quarter turns) unless it says otherwise; no early stop, last epoch reported.
 BASE: dict[str, Any] = {"early_stop": 0, "progress": False}
 REPORT_AUG = {"hflip": True, "vflip": False, "rot90": False, "rotation": 15.0}
+ROT_TRANSLATE: dict[str, Any] = {"rotation": 15.0, "translate": 8}
+LONG_TEACHERS = ("rot_translate", "rot_translate_droppath", "wide_fullres_reg", "fpnet_m_reg", "threecnn_dilated")
 CANDIDATES: tuple[Recipe, ...] = (
     Recipe("baseline", "fpnet_cpu as it is (dihedral flips/turns)"),
     Recipe("cutmix", "+ CutMix (alpha 1)", {"cutmix": 1.0}),
@@ -72,6 +74,19 @@ CANDIDATES: tuple[Recipe, ...] = (
            members=("baseline", "cutmix", "translate", "rot15_bilinear")),
     Recipe("distill_reg", "fpnet_cpu distilled from the ensemble_reg members (weight 0.5, T 2)",
            teachers=("baseline", "cutmix", "translate", "rot15_bilinear")),
+    # round 2 (long schedules, on a GPU where one is lent): regularisers combined, capacity, distillation
+    Recipe("rot_translate", "+ rotation +-15 deg (nearest) and translation (8 px)", ROT_TRANSLATE),
+    Recipe("rot_translate_droppath", "+ rotation, translation, stochastic depth 0.1, head dropout 0.2",
+           ROT_TRANSLATE | {"model_args": {"drop_path": 0.1, "dropout": 0.2}}),
+    Recipe("wide_fullres_reg", "FPNet wide (48; 64/128/256) with a full-resolution stem, rotation, translation, "
+           "stochastic depth 0.1", ROT_TRANSLATE | {"model_args": {"stem": "conv", "width": 48,
+                                                                     "stage_widths": [64, 128, 256], "drop_path": 0.1}}),
+    Recipe("fpnet_m_reg", "fpnet_m (full resolution, depths 1/2/2), rotation, translation, stochastic depth 0.1",
+           ROT_TRANSLATE | {"model": "fpnet_m", "model_args": {"drop_path": 0.1}}),
+    Recipe("ensemble_long", "ensemble: rot_translate + rot_translate_droppath + wide_fullres_reg + fpnet_m_reg + "
+           "threecnn_dilated", members=LONG_TEACHERS),
+    Recipe("distill_long", "fpnet_s2d with rotation and translation, distilled from the ensemble_long members "
+           "(weight 0.7, T 2)", ROT_TRANSLATE | {"distill_weight": 0.7}, teachers=LONG_TEACHERS),
 )
 TINY: dict[str, Any] = {"model": "fpnet_tiny", "model_args": {"width": 4}, "batch_size": 16, "eval_batch_size": 64,
                         "threads": 1, "workers": 1, "max_train_images": 120}
@@ -107,14 +122,18 @@ def recipe_config(r: Recipe, extra: dict[str, Any] | None, tiny: bool = False) -
 
 # ---------------------------------------------------------------------------------------------- speed
 
-def measure_speed(cfg: dict[str, Any], steps: int = 6, warmup: int = 2) -> float:
+def measure_speed(cfg: dict[str, Any], steps: int = 6, warmup: int = 2, seconds: float | None = None,
+                  start_at: float | None = None) -> float:
     """Training images/s of ``cfg`` on this machine: ``steps`` timed steps of the real training step (augment,
-    mix, forward, backward, optimiser, EMA) on random 100x100 images, after ``warmup`` untimed ones."""
+    mix, forward, backward, optimiser, EMA) on random 100x100 images, after ``warmup`` untimed ones. With
+    ``seconds``, as many rounds of ``steps`` steps as fit into that time instead, timed from ``start_at``
+    (``time.time()`` seconds; so that probes in several processes overlap, as their runs will)."""
     from . import train as T
     from .data.loader import DeviceBatches
     from .inference import autocast_dtype, pick_device
     from .losses import make_loss
 
+    cfg = cfg | {"progress": False, "distill_from": []}
     device = pick_device(cfg["device"])
     T.setup_backends(cfg, device)
     bs = int(cfg["batch_size"])
@@ -129,17 +148,28 @@ def measure_speed(cfg: dict[str, Any], steps: int = 6, warmup: int = 2) -> float
     amp = autocast_dtype(device, cfg["amp"])
     ema = T.EMA(model, float(cfg["ema"])) if cfg["ema"] else None
     gen = torch.Generator(device=device).manual_seed(0)
-    cfg = cfg | {"progress": False}
     warm = DeviceBatches(x[: warmup * bs], y[: warmup * bs], bs)
     timed = DeviceBatches(x[warmup * bs:], y[warmup * bs:], bs)
-    T.train_one_epoch(model, warm, opt, None, False, loss_fn, cfg, device, amp, None, ema, gen, T.Dist(), "warm-up")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    T.train_one_epoch(model, timed, opt, None, False, loss_fn, cfg, device, amp, None, ema, gen, T.Dist(), "timed")
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * bs / (time.perf_counter() - t0)
+
+    def run(batches: DeviceBatches) -> None:
+        T.train_one_epoch(model, batches, opt, None, False, loss_fn, cfg, device, amp, None, ema, gen, T.Dist(), "")
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    run(warm)
+    sync()
+    if start_at is not None:
+        time.sleep(max(0.0, start_at - time.time()))
+    t0, done = time.perf_counter(), 0
+    while True:
+        run(timed)
+        done += steps * bs
+        if seconds is None or time.perf_counter() - t0 >= seconds:
+            break
+    sync()
+    return done / (time.perf_counter() - t0)
 
 
 def training_part_size(data: Path, cfg: dict[str, Any]) -> int:
@@ -293,10 +323,13 @@ def evaluate_last(data: Path, run_dir: Path) -> dict[str, Any]:
     """The last checkpoint on the held-out split (each TTA mode) and on part of its own training part."""
     from .data.cache import load_split
     from .predict import load
+    from .train import teacher_views
 
     clf = load(run_dir / "last.safetensors")
     held = _held_out(data, run_dir)
     by_tta = {mode: _metrics(held.labels, clf.predict(held.images, tta=mode).probs) for mode in TTA_COLUMNS}
+    own = teacher_views(clf.meta.get("config") or {})  # the flips and turns it was trained with
+    by_tta["own"] = by_tta[own] | {"views": own}
     # training accuracy: the final weights on (a seeded part of) the images they were trained on, unaugmented
     with open(run_dir / "split.csv", newline="") as f:
         train_ids = {r["image_id"] for r in csv.DictReader(f) if r["subset"] == "train"}
@@ -317,12 +350,18 @@ def evaluate_last(data: Path, run_dir: Path) -> dict[str, Any]:
 
 def evaluate_ensemble(data: Path, runs: list[Path]) -> dict[str, Any]:
     from .predict import load
+    from .train import teacher_views
 
     held = _held_out(data, runs[0])
-    by_tta = {}
-    for mode in TTA_COLUMNS:
-        probs = np.mean([load(r / "last.safetensors").predict(held.images, tta=mode).probs for r in runs], axis=0)
-        by_tta[mode] = _metrics(held.labels, probs)
+    probs: dict[str, list[np.ndarray]] = {mode: [] for mode in (*TTA_COLUMNS, "own")}
+    for r in runs:
+        clf = load(r / "last.safetensors")
+        mine = {mode: clf.predict(held.images, tta=mode).probs for mode in TTA_COLUMNS}
+        for mode in TTA_COLUMNS:
+            probs[mode].append(mine[mode])
+        probs["own"].append(mine[teacher_views(clf.meta.get("config") or {})])
+    # "own": each member over the flips and turns it was trained with (see train.teacher_views)
+    by_tta = {mode: _metrics(held.labels, np.mean(p, axis=0)) for mode, p in probs.items()}
     summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
     return {"run": None, "split": summaries[0]["split"], "n": int(len(held.labels)), "epochs": None,
             "train_minutes": sum(s["train_time_s"] for s in summaries) / 60.0, "images_per_s": None,
@@ -367,8 +406,9 @@ def recipes_markdown(report: dict[str, Any]) -> str:
         what = (", ".join(f"`{k}={v}`" for k, v in r["overrides"].items()) or "nothing") if not r["members"] else \
             "mean probabilities of " + ", ".join(r["members"])
         if r.get("teachers"):
-            what = ("distilled from the last checkpoints of " + ", ".join(r["teachers"]) + " (their mean 8-view "
-                    "logits, computed once before training and not counted in its minutes)")
+            what = ("distilled from the last checkpoints of " + ", ".join(r["teachers"]) + " (their mean logits, "
+                    "each teacher over the flips and turns it was trained with, computed once before training and "
+                    "not counted in its minutes)")
         lines.append(f"- **{r['id']}**: {what}")
     lines += ["", f"Commit {report['commit']}; torch {report['versions'].get('torch', '?')}; "
               f"study wall time {report['wall_time_s'] / 60:.1f} min (reused runs count nothing)."]

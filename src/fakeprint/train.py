@@ -299,8 +299,10 @@ def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, perm: torch
 
 @torch.no_grad()
 def teacher_logits(paths: list[str], images: torch.Tensor, device: torch.device, cfg: dict) -> torch.Tensor:
-    """Mean logits of the teacher checkpoints on every training image, each teacher with eight-view dihedral
-    test-time augmentation (so that the targets do not depend on the flips and turns of training)."""
+    """Mean logits of the teacher checkpoints on every training image, each teacher averaged over the views its
+    own training made it invariant to (``teacher_views``: the eight flips and turns of a teacher trained with
+    them, the horizontal flip of one trained with that only), so that the targets do not depend on the flips
+    of training and no teacher is asked about views it never saw."""
     from .inference import predict_logits
 
     total = None
@@ -313,9 +315,18 @@ def teacher_logits(paths: list[str], images: torch.Tensor, device: torch.device,
                                  "split_seed or val_fraction differ): it may have seen the student's held-out images")
         norm = (meta.get("normalization") or {}).get("mode", "imagenet")
         logits = predict_logits(model, images, device, batch_size=int(cfg["eval_batch_size"]), norm=norm,
-                                tta="dihedral", amp_dtype=autocast_dtype(device, cfg["amp"])).to(device)
+                                tta=teacher_views(tcfg), amp_dtype=autocast_dtype(device, cfg["amp"])).to(device)
         total = logits if total is None else total + logits
     return total / len(paths)
+
+
+def teacher_views(cfg: dict) -> str:
+    """The test-time views a model trained with ``cfg``'s augmentation is invariant to: ``dihedral`` with vertical
+    flips and quarter turns, ``flip`` with horizontal flips, else ``none``. (A model trained with horizontal
+    flips only scores far lower on the rotated views: 77% against 90% on the internal split, for one.)"""
+    if cfg.get("hflip") and cfg.get("vflip") and cfg.get("rot90"):
+        return "dihedral"
+    return "flip" if cfg.get("hflip") else "none"
 
 
 @torch.no_grad()
@@ -420,7 +431,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             raise FakeprintError("config: distill_from must be a list of teacher checkpoints")
         if d.main:
             print(f"distillation: teacher logits of {len(cfg['distill_from'])} checkpoint(s) on "
-                  f"{len(train_split)} training images (8 views each)", file=sys.stderr)
+                  f"{len(train_split)} training images (each over the views it was trained on)", file=sys.stderr)
         soft = teacher_logits(cfg["distill_from"], x_train, device, cfg)
     batches = DeviceBatches(x_train, y_train, int(cfg["batch_size"]), sampler=cfg["sampler"], drop_last=True,
                             seed=cfg["seed"], rank=d.rank, world_size=d.world_size, targets=soft)

@@ -13,6 +13,7 @@ import multiprocessing as mp
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +66,24 @@ def default_cache_dir(root: Path) -> Path:
 def _root_key(root: Path) -> str:
     resolved = str(Path(root).resolve())
     return Path(resolved).name + "-" + hashlib.blake2b(resolved.encode(), digest_size=6).hexdigest()
+
+
+_VERIFIED: dict[tuple, str] = {}
+
+
+def _cache_hash(path: Path) -> str:
+    """``_file_hash`` of a cache file, computed once per process for each version of it (path, inode, size,
+    modification time): a study that loads the same split for every run does not hash 375 MB each time. A file
+    modified in the last two seconds is always hashed: file times are coarse, so a change made just after the
+    last hash could keep the same time (git's "racy" case)."""
+    st = path.stat()
+    key = (str(path.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _VERIFIED:
+        return _VERIFIED[key]
+    digest = _file_hash(path)
+    if time.time_ns() - st.st_mtime_ns > 2_000_000_000:
+        _VERIFIED[key] = digest
+    return digest
 
 
 def _file_hash(path: Path) -> str:
@@ -147,7 +166,7 @@ def load_split(
         and manifest.get("ids") == files.ids
         and npy.is_file()
         and manifest.get("on_bad_image") == on_bad_image
-        and manifest.get("hash") == _file_hash(npy)
+        and manifest.get("hash") == _cache_hash(npy)
     ):
         images = np.load(npy, mmap_mode="r")
         bad = set(manifest.get("bad", []))

@@ -135,10 +135,31 @@ def _parse_csv(path: Path, text: str, need_label: bool, num_classes: int) -> tup
     return CsvTable(path, ids, labels if need_label else None, rows), problems
 
 
-def index_images(folder: Path) -> tuple[dict[str, Path], list[Problem]]:
-    """Map image stem -> file for every image in ``folder`` (one directory listing, not one stat per id)."""
-    out: dict[str, Path] = {}
+LINKS_ENV = "FAKEPRINT_FOLLOW_EXTERNAL_LINKS"
+
+
+def follow_external_links() -> bool:
+    """Whether image files that are symbolic links to places outside the dataset folder are read (``fakeprint
+    --follow-external-links``, or the environment variable ``FAKEPRINT_FOLLOW_EXTERNAL_LINKS=1``)."""
+    return os.environ.get(LINKS_ENV, "") not in ("", "0")
+
+
+def _outside(link: Path, roots: tuple[Path, ...]) -> Path | None:
+    """The resolved target of ``link`` when it lies outside every one of ``roots`` (resolved), else None."""
+    target = link.resolve()
+    return None if any(target == r or r in target.parents for r in roots) else target
+
+
+def index_images(folder: Path, root: Path | None = None) -> tuple[dict[str, Path | None], list[Problem]]:
+    """Map image stem -> file for every image in ``folder`` (one directory listing, not one stat per id).
+
+    An image that is a symbolic link leading outside both ``folder`` and the dataset ``root`` is refused (a
+    problem naming it; its stem maps to None) unless ``follow_external_links()``: a dataset from elsewhere
+    must not make fakeprint read, and report on, arbitrary files of this machine."""
+    out: dict[str, Path | None] = {}
     problems: list[Problem] = []
+    roots = tuple(Path(p).resolve() for p in (folder, root) if p is not None)
+    check_links = not follow_external_links()
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except FileNotFoundError:
@@ -150,9 +171,16 @@ def index_images(folder: Path) -> tuple[dict[str, Path], list[Problem]]:
         if ext.lower() not in IMAGE_EXTS:
             continue
         if stem in out:
-            problems.append(Problem(str(Path(folder) / entry.name), f"two images for id {stem!r} (also {out[stem].name})"))
+            other = out[stem].name if out[stem] is not None else "a refused link"
+            problems.append(Problem(str(Path(folder) / entry.name), f"two images for id {stem!r} (also {other})"))
             continue
-        out[stem] = Path(folder) / entry.name
+        path = Path(folder) / entry.name
+        if check_links and entry.is_symlink() and (target := _outside(path, roots)) is not None:
+            problems.append(Problem(str(path), f"a symbolic link to {target}, outside the dataset folder: refused "
+                                    "(fakeprint --follow-external-links reads such links)"))
+            out[stem] = None
+            continue
+        out[stem] = path
     return out, problems
 
 
@@ -166,6 +194,7 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
         with Image.open(path) as im:
             if im.width * im.height > MAX_PIXELS:
                 raise DataError(f"{path}: {im.width}x{im.height} pixels is too large (limit {MAX_PIXELS})")
+            decode_reduced(im, size)
             im.load()
             return to_rgb_array(im, size)
     except DataError:
@@ -192,6 +221,14 @@ def _regular_file(path: Path) -> None:
         raise DataError(f"{path}: unreadable ({e.strerror})") from None
     if not stat.S_ISREG(mode):
         raise DataError(f"{path}: not a regular file (a FIFO, device or folder), refused")
+
+
+def decode_reduced(im: Image.Image, size: int = IMAGE_SIZE) -> None:
+    """Before ``im.load()``: let a large JPEG decode at 1/2, 1/4 or 1/8 scale (libjpeg's DCT scaling), never
+    below ``size`` on either side. The image is resized to ``size`` anyway; this makes a 4000x3000 photo cost
+    what a 500x375 one does. Other formats have no reduced decoding and are left alone."""
+    if im.format == "JPEG" and min(im.size) >= 2 * size:
+        im.draft(None, (size, size))
 
 
 def to_rgb_array(im: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
@@ -232,13 +269,15 @@ def resolve_split(root: Path, split: str) -> tuple[SplitFiles, list[Problem]]:
     if not csv_path.is_file():
         return SplitFiles(split, root, [], None, []), [Problem(str(csv_path), "file not found")]
     table, problems = read_csv(csv_path, need_label=split != "test")
-    index, index_problems = index_images(root / split)
+    index, index_problems = index_images(root / split, root)
     problems += index_problems
     paths: list[Path] = []
     ids: list[str] = []
     labels: list[int] = []
     for i, image_id in enumerate(table.ids):
         path = index.get(image_id)
+        if path is None and image_id in index:  # a refused link, already a problem of its own
+            continue
         if path is None:
             if index or not index_problems:
                 problems.append(

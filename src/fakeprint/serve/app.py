@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import hmac
 import http
 import logging
 import time
@@ -37,8 +38,10 @@ from ..predict import Classifier
 from .uploads import (
     FILES_FIELD,
     ApiError,
+    ClientGone,
     Limits,
     check_content_type,
+    check_pixels,
     decode_upload,
     display_name,
     read_form,
@@ -177,15 +180,17 @@ class ModelInfo(BaseModel):
     input_size: dict[str, int]
     normalization: str
     gradcam: dict[str, Any]
-    limits: dict[str, int]
+    limits: dict[str, int | float]
     version: str
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     s: {"model": ErrorBody, "description": d} for s, d in {
-        400: "malformed multipart body, or no 'files' field", 413: "a file, the request, an image's pixel count "
-        "or the number of files is over the limit", 415: "not multipart/form-data, or a file that is not an image",
-        422: "an image that cannot be decoded, or a bad query parameter"}.items()
+        400: "malformed multipart body, or no 'files' field", 401: "an API token is required and was missing or "
+        "wrong", 408: "the request body did not arrive in time", 413: "a file, the request, an image's pixel "
+        "count, the request's pixel count or the number of files is over the limit", 415: "not "
+        "multipart/form-data, or a file that is not an image", 422: "an image that cannot be decoded, or a bad "
+        "query parameter", 503: "the upload queue is full: retry after the Retry-After header's seconds"}.items()
 }
 
 PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
@@ -194,16 +199,26 @@ PREDICT_BODY = {"requestBody": {"required": True, "content": {"multipart/form-da
                                  "description": "one or more images (PNG, JPEG, WebP, BMP, GIF, TIFF)"}}}}}}}
 
 
+class QueueFull(Exception):
+    """Every worker is busy and the upload queue is full."""
+
+
 def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
-def create_app(service: Service, limits: Limits | None = None, workers: int = 2) -> FastAPI:
-    """The FastAPI app for ``service``; ``workers`` bounds how many requests decode and infer at once."""
+def create_app(service: Service, limits: Limits | None = None, workers: int = 2, token: str | None = None,
+               allowed_hosts: list[str] | None = None) -> FastAPI:
+    """The FastAPI app for ``service``; ``workers`` bounds how many requests decode and infer at once, and
+    ``limits.queue`` how many more may wait (then 503). ``token``: when set, every request except
+    ``/healthz``, the page and its static files must carry ``Authorization: Bearer <token>`` (401 otherwise).
+    ``allowed_hosts``: Host header values accepted (``*`` entries match anything; None: any)."""
     limits = limits or Limits()
     # PIL's own decompression-bomb guard, in step with ours (it warns above the limit, raises at twice it)
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
     limiter = anyio.CapacityLimiter(max(1, workers))
+    capacity = max(1, workers) + max(0, int(limits.queue))  # uploads in progress: being read, waiting or running
+    admitted = [0]
     clf = service.classifier
 
     app = FastAPIOffline(  # FastAPI whose /docs and /redoc serve Swagger UI and ReDoc from the package, no CDN
@@ -217,7 +232,12 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.detail)
+        return _error(exc.status, exc.code, exc.detail, exc.headers)
+
+    @app.exception_handler(QueueFull)
+    async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
+        return _error(503, "queue_full", f"{capacity} uploads are already being handled or waiting; retry shortly",
+                      {"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -237,6 +257,32 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
         log.exception("unhandled error on %s", request.url.path)
         return _error(500, "internal_error", f"{type(exc).__name__} while handling the request")
 
+    @app.exception_handler(ClientGone)
+    async def _client_gone(request: Request, exc: ClientGone) -> JSONResponse:
+        client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
+        log.info("%s disconnected during its upload to %s (%s body bytes received)", client, request.url.path,
+                 f"{exc.received:,}")
+        return _error(400, "client_disconnected", "the connection closed before the request body was complete")
+
+    hosts = [h.lower() for h in allowed_hosts] if allowed_hosts else None
+    public = ("/healthz", "/", "/favicon.ico")
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next):
+        if hosts is not None and "*" not in hosts:
+            host = request.headers.get("host", "").lower()
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if name.strip("[]") not in {h.strip("[]") for h in hosts}:
+                return _error(400, "invalid_host", f"Host {host!r} is not served here (--allowed-hosts)")
+        path = request.url.path
+        if token is not None and path not in public and not path.startswith("/static/"):
+            given = request.headers.get("authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
+                return _error(401, "unauthorized", "this service needs an API token: send the header "
+                              "'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
+
     @app.middleware("http")
     async def _headers(request: Request, call_next):
         response = await call_next(request)
@@ -247,7 +293,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
             response.headers["Referrer-Policy"] = "no-referrer"
         return response
 
-    @app.get("/healthz", summary="liveness: the process answers")
+    @app.get("/healthz", summary="liveness: the process answers (never queued)")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
@@ -267,6 +313,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
         return info
 
     def run_batch(blobs: list[tuple[str, bytes]], cam: bool) -> list[dict[str, Any]]:
+        check_pixels(blobs, limits)  # headers only: refuse over-budget requests before decoding any image
         decode_ms, arrays = [], []
         for name, data in blobs:
             t = time.perf_counter()
@@ -301,13 +348,19 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
         check_content_type(request)
         if cam and service.cam is None:
             raise ApiError(400, "cam_unavailable", f"Grad-CAM is not available for this model: {service.cam_note}")
-        form = await read_form(request, limits)
+        if admitted[0] >= capacity:  # before the body is read: a waiting request holds no memory
+            raise QueueFull
+        admitted[0] += 1
         try:
-            files = uploaded_files(form, limits)
-            blobs = [(display_name(f, i), await f.read()) for i, f in enumerate(files)]
+            form = await read_form(request, limits)
+            try:
+                files = uploaded_files(form, limits)
+                blobs = [(display_name(f, i), await f.read()) for i, f in enumerate(files)]
+            finally:
+                await form.close()
+            results = await anyio.to_thread.run_sync(run_batch, blobs, cam, limiter=limiter)
         finally:
-            await form.close()
-        results = await anyio.to_thread.run_sync(run_batch, blobs, cam, limiter=limiter)
+            admitted[0] -= 1
         return {"model": clf.name, "backend": service.backend, "count": len(results),
                 "total_ms": round((time.perf_counter() - t0) * 1e3, 3), "results": results}
 
@@ -315,5 +368,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
 
+    for path, endpoint in (("/healthz", healthz), ("/v1/model", model_info), ("/", index)):  # HEAD: GET's headers
+        app.add_api_route(path, endpoint, methods=["HEAD"], include_in_schema=False)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

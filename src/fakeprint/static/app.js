@@ -16,10 +16,30 @@
     return node;
   }
 
+  // Every API call: the API token (when the service needs one, asked for once and kept for this tab), and a
+  // polite retry when the upload queue is full (503 with Retry-After).
+  async function api(url, opts = {}, tries = 3) {
+    const token = sessionStorage.getItem("fakeprint-token");
+    const headers = token ? { Authorization: `Bearer ${token}` } : {};
+    const res = await fetch(url, { ...opts, headers });
+    if (res.status === 401 && tries > 0) {
+      const given = window.prompt("This service needs an API token (ask whoever runs it):");
+      if (!given) return res;
+      sessionStorage.setItem("fakeprint-token", given.trim());
+      return api(url, opts, tries - 1);
+    }
+    if (res.status === 503 && tries > 0 && res.headers.get("Retry-After")) {
+      const wait = Math.min(10, Number(res.headers.get("Retry-After")) || 1);
+      await new Promise((r) => setTimeout(r, wait * 1000));
+      return api(url, opts, tries - 1);
+    }
+    return res;
+  }
+
   async function loadModel() {
     const box = $("#model");
     try {
-      const res = await fetch("/v1/model");
+      const res = await api("/v1/model");
       if (!res.ok) throw new Error(`HTTP ${res.status}`);
       const m = await res.json();
       state.model = m;
@@ -128,7 +148,7 @@
     body.append("files", file, file.name);
     const cam = !!(state.model && state.model.gradcam.available);
     try {
-      const res = await fetch(`/v1/predict${cam ? "?cam=1" : ""}`, { method: "POST", body });
+      const res = await api(`/v1/predict${cam ? "?cam=1" : ""}`, { method: "POST", body });
       let data = null;
       try { data = await res.json(); } catch { /* not JSON */ }
       if (!res.ok) {
