@@ -212,3 +212,19 @@ def test_cli_predict_json_agrees_with_the_api(run, clf, images, tmp_path, capsys
     assert [o["label"] for o in out] == [CLASSES[i] for i in pred.labels] and all(len(o["top"]) == 5 for o in out)
     for o, row in zip(out, pred.probs, strict=True):
         np.testing.assert_allclose([o["probabilities"][c] for c in CLASSES], row, atol=1e-6)
+
+
+def test_read_only_inputs_give_no_numpy_warning(tmp_path):
+    """A memory-mapped cache or any read-only array is read as it is, without torch's "not writable" warning
+    (in a fresh process: torch gives that warning once per process)."""
+    import subprocess
+    import sys
+
+    from conftest_service import make_checkpoint
+
+    run = make_checkpoint(tmp_path)
+    code = ("import numpy as np, fakeprint; a = np.zeros((3, 100, 100, 3), np.uint8); a.setflags(write=False); "
+            f"print(fakeprint.load({str(run)!r}).predict(a).probs.shape)")
+    proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "(3, 5)" in proc.stdout, proc.stderr[-2000:]

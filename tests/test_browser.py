@@ -182,6 +182,9 @@ def test_dropping_a_file_classifies_it(page, run):
     drop(page, "dropped.png", png)
     page.wait_for_selector('.card.done[data-filename="dropped.png"]')
     assert page.locator(".card.done .label-text").text_content() == f"Generator {CLASSES[expected.labels[0]]}"
+    assert page.locator('.card[data-filename="dropped.png"] .resized').count() == 0
+    drop(page, "wide.png", encode(random_images(1, seed=63, size=160)[0]))  # not 100x100: the card says so
+    expect(page.locator('.card.done[data-filename="wide.png"] .resized')).to_contain_text("resized from 160")
     assert not page.problems, page.problems
 
 

@@ -249,3 +249,13 @@ def test_serve_refuses_to_listen_beyond_loopback_without_a_token(cli, monkeypatc
     monkeypatch.delenv("FAKEPRINT_API_TOKEN", raising=False)
     r = cli("serve", "--host", "0.0.0.0", "--port", "0")
     assert r.returncode == 2 and "FAKEPRINT_API_TOKEN" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_resized_uploads_say_so(service):
+    client = TestClient(create_app(service), base_url="http://127.0.0.1")
+    files = [("files", ("small.png", encode(random_images(1)[0]), "image/png")),
+             ("files", ("big.png", encode(random_images(1, size=300)[0][:, :200]), "image/png"))]
+    r = client.post("/v1/predict", files=files)
+    assert r.status_code == 200, r.text
+    small, big = r.json()["results"]
+    assert "resized_from" not in small and big["resized_from"] == [200, 300]

@@ -31,6 +31,7 @@ from torch import nn
 
 from .augment import normalize, to_float
 from .data.dataset import IMAGE_SIZE
+from .data.loader import tensor_view
 
 
 def conv_execution_order(model: nn.Module, size: int = IMAGE_SIZE) -> list[str]:
@@ -101,7 +102,7 @@ class GradCAM:
         for start in range(0, n, batch_size):
             chunk = images[start : start + batch_size]
             if isinstance(chunk, np.ndarray):
-                chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+                chunk = tensor_view(chunk)
             cls = None if classes is None else torch.as_tensor(np.asarray(classes)[start : start + batch_size])
             m, c, grid = self._batch(chunk, cls)
             maps.append(m)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .augment import normalize, to_float, tta_views
+from .data.loader import tensor_view
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -68,7 +69,7 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: 
     for start in range(0, n, batch_size):
         chunk = images[start : start + batch_size]
         if isinstance(chunk, np.ndarray):
-            chunk = torch.from_numpy(np.ascontiguousarray(chunk))
+            chunk = tensor_view(chunk)
         x = normalize(to_float(chunk.to(device, non_blocking=True)), norm)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -13,12 +13,18 @@ import numpy as np
 import torch
 
 
-def to_device_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
-    """Copy a (memory-mapped) uint8 array into one tensor on ``device``. On the CPU a read-only memory map
-    is used as it is (batches index it, nothing writes to it), so torch's warning about it is silenced."""
+def tensor_view(images: np.ndarray) -> torch.Tensor:
+    """A tensor sharing ``images``' memory (contiguous first). A read-only array (a memory-mapped cache, a
+    decoded batch) is used as it is: fakeprint only reads these tensors, so torch's "not writable" warning
+    is silenced instead of paying for a copy."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        t = torch.from_numpy(np.ascontiguousarray(images))
+        return torch.from_numpy(np.ascontiguousarray(images))
+
+
+def to_device_tensor(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """Copy a (memory-mapped) uint8 array into one tensor on ``device`` (on the CPU: ``tensor_view``, no copy)."""
+    t = tensor_view(images)
     if device.type == "cuda":
         t = t.pin_memory().to(device, non_blocking=True)
     return t.to(device)

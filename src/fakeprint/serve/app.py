@@ -148,6 +148,9 @@ class ImageResult(BaseModel):
                                           "is calibrated)")
     uncertain: bool | None = Field(default=None, description="true when the confidence is below what the model "
                                    "shows on 95% of its held-out calibration images (absent: no calibration)")
+    resized_from: list[int] | None = Field(default=None, description="the upload's own [width, height] when it "
+                                           "was not 100x100 and had to be resized (which blurs the traces the model "
+                                           "reads); absent for 100x100 images")
     probabilities: dict[str, float] = Field(description="class name -> probability (they sum to 1)")
     time_ms: float = Field(description="this image's decoding plus its share of the batched model call "
                                        "(and of the Grad-CAM pass when asked for)")
@@ -314,10 +317,12 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
 
     def run_batch(blobs: list[tuple[str, bytes]], cam: bool) -> list[dict[str, Any]]:
         check_pixels(blobs, limits)  # headers only: refuse over-budget requests before decoding any image
-        decode_ms, arrays = [], []
+        decode_ms, arrays, sizes = [], [], []
         for name, data in blobs:
             t = time.perf_counter()
-            arrays.append(decode_upload(data, name, limits.max_pixels))
+            array, size = decode_upload(data, name, limits.max_pixels)
+            arrays.append(array)
+            sizes.append(size)
             decode_ms.append((time.perf_counter() - t) * 1e3)
         batch = np.stack(arrays)
         t = time.perf_counter()
@@ -333,9 +338,11 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
             share += (time.perf_counter() - t) * 1e3 / len(batch)
         out = []
         flags = [None] * len(blobs) if pred.uncertain is None else [bool(u) for u in pred.uncertain]
-        for (name, _), dms, lab, pr, cm, unc in zip(blobs, decode_ms, pred.labels, pred.probs, cams, flags, strict=True):
+        rows = zip(blobs, decode_ms, sizes, pred.labels, pred.probs, cams, flags, strict=True)
+        for (name, _), dms, size, lab, pr, cm, unc in rows:
             out.append({"filename": name, "label": clf.classes[int(lab)], "label_index": int(lab),
                         "confidence": float(pr[int(lab)]), "uncertain": unc,
+                        "resized_from": list(size) if size != (IMAGE_SIZE, IMAGE_SIZE) else None,
                         "probabilities": {c: float(p) for c, p in zip(clf.classes, pr, strict=True)},
                         "time_ms": round(dms + share, 3), "cam": cm})
         return out

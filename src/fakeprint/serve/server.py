@@ -57,8 +57,11 @@ class GuardedH11Protocol(H11Protocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        # a kept-alive connection: uvicorn's keep-alive timer covers silence, ours a slow next request
-        if self.conn.their_state is h11.IDLE or self.conn.their_state is h11.DONE:
+        # a kept-alive connection waits for its next request's headers (part of them may already be buffered,
+        # pipelined behind the last request): the clock starts again now
+        if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+            self._arm_header_timer()
+        else:
             self._cancel_header_timer()
 
     def connection_lost(self, exc) -> None:

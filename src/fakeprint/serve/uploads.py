@@ -205,9 +205,9 @@ def check_pixels(blobs: list[tuple[str, bytes]], limits: Limits) -> None:
                            f"limit is {limits.max_request_pixels:,} per request: send fewer or smaller images")
 
 
-def decode_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
-    """Bytes of an image file -> 100 x 100 x 3 uint8, checking the declared size before decoding (large
-    JPEGs are decoded at reduced scale: ``data.dataset.decode_reduced``)."""
+def decode_upload(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
+    """Bytes of an image file -> (100 x 100 x 3 uint8, the image's own (width, height)), checking the declared
+    size before decoding (large JPEGs are decoded at reduced scale: ``data.dataset.decode_reduced``)."""
     if not data:
         raise ApiError(415, "not_an_image", f"{name!r} is empty")
     try:
@@ -224,7 +224,7 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
                     raise ApiError(422, "corrupt_image", f"{name!r} declares an empty {w}x{h} image")
                 decode_reduced(im)
                 im.load()
-                return to_rgb_array(im)
+                return to_rgb_array(im), (w, h)
     except ApiError:
         raise
     except Image.DecompressionBombError as e:

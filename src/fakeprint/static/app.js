@@ -122,6 +122,12 @@
       bars.append(li);
     }
     $(".timing", card).textContent = `${r.time_ms.toFixed(1)} ms`;
+    if (r.resized_from) {  // the model reads 100x100: say that this image was resized (and blurred) to fit
+      const note = el("p", { className: "resized" },
+        `resized from ${r.resized_from[0]}\u00d7${r.resized_from[1]} to 100\u00d7100: less reliable`);
+      note.title = "The model reads 100x100 images; resizing blurs the generator traces it looks for.";
+      $(".meta", card).after(note);
+    }
     const camFrame = $(".cam-frame", card);
     if (r.cam && !r.cam.empty) {
       const heat = $(".heat", card);
