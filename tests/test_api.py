@@ -228,3 +228,18 @@ def test_read_only_inputs_give_no_numpy_warning(tmp_path):
     proc = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", code], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "(3, 5)" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_long_predictions_show_images_per_second_and_equal_one_call(tmp_path, capsys):
+    from conftest_service import make_checkpoint, random_images
+    from fakeprint.predict import predict_with_progress
+
+    clf = fakeprint.load(make_checkpoint(tmp_path))
+    images = random_images(7)
+    whole = clf.predict(images)
+    chunked = predict_with_progress(clf, images, "testing", progress=True, chunk=3)
+    assert np.array_equal(chunked.labels, whole.labels) and np.allclose(chunked.probs, whole.probs, atol=1e-6)
+    err = capsys.readouterr().err
+    assert "testing" in err and "img/s" in err  # a bar whose rate is in images per second
+    quiet = predict_with_progress(clf, images, "quiet", progress=False, chunk=3)
+    assert "quiet" not in capsys.readouterr().err and len(quiet) == 7

@@ -178,7 +178,9 @@ def analyze(checkpoint: str | Path, data: str | Path, split: str = "internal", o
     if len(ds) == 0:
         raise FakeprintError(f"split {split!r} of {data} has no images")
     k = len(clf.classes)
-    probs = clf.predict(ds.images).probs
+    from .predict import predict_with_progress
+
+    probs = predict_with_progress(clf, ds.images, f"analysing {split}", progress=None if progress else False).probs
     pred = probs.argmax(1)
     labels = ds.labels
     title = f"{clf.name} on the {split} split"

@@ -128,6 +128,8 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise FakeprintError(f"--top-k must be at least 1, got {args.top_k}")
     clf = load_backend(ckpt, args.backend, args.device)
+    from .predict import predict_with_progress
+
     if args.data:
         from .checkpoint import atomic_write
         from .csvio import csv_bytes
@@ -136,7 +138,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         if items:
             raise FakeprintError("give either --data (a dataset split) or image files, not both")
         ds = load_split(Path(args.data), args.split or "test")
-        pred = clf.predict(ds.images, tta=args.tta)
+        pred = predict_with_progress(clf, ds.images, f"predicting {ds.name}", tta=args.tta)
         out = Path(args.out or "submission.csv")
         atomic_write(out, csv_bytes(["image_id", "label"], ([i, int(lab)] for i, lab in zip(ds.ids, pred.labels,
                                                                                              strict=True))))
@@ -149,7 +151,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     if not items:
         raise FakeprintError("nothing to predict: give image files or folders, or --data DIR [--split test] --out FILE")
     t0 = time.perf_counter()
-    pred = clf.predict(items, tta=args.tta)
+    pred = predict_with_progress(clf, items, "predicting", tta=args.tta)
     dt = time.perf_counter() - t0
     k = min(args.top_k or len(clf.classes), len(clf.classes))
     if args.probs:

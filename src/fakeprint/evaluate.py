@@ -41,7 +41,9 @@ def evaluate(clf: Classifier | EnsembleClassifier, data: SplitData, out_dir: Pat
     """``tta`` None: the checkpoint's own test-time augmentation (recorded in the metrics as used)."""
     if data.labels is None:
         raise FakeprintError(f"split {data.name!r} has no labels; evaluation needs image_id,label")
-    pred = clf.predict(data.images, tta=tta)
+    from .predict import predict_with_progress
+
+    pred = predict_with_progress(clf, data.images, f"evaluating on {data.name}", tta=tta)
     tta = getattr(clf, "tta", "none") if tta is None else tta_mode(tta)
     title = title or f"{clf.name} on the {data.name} split of {data.root}"
     extra = {"split": data.name, "checkpoint": str(clf.path) if clf.path else [str(m.path) for m in clf.members],

@@ -171,6 +171,26 @@ class EnsembleClassifier:
         return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
 
 
+def predict_with_progress(clf: Any, images: Any, desc: str = "predicting", progress: bool | None = None,
+                          chunk: int = 1024, **kwargs: Any) -> Predictions:
+    """``clf.predict(images, **kwargs)`` (any backend) in chunks, with a progress bar on stderr that shows
+    images/s. ``progress`` None: only when stderr is a terminal; True: always; False: never."""
+    from tqdm import tqdm
+
+    n = len(images)
+    parts: list[Predictions] = []
+    with tqdm(total=n, desc=desc, unit="img", disable=False if progress else None if progress is None else True,
+              leave=False, dynamic_ncols=True) as bar:
+        for start in range(0, max(n, 1), chunk):
+            parts.append(clf.predict(images[start : start + chunk], **kwargs))
+            bar.update(len(parts[-1]))
+    if len(parts) == 1:
+        return parts[0]
+    flags = None if any(p.uncertain is None for p in parts) else np.concatenate([p.uncertain for p in parts])
+    return Predictions(np.concatenate([p.labels for p in parts]), np.concatenate([p.probs for p in parts]),
+                       parts[0].classes, flags)
+
+
 def load(path: str | Path | None = None, device: str = "cpu") -> Classifier:
     """Load a checkpoint (a run folder, ``NAME.safetensors`` or its stem); no path: the shipped default model."""
     if path is None:
