@@ -73,8 +73,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="most pixels per image, read from its header before decoding (default 2048x2048)")
     s.add_argument("--max-request-pixels", type=int, default=4 * 2048 * 2048,
                    help="most pixels of all the images of one request together (default 4 x 2048x2048)")
-    s.add_argument("--queue", type=int, default=8,
-                   help="uploads that may wait for a worker; beyond that 503 with Retry-After (default 8)")
+    s.add_argument("--queue", type=int, default=16,
+                   help="uploads that may be read or wait beside the busy workers; beyond that 503 with "
+                        "Retry-After (default 16)")
     s.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send a request's headers (default 10)")
     s.add_argument("--body-idle-timeout", type=float, default=10.0,

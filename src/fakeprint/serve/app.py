@@ -316,7 +316,6 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
         return info
 
     def run_batch(blobs: list[tuple[str, bytes]], cam: bool) -> list[dict[str, Any]]:
-        check_pixels(blobs, limits)  # headers only: refuse over-budget requests before decoding any image
         decode_ms, arrays, sizes = [], [], []
         for name, data in blobs:
             t = time.perf_counter()
@@ -365,6 +364,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
                 blobs = [(display_name(f, i), await f.read()) for i, f in enumerate(files)]
             finally:
                 await form.close()
+            check_pixels(blobs, limits)  # headers only, before waiting for a worker: over-budget requests leave now
             results = await anyio.to_thread.run_sync(run_batch, blobs, cam, limiter=limiter)
         finally:
             admitted[0] -= 1

@@ -26,7 +26,9 @@ from ..data.dataset import decode_reduced, to_rgb_array
 # Formats a client may send. Others (EPS, which would run Ghostscript; PSD; FITS ...) are refused unopened.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
 FILES_FIELD = "files"
-CLOSE = {"Connection": "close"}  # a refusal before the body was read: the connection cannot carry another request
+# A stalled body's refusal: the connection cannot carry another request. (Not for a body that is too large:
+# closing while the client still sends makes its TCP stack reset the connection before it reads the answer.)
+CLOSE = {"Connection": "close"}
 MB = 1024 * 1024
 
 
@@ -50,7 +52,7 @@ class Limits:
     header_timeout: float = 10.0
     body_idle_timeout: float = 10.0
     body_timeout: float = 60.0
-    queue: int = 8
+    queue: int = 16
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -131,7 +133,7 @@ async def read_form(request: Request, limits: Limits) -> FormData:
             max_files=limits.max_files, max_fields=limits.max_fields, max_part_size=64 * 1024)
     except _BodyTooLarge:
         raise ApiError(413, "request_too_large",
-                       f"the request body is larger than the limit of {limits.max_request_bytes:,} bytes", CLOSE) from None
+                       f"the request body is larger than the limit of {limits.max_request_bytes:,} bytes") from None
     except _BodyTimeout:
         raise ApiError(408, "request_timeout",
                        f"the request body did not arrive in time ({received:,} bytes received; a body may pause "
