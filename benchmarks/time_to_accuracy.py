@@ -24,6 +24,7 @@ from pathlib import Path
 from _common import DEFAULT_DATA, emit, environment, log, pick
 from fakeprint.config import load_config
 from fakeprint.data.cache import load_split
+from fakeprint.data.dataset import dataset_identity
 from fakeprint.train import train
 
 
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = epoch_times(run)
     reached = next((r for r in rows if r["val_acc"] >= args.target), None)
     result |= {
-        "config": args.config, "overrides": args.set, "model": cfg["model"], "data": str(root.resolve()),
+        "config": args.config, "overrides": args.set, "model": cfg["model"], "data": dataset_identity(root),
         "split": summary.get("split"), "target": args.target,
         "time_to_target_s": reached["cumulative_train_s"] if reached else None,
         "epoch_reached": reached["epoch"] if reached else None,

@@ -56,7 +56,7 @@ from _common import (
 from fakeprint.augment import IMAGENET_MEAN, IMAGENET_STD
 from fakeprint.config import load_config, parse_overrides, preset_names
 from fakeprint.data.cache import load_split
-from fakeprint.data.dataset import NUM_CLASSES, resolve_split
+from fakeprint.data.dataset import NUM_CLASSES, dataset_identity, resolve_split
 from fakeprint.data.loader import DeviceBatches, to_device_tensor
 from fakeprint.inference import autocast_dtype
 from fakeprint.losses import make_loss
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     ips = {k: v["images"] / v["seconds"] for k, v in rec.items()}
     result |= {
         "model": cfg["model"],
-        "data": str(root.resolve()),
+        "data": dataset_identity(root),
         "images": n,
         "batch_size": bs,
         "timed_steps_per_path": steps,

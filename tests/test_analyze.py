@@ -36,6 +36,8 @@ def test_analysis_folder_on_the_internal_split(run, tmp_path):
         assert (tmp_path / "a" / f).is_file(), f
     saved = json.loads((tmp_path / "a" / "analysis.json").read_text())
     assert saved["n"] == 10 and saved["split"] == "internal"
+    # the dataset by name and content hash, never this machine's absolute path
+    assert set(saved["data"]) == {"name", "csv_sha256"} and str(tmp_path) not in json.dumps(saved)
     cm = np.array(saved["confusion_matrix"])
     for c in saved["per_class"]:
         k = c["class"]

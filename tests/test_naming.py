@@ -130,3 +130,15 @@ def test_evaluate_json_and_the_resize_warning(cli, tiny_data, tmp_path):
     proc = cli("predict", str(run), str(tmp_path / "big.png"), str(tmp_path / "ok.png"))
     assert proc.returncode == 0 and "warning: resized to 100x100" in proc.stderr
     assert "big.png (300x200)" in proc.stderr and "ok.png" not in proc.stderr.split("warning:")[1].split("\n")[0]
+
+
+def test_committed_results_name_no_machine_paths():
+    """Results files name datasets by folder name and content hash, and runs by paths relative to the project:
+    no absolute path of the machine that made them."""
+    import re
+    from pathlib import Path
+
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    found = {f.name: m.group(0) for f in sorted(results.glob("*.json"))
+             if (m := re.search(r'"(/work|/home|/root|/tmp|/Users)/[^"]*"', f.read_text()))}
+    assert not found, found

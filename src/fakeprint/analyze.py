@@ -210,7 +210,9 @@ def analyze(checkpoint: str | Path, data: str | Path, split: str = "internal", o
     cal = calibration(confidence, pred == labels)
     plot_calibration(cal, out / "calibration.png", title)
 
-    result = {"checkpoint": str(weights), "data": str(Path(data).resolve()), "split": split, "n": int(len(ds)),
+    from .data.dataset import dataset_identity, portable_path
+
+    result = {"checkpoint": portable_path(weights), "data": dataset_identity(data), "split": split, "n": int(len(ds)),
               "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "per_class": per_class,
               "confused_pairs": pairs, "mistakes": mistakes, "n_mistakes": int(len(wrong)),
               "calibration": cal, "spectrum_rms_difference_to_mean": spectrum_distance,

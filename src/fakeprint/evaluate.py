@@ -46,7 +46,10 @@ def evaluate(clf: Classifier | EnsembleClassifier, data: SplitData, out_dir: Pat
     pred = predict_with_progress(clf, data.images, f"evaluating on {data.name}", tta=tta)
     tta = getattr(clf, "tta", "none") if tta is None else tta_mode(tta)
     title = title or f"{clf.name} on the {data.name} split of {data.root}"
-    extra = {"split": data.name, "checkpoint": str(clf.path) if clf.path else [str(m.path) for m in clf.members],
+    from .data.dataset import portable_path
+
+    extra = {"split": data.name, "checkpoint": portable_path(clf.path) if clf.path else
+             [portable_path(m.path) for m in clf.members],
              "tta": tta}
     if out_dir is None:
         from .metrics import summary

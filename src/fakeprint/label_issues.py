@@ -116,7 +116,9 @@ def find_issues(data: str | Path, out: str | Path, folds: int = 5, config: str |
                  out / "label_issues.png",
                  f"top {len(shown)} of {len(ranked)} label-issue candidates ({folds}-fold out-of-fold, cleanlab)")
     per_class = {str(c): int((labels[ranked] == c).sum()) for c in range(NUM_CLASSES)}
-    result = {"data": str(data.resolve()), "images": int(len(labels)), "folds": folds, "seed": seed,
+    from .data.dataset import dataset_identity
+
+    result = {"data": dataset_identity(data), "images": int(len(labels)), "folds": folds, "seed": seed,
               "config": config, "overrides": overrides or [], "model": cfg["model"],
               "oof_accuracy": float((suggested == labels).mean()), "issues": int(len(ranked)),
               "issues_per_given_label": per_class,

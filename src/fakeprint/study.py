@@ -37,6 +37,7 @@ import yaml
 from .checkpoint import atomic_write
 from .config import load_config
 from .csvio import write_csv
+from .data.dataset import portable_path
 from .errors import FakeprintError
 
 SCALES = ("small", "full", "tiny")
@@ -316,7 +317,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
         raise FakeprintError(f"{run_dir}: no finished run there ({e})") from None
     recall = [metrics["per_class"][str(c)]["recall"] for c in range(len(metrics["per_class"]))]
     cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-    return {"run": str(run_dir), "seed": cfg["seed"],
+    return {"run": portable_path(run_dir), "seed": cfg["seed"],
             "steered": cfg.get("scheduler") == "plateau" or bool(cfg.get("early_stop")),
             "accuracy": metrics["accuracy"], "macro_f1": metrics["macro_f1"], "class4_recall": recall[WEAK_CLASS],
             "recall": recall, "confusion_matrix": metrics["confusion_matrix"], "n": metrics["n"],
@@ -451,7 +452,7 @@ def train_specialist(data: Path, cfg: dict, run_dir: Path, main: dict[str, Any],
     main_probs = _probs(main["run"], held_split.images)
     p4 = specialist_probability(_probs(run_dir, held_split.images))
     pred = combine_specialist(main_probs, p4, threshold)
-    return {"run": str(run_dir), "seed": seed, "members": [main["run"]], **_metrics(held_split.labels, pred),
+    return {"run": portable_path(run_dir), "seed": seed, "members": [main["run"]], **_metrics(held_split.labels, pred),
             "own_train_time_s": spec["train_time_s"], "train_time_s": spec["train_time_s"] + main["train_time_s"],
             "epochs_run": spec["epochs_run"], "split": main["split"], "threshold": threshold,
             "tune_accuracy": tune_acc, "tune_images": len(tune_idx),
@@ -477,7 +478,9 @@ def _summarise(name: str, scale: str, data: Path, grid: Grid, results: dict[str,
         variants.append({"id": v.id, "label": v.label, "kind": v.kind, "preset": v.preset or grid.preset,
                          "overrides": v.overrides, "members": list(v.members), "runs": runs} | agg)
     first = next(r for rs in results.values() for r in rs)
-    return {"study": name, "scale": scale, "data": str(Path(data).resolve()), "split": first["split"],
+    from .data.dataset import dataset_identity
+
+    return {"study": name, "scale": scale, "data": dataset_identity(data), "split": first["split"],
             "n_eval": first["n"], "seeds": seeds, "wall_time_s": wall, "note": grid.note,
             "preset": grid.preset, "base": grid.base,
             "extra_overrides": extra or {}, "variants": variants}

@@ -361,6 +361,16 @@ def check_dataset(root: Path, decode: bool = True) -> tuple[dict, list[Problem]]
     return report, problems
 
 
+def portable_path(path: str | Path) -> str:
+    """A path as results files show it: relative to the working directory when inside it, else as given
+    (never resolved into this machine's absolute layout)."""
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(p)
+
+
 def dataset_identity(root: str | Path) -> dict[str, str]:
     """How results files name a dataset: its folder name and a hash of its CSV files, never the absolute
     path of the machine that made them."""
