@@ -142,3 +142,15 @@ def test_committed_results_name_no_machine_paths():
     found = {f.name: m.group(0) for f in sorted(results.glob("*.json"))
              if (m := re.search(r'"(/work|/home|/root|/tmp|/Users)/[^"]*"', f.read_text()))}
     assert not found, found
+
+
+def test_one_place_chooses_the_backend():
+    from fakeprint.errors import FakeprintError
+    from fakeprint.onnx_backend import resolve_backend
+
+    assert resolve_backend("m.onnx") == "onnx" and resolve_backend("m.onnx", "onnx") == "onnx"
+    assert resolve_backend("runs/x") == "torch" and resolve_backend(None, "onnx") == "onnx"
+    with pytest.raises(FakeprintError, match="ONNX model"):
+        resolve_backend("m.onnx", "torch")
+    with pytest.raises(FakeprintError, match="unknown backend"):
+        resolve_backend("runs/x", "tensorrt")

@@ -111,18 +111,26 @@ def is_onnx_path(path: str | Path | None) -> bool:
     return path is not None and str(path).endswith(".onnx")
 
 
-def load_backend(path: str | Path | None, backend: str = "auto", device: str = "cpu",
-                 threads: int | None = None) -> Classifier | OnnxClassifier:
-    """A classifier for ``path`` (None: the shipped default model) on ``backend`` (auto, torch or onnx)."""
-    from .predict import load
-
+def resolve_backend(path: str | Path | None, backend: str = "auto") -> str:
+    """The backend that serves ``path``: ``onnx`` for an .onnx file (``torch`` is then an error), else
+    ``backend`` with ``auto`` read as ``torch``. The one place where the choice is made (predict, evaluate,
+    serve)."""
     if backend not in BACKENDS:
         raise FakeprintError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
     if is_onnx_path(path):
         if backend == "torch":
             raise FakeprintError(f"{path} is an ONNX model: use --backend onnx (or auto), or give a PyTorch checkpoint")
+        return "onnx"
+    return "torch" if backend == "auto" else backend
+
+
+def load_backend(path: str | Path | None, backend: str = "auto", device: str = "cpu",
+                 threads: int | None = None) -> Classifier | OnnxClassifier:
+    """A classifier for ``path`` (None: the shipped default model) on ``backend`` (auto, torch or onnx)."""
+    from .predict import load
+
+    kind = resolve_backend(path, backend)
+    if is_onnx_path(path):
         return load_onnx(path, threads)
     clf = load(path, device)
-    if backend == "onnx":
-        return onnx_from_classifier(clf, threads)
-    return clf
+    return onnx_from_classifier(clf, threads) if kind == "onnx" else clf

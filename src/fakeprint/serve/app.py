@@ -33,7 +33,7 @@ from .. import __version__
 from ..data.dataset import IMAGE_SIZE
 from ..errors import FakeprintError
 from ..gradcam import GradCAM, to_png_data_url
-from ..onnx_backend import BACKENDS, OnnxClassifier, is_onnx_path, load_onnx, onnx_from_classifier
+from ..onnx_backend import OnnxClassifier, is_onnx_path, load_onnx, onnx_from_classifier, resolve_backend
 from ..predict import Classifier
 from .uploads import (
     FILES_FIELD,
@@ -76,23 +76,16 @@ def build_service(path: str | Path | None, backend: str = "auto", device: str = 
     """
     from ..predict import load
 
-    if backend not in BACKENDS:
-        raise FakeprintError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    backend = resolve_backend(path, backend)  # the same choice as predict and evaluate
     torch_model, note = None, ""
     if is_onnx_path(path):
-        if backend == "torch":
-            raise FakeprintError(f"{path} is an ONNX model: use --backend onnx (or auto), or give a PyTorch checkpoint")
         clf: Classifier | OnnxClassifier = load_onnx(path, threads)
-        backend = "onnx"
         torch_model, note = _source_model(clf.meta) if cam else (None, "disabled")
     else:
         tclf = load(path, device)
         torch_model = copy.deepcopy(tclf.model) if cam else None  # its own copy: CAM hooks stay out of predict
         note = "" if cam else "disabled"
-        if backend == "onnx":
-            clf = onnx_from_classifier(tclf, threads)
-        else:
-            clf, backend = tclf, "torch"
+        clf = onnx_from_classifier(tclf, threads) if backend == "onnx" else tclf
     norm = clf.normalize
     explainer = GradCAM(torch_model, norm=norm) if torch_model is not None else None
     return Service(clf, backend, _source_name(path, clf), explainer, note)
