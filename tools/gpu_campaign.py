@@ -293,9 +293,9 @@ def markdown(report: dict[str, Any]) -> str:
         ep = f"{r['epochs']} ({p.get('kind', '')})" if r.get("epochs") else "-"
         tr = f"{r['train_part_accuracy'] * 100:.2f}%" if r.get("train_part_accuracy") is not None else "-"
         ips = f"{r['images_per_s']:.0f}" if r.get("images_per_s") else "-"
-        lines.append(f"| {rid} | {ep} | {r['train_minutes']:.1f} | {ips} | {tr} | {t['none']['accuracy'] * 100:.2f}% | "
-                     f"{t['flip']['accuracy'] * 100:.2f}% | {t['dihedral']['accuracy'] * 100:.2f}% | "
-                     f"**{t['own']['accuracy'] * 100:.2f}%** | {t['own']['class4_recall']:.3f} |")
+        pct = {m: f"{t[m]['accuracy'] * 100:.2f}%" if m in t else "-" for m in ("none", "flip", "dihedral", "own")}
+        lines.append(f"| {rid} | {ep} | {r['train_minutes']:.1f} | {ips} | {tr} | {pct['none']} | {pct['flip']} | "
+                     f"{pct['dihedral']} | **{pct['own']}** | {t['own']['class4_recall']:.3f} |")
     lines += ["", f"Status: {json.dumps(report['status'])}", f"Commit {report['commit']}, "
               f"torch {report['versions'].get('torch')}, wall time {report['wall_time_s']:.0f} s."]
     return "\n".join(lines) + "\n"
