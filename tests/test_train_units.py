@@ -59,3 +59,33 @@ def test_metrics_from_a_confusion_matrix_match_scikit_learn():
     s, f = summary(t, p), from_confusion(summary(t, p)["confusion_matrix"])
     assert f["accuracy"] == pytest.approx(s["accuracy"]) and f["macro_f1"] == pytest.approx(s["macro_f1"])
     assert f["recall"] == pytest.approx([s["per_class"][str(c)]["recall"] for c in range(5)])
+
+
+def test_a_selection_split_steers_the_schedule_and_the_internal_split_only_reports(tiny_train_only, tmp_path):
+    """``selection_fraction``: part of the training part decides the plateau scheduler, early stopping and
+    best.json; the internal split is measured every epoch and steers nothing."""
+    import csv as csvmod
+    import json
+
+    from fakeprint.config import load_config
+    from fakeprint.train import train
+
+    cfg = load_config("demo", {"epochs": 8, "progress": False, "batch_size": 25, "threads": 1, "workers": 1,
+                               "scheduler": "plateau", "plateau_patience": 0, "early_stop": 1,
+                               "selection_fraction": 0.2, "ema": 0})
+    summary = train(tiny_train_only, cfg, tmp_path / "run")
+    with open(tmp_path / "run" / "split.csv", newline="") as f:
+        rows = list(csvmod.DictReader(f))
+    subsets = {s: {r["image_id"] for r in rows if r["subset"] == s} for s in ("train", "internal", "selection")}
+    assert all(subsets.values()) and not (subsets["train"] & subsets["selection"])
+    assert not (subsets["internal"] & (subsets["train"] | subsets["selection"]))
+    with open(tmp_path / "run" / "metrics.csv", newline="") as f:
+        hist = list(csvmod.DictReader(f))
+    sel = [float(r["selection_acc"]) for r in hist]
+    # early_stop=1: the run stops at the first epoch whose selection accuracy is no better than the best so far
+    stop = next((i + 1 for i in range(1, len(sel)) if sel[i] <= max(sel[:i])), len(sel))
+    assert summary["epochs_run"] == stop == len(hist)
+    assert all(r["val_acc"] != "" for r in hist)  # the internal split is still measured, for the report
+    assert "selection split" in summary["split"] and "selection_note" in summary and "best_val_acc" not in summary
+    best = json.loads((tmp_path / "run" / "best.json").read_text())
+    assert best["held_out"]["selection"] == "best epoch, chosen on the separate selection split"

@@ -25,6 +25,8 @@ DEFAULTS: dict[str, Any] = {
     "train_on_all": False,        # train on every training image (the validation images are then seen in
                                   # training: only for a final fixed-schedule model; best = last epoch)
     "split_seed": 0,              # seed of the stratified internal split
+    "selection_fraction": 0.0,    # > 0: a stratified share of the training part steers the plateau scheduler, early
+                                  # stopping and best.json instead of the internal split (which then only reports)
     "cache_dir": None,            # where decoded uint8 caches live (default: beside the data)
     "on_bad_image": "error",      # error | skip
     # optimisation
@@ -194,6 +196,8 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if int(cfg[key]) < 1:
             raise FakeprintError(f"config: {key} must be at least 1, got {cfg[key]}")
+    if not 0.0 <= float(cfg["selection_fraction"]) < 1.0:
+        raise FakeprintError(f"config: selection_fraction must be at least 0 and below 1, got {cfg['selection_fraction']}")
     if not 0.0 < float(cfg["val_fraction"]) < 1.0:
         raise FakeprintError(f"config: val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     if not isinstance(cfg["model_args"], dict):

@@ -47,7 +47,7 @@ from .metrics import confusion_text, report_text, write_report
 from .models import count_parameters, create_model
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
-                  "val_recall_weakest", "epoch_time_s", "train_images_per_s"]
+                  "val_recall_weakest", "selection_acc", "epoch_time_s", "train_images_per_s"]
 
 
 @dataclass
@@ -97,10 +97,13 @@ def _barrier(d: Dist) -> None:
 
 # ----------------------------------------------------------------------------------------------- data
 
-def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None) -> tuple[SplitData, SplitData | None, str]:
+def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None
+                 ) -> tuple[SplitData, SplitData | None, str, SplitData | None]:
     """Train and validation splits: the dataset's own ``validation.csv`` if present, else a seeded
     stratified internal split of train (recorded as ``split.csv`` in the run folder). With ``train_on_all``
-    (and no ``validation.csv``) every image is trained on and there is no validation split (None)."""
+    (and no ``validation.csv``) every image is trained on and there is no validation split (None). With
+    ``selection_fraction`` > 0, a stratified share of the training part becomes the selection split (the last
+    value returned, else None): it steers the schedule and early stopping, so the held-out split only reports."""
     root = Path(root)
     kw = dict(cache_dir=cfg["cache_dir"], workers=cfg["workers"], on_bad_image=cfg["on_bad_image"],
               progress=cfg["progress"] and d.main)
@@ -130,22 +133,36 @@ def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None) -> tuple[
             train, val = full.subset(tr, "train"), full.subset(va, "internal")
             desc = (f"internal split: {len(va)} images ({cfg['val_fraction']:.0%} of train.csv, stratified, "
                     f"seed {cfg['split_seed']})")
+        sel = np.zeros(0, dtype=np.int64)
+        if float(cfg["selection_fraction"]) > 0 and val is not None:
+            keep, pick = stratified_split(full.labels[tr], float(cfg["selection_fraction"]), cfg["split_seed"] + 2)
+            tr, sel = tr[keep], tr[pick]
+            train = full.subset(tr, "train")
         if run_dir is not None and d.main:
-            write_split_csv(run_dir / "split.csv", full.ids, full.labels, tr, va)
+            write_split_csv(run_dir / "split.csv", full.ids, full.labels, tr, va, sel)
+        if len(sel):
+            desc += f"; selection split: {len(sel)} images of the training part steer the schedule"
+            return _cap(train, cfg), val, desc, full.subset(sel, "selection")
+    return _cap(train, cfg), val, desc, None
+
+
+def _cap(train: SplitData, cfg: dict) -> SplitData:
+    """``max_train_images``: a stratified part of the training images (for tests and quick probes)."""
     if cfg["max_train_images"] and cfg["max_train_images"] < len(train):
         keep, _ = stratified_split(train.labels, 1 - cfg["max_train_images"] / len(train), cfg["split_seed"] + 1)
         train = train.subset(keep, "train")
-    return train, val, desc
+    return train
 
 
-def write_split_csv(path: Path, ids: list[str], labels: np.ndarray, train_idx, internal_idx) -> None:
-    """``split.csv`` (``image_id,label,subset``; subset ``train`` or ``internal``), written with the csv module
-    (ids with commas or quotes stay one field). ``evaluate.load_eval_split`` reads it back."""
+def write_split_csv(path: Path, ids: list[str], labels: np.ndarray, train_idx, internal_idx, selection_idx=()) -> None:
+    """``split.csv`` (``image_id,label,subset``; subset ``train``, ``internal`` or ``selection``), written with
+    the csv module (ids with commas or quotes stay one field). ``evaluate.load_eval_split`` reads it back."""
     from .csvio import write_csv
 
     write_csv(path, ["image_id", "label", "subset"],
               [*([ids[i], int(labels[i]), "train"] for i in train_idx),
-               *([ids[i], int(labels[i]), "internal"] for i in internal_idx)])
+               *([ids[i], int(labels[i]), "internal"] for i in internal_idx),
+               *([ids[i], int(labels[i]), "selection"] for i in selection_idx)])
 
 
 # ---------------------------------------------------------------------------------------------- model
@@ -410,7 +427,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     if d.main:
         out.mkdir(parents=True, exist_ok=True)
 
-    train_split, val_split, split_desc = prepare_data(Path(data_root), cfg, d, out)
+    train_split, val_split, split_desc, sel_split = prepare_data(Path(data_root), cfg, d, out)
     num_classes = NUM_CLASSES
     x_train = to_device_tensor(train_split.images, device)
     y_train = torch.from_numpy(train_split.labels).to(device)
@@ -421,6 +438,9 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     if held_out:
         x_val = to_device_tensor(val_split.images, device)
         y_val = torch.from_numpy(val_split.labels).to(device)
+    if sel_split is not None:
+        x_sel = to_device_tensor(sel_split.images, device)
+        y_sel = torch.from_numpy(sel_split.labels).to(device)
 
     model = build_model(cfg, num_classes).to(device)
     if _channels_last(cfg, device, model):
@@ -500,19 +520,23 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         train_time = time.perf_counter() - t0
         _broadcast_buffers(eval_model(), d)  # every rank evaluates with rank 0's BatchNorm statistics
         ev = evaluate_model(eval_model(), x_val, y_val, cfg, device, amp_dtype, d, num_classes) if held_out else None
+        sel_acc = evaluate_model(eval_model(), x_sel, y_sel, cfg, device, amp_dtype, d, num_classes)["val_acc"] \
+            if sel_split is not None else None
+        steer = sel_acc if sel_acc is not None else ev["val_acc"] if ev else None  # what the schedule may look at
         epoch_time = time.perf_counter() - t0
         lr = opt.param_groups[0]["lr"]
         row = {"epoch": epoch + 1, "lr": lr, "train_loss": tr["train_loss"], "train_acc": tr["train_acc"],
                "val_loss": ev["val_loss"] if ev else None, "val_acc": ev["val_acc"] if ev else None,
                "val_macro_f1": ev["val_macro_f1"] if ev else None,
-               "val_recall_weakest": min(ev["val_recall"]) if ev else None, "epoch_time_s": epoch_time,
+               "val_recall_weakest": min(ev["val_recall"]) if ev else None, "selection_acc": sel_acc,
+               "epoch_time_s": epoch_time,
                "train_images_per_s": tr["images"] / max(train_time, 1e-9)}
         history.append(row)
         if sched is not None and not per_step:
-            sched.step(ev["val_acc"])
-        improved = held_out and ev["val_acc"] > best_acc
+            sched.step(steer)
+        improved = held_out and steer > best_acc
         if improved:
-            best_acc, bad_epochs = ev["val_acc"], 0
+            best_acc, bad_epochs = steer, 0
         else:
             bad_epochs += 1
         stop = held_out and bool(cfg["early_stop"]) and bad_epochs >= int(cfg["early_stop"])
@@ -522,8 +546,9 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             if ev:
                 last_meta["held_out"] = held_out_figure(ev, split_desc, cfg["tta"], epoch + 1, "last epoch")
             if improved:
-                best_meta = last_meta | {"held_out": held_out_figure(
-                    ev, split_desc, cfg["tta"], epoch + 1, "best epoch, chosen on this same split (optimistic)")}
+                how = ("best epoch, chosen on the separate selection split" if sel_split is not None
+                       else "best epoch, chosen on this same split (optimistic)")
+                best_meta = last_meta | {"held_out": held_out_figure(ev, split_desc, cfg["tta"], epoch + 1, how)}
                 save_checkpoint(out / "best", eval_model(), best_meta)
             save_checkpoint(out / "last", eval_model(), last_meta)
             _write_history(out / "metrics.csv", history)  # before the resume point moves (see save_resume_point)
@@ -545,9 +570,13 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
 
     summary: dict[str, Any] = {"run": str(out), "epochs_run": epoch + 1, "train_time_s": train_time,
                                "split": split_desc, "selection": "last epoch" if held_out else None}
-    if held_out:
+    if held_out and sel_split is None:
         summary["best_val_acc"] = best_acc
         summary["best_val_acc_note"] = "best epoch chosen on this same split: optimistic, not a held-out figure"
+    elif held_out:
+        summary["best_selection_acc"] = best_acc
+        summary["selection_note"] = ("the schedule, early stopping and best.json were steered by the selection split "
+                                     "(part of the training part), never by the reported split")
     if d.main and (out / "last.safetensors").exists():
         plot_training_curves(history, out / "curves.png", cfg["model"])
         if held_out:  # the report: the last epoch's weights, fp32, with the config's test-time augmentation
