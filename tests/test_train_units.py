@@ -79,6 +79,10 @@ def test_a_selection_split_steers_the_schedule_and_the_internal_split_only_repor
     subsets = {s: {r["image_id"] for r in rows if r["subset"] == s} for s in ("train", "internal", "selection")}
     assert all(subsets.values()) and not (subsets["train"] & subsets["selection"])
     assert not (subsets["internal"] & (subsets["train"] | subsets["selection"]))
+    from fakeprint.train import read_split_csv  # the one reader, used by evaluate and the studies
+
+    parts = read_split_csv(tmp_path / "run" / "split.csv")
+    assert {k: set(v[0]) for k, v in parts.items()} == subsets
     with open(tmp_path / "run" / "metrics.csv", newline="") as f:
         hist = list(csvmod.DictReader(f))
     sel = [float(r["selection_acc"]) for r in hist]

@@ -24,8 +24,9 @@ def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | N
     split_csv = _split_file(Path(checkpoint))
     if not split_csv.is_file():
         raise FakeprintError(f"{split_csv}: not found; --split internal needs the split.csv of the training run")
-    with open(split_csv, newline="") as f:
-        held = {r["image_id"] for r in csv.DictReader(f) if r.get("subset") == "internal"}
+    from .train import read_split_csv
+
+    held = set(read_split_csv(split_csv).get("internal", ([], []))[0])
     if not held:
         raise FakeprintError(f"{split_csv}: this run held no internal split out (trained with train_on_all), so "
                              "--split internal would score images it trained on; evaluate another split")

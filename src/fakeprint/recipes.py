@@ -337,8 +337,9 @@ def evaluate_last(data: Path, run_dir: Path) -> dict[str, Any]:
     own = teacher_views(clf.meta.get("config") or {})  # the flips and turns it was trained with
     by_tta["own"] = by_tta[own] | {"views": own}
     # training accuracy: the final weights on (a seeded part of) the images they were trained on, unaugmented
-    with open(run_dir / "split.csv", newline="") as f:
-        train_ids = {r["image_id"] for r in csv.DictReader(f) if r["subset"] == "train"}
+    from .train import read_split_csv
+
+    train_ids = set(read_split_csv(run_dir / "split.csv").get("train", ([], []))[0])
     full = load_split(data, "train", progress=False)
     idx = np.array([i for i, image_id in enumerate(full.ids) if image_id in train_ids], dtype=np.int64)
     rng = np.random.default_rng(0)

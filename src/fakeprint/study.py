@@ -391,13 +391,11 @@ def _split_parts(data: Path, run_dir: Path) -> tuple[dict[str, list], dict[str, 
 
     if _eval_split_name(data) == "validation":
         return table("train"), table("validation")
-    parts: dict[str, dict[str, list]] = {"train": {"ids": [], "labels": [], "folder": "train"},
-                                         "internal": {"ids": [], "labels": [], "folder": "train"}}
-    with open(run_dir / "split.csv", newline="") as f:
-        for r in csv.DictReader(f):
-            parts[r["subset"]]["ids"].append(r["image_id"])
-            parts[r["subset"]]["labels"].append(int(r["label"]))
-    return parts["train"], parts["internal"]
+    from .train import read_split_csv
+
+    parts = read_split_csv(run_dir / "split.csv")  # a "selection" part, if any, is neither
+    return tuple({"ids": parts.get(s, ([], []))[0], "labels": parts.get(s, ([], []))[1], "folder": "train"}
+                 for s in ("train", "internal"))
 
 
 def specialist_probability(probs: np.ndarray) -> np.ndarray:

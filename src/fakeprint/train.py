@@ -165,6 +165,18 @@ def write_split_csv(path: Path, ids: list[str], labels: np.ndarray, train_idx, i
                *([ids[i], int(labels[i]), "selection"] for i in selection_idx)])
 
 
+def read_split_csv(path: Path) -> dict[str, tuple[list[str], list[int]]]:
+    """``split.csv`` read back: subset (``train``, ``internal``, ``selection``) -> (ids, labels), in file order.
+    The one reader of what ``write_split_csv`` wrote (evaluate, the studies, the recipe study)."""
+    out: dict[str, tuple[list[str], list[int]]] = {}
+    with open(path, newline="") as f:
+        for r in csv.DictReader(f):
+            ids, labels = out.setdefault(r.get("subset") or "", ([], []))
+            ids.append(r["image_id"])
+            labels.append(int(r["label"]))
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- model
 
 def build_model(cfg: dict, num_classes: int) -> nn.Module:
