@@ -53,7 +53,6 @@ from _common import (
     stratified_subset,
     sync,
 )
-from fakeprint.augment import IMAGENET_MEAN, IMAGENET_STD
 from fakeprint.config import load_config, parse_overrides, preset_names
 from fakeprint.data.cache import load_split
 from fakeprint.data.dataset import NUM_CLASSES, dataset_identity, resolve_split
@@ -61,6 +60,7 @@ from fakeprint.data.loader import DeviceBatches, to_device_tensor
 from fakeprint.inference import autocast_dtype
 from fakeprint.losses import make_loss
 from fakeprint.models import create_model
+from fakeprint.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from fakeprint.train import Dist, _channels_last, build_optimizer, train_one_epoch
 
 # ------------------------------------------------------------------------ (a) the report's data path

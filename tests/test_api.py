@@ -15,9 +15,9 @@ from PIL import Image
 import fakeprint
 from conftest_service import CLASSES, encode, make_checkpoint, one_thread, random_images  # noqa: F401
 from fakeprint import predict as predict_mod
-from fakeprint.augment import IMAGENET_MEAN, IMAGENET_STD
 from fakeprint.cli import main
 from fakeprint.errors import DataError, FakeprintError
+from fakeprint.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 
 @pytest.fixture(scope="module")

@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import private_copy
-from fakeprint.augment import augment, normalize, to_float
+from fakeprint.augment import augment
 from fakeprint.config import load_config
 from fakeprint.data import cache as cache_module
 from fakeprint.data.cache import load_split
 from fakeprint.data.demo import make_demo_dataset
 from fakeprint.data.loader import DeviceBatches
 from fakeprint.models import create_model
+from fakeprint.preprocess import normalize, to_float
 from fakeprint.train import Dist, build_optimizer, train_one_epoch
 
 REPO = Path(__file__).resolve().parents[1]

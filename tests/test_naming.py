@@ -154,3 +154,19 @@ def test_one_place_chooses_the_backend():
         resolve_backend("m.onnx", "torch")
     with pytest.raises(FakeprintError, match="unknown backend"):
         resolve_backend("runs/x", "tensorrt")
+
+
+def test_one_preprocessing_module():
+    """Inference, Grad-CAM, export and the service take preprocessing from ``fakeprint.preprocess``, never from
+    the training augmentation."""
+    import re
+    from pathlib import Path
+
+    src = Path(__file__).resolve().parent.parent / "src" / "fakeprint"
+    for name in ("inference.py", "gradcam.py", "export.py", "onnx_backend.py", "predict.py", "evaluate.py",
+                 "serve/app.py", "serve/uploads.py"):
+        text = (src / name).read_text()
+        assert not re.search(r"from \.+augment import", text), name
+    from fakeprint import augment, preprocess
+
+    assert augment.normalize is preprocess.normalize and augment.tta_views is preprocess.tta_views

@@ -13,10 +13,11 @@ import yaml
 import fakeprint
 from conftest import FAST_TRAIN
 from conftest_service import make_checkpoint, random_images
-from fakeprint.augment import mix_batch, tta_mode, tta_views
+from fakeprint.augment import mix_batch
 from fakeprint.config import load_config
 from fakeprint.errors import FakeprintError
 from fakeprint.models.layers import ResidualBlock
+from fakeprint.preprocess import tta_mode, tta_views
 from fakeprint.recipes import candidates, plan_epochs
 from fakeprint.train import EMA
 

@@ -184,7 +184,7 @@ def _merge(cfg: dict[str, Any], data: dict[str, Any], source: str) -> None:
 def validate(cfg: dict[str, Any]) -> None:
     if cfg["scheduler"] == "onecycle":  # the old name: it never was a one-cycle policy (no momentum cycle)
         cfg["scheduler"] = "warmup_linear"
-    from .augment import tta_mode
+    from .preprocess import tta_mode
 
     try:
         cfg["tta"] = tta_mode(cfg["tta"])

@@ -8,12 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from .augment import tta_mode
 from .checkpoint import resolve_checkpoint
 from .data.cache import SplitData, load_split
 from .errors import FakeprintError
 from .metrics import confusion_text, report_text, write_report
 from .predict import Classifier, EnsembleClassifier
+from .preprocess import tta_mode
 
 
 def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | None = None,

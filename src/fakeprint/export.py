@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD
 from .checkpoint import atomic_write, load_checkpoint, resolve_checkpoint, versions
 from .data.dataset import IMAGE_SIZE
 from .errors import FakeprintError
 from .inference import predict_logits
 from .predict import checkpoint_tta
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT = "fakeprint-onnx/1"
 INPUT_NAME = "images"

@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from .augment import normalize, to_float
 from .data.dataset import IMAGE_SIZE
 from .data.loader import tensor_view
+from .preprocess import normalize, to_float
 
 
 def conv_execution_order(model: nn.Module, size: int = IMAGE_SIZE) -> list[str]:

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .augment import normalize, to_float, tta_views
 from .data.loader import tensor_view
+from .preprocess import normalize, to_float, tta_views
 
 
 def pick_device(name: str = "auto") -> torch.device:

@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from .augment import tta_mode
 from .checkpoint import read_json_metadata
 from .errors import CheckpointError, FakeprintError
 from .export import FORMAT, INPUT_NAME, check_parity, export_bytes, metadata_path, onnx_session, parity_images
 from .predict import Classifier, Predictions, calibrated, checkpoint_tta
+from .preprocess import tta_mode
 
 BACKENDS = ("auto", "torch", "onnx")
 

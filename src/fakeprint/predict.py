@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .augment import tta_mode
 from .calibration import softmax
 from .checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
 from .data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
 from .errors import FakeprintError
 from .inference import pick_device, predict_logits
+from .preprocess import tta_mode
 
 
 def default_model_path() -> Path | None:

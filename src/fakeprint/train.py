@@ -25,7 +25,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from .augment import IMAGENET_MEAN, IMAGENET_STD, augment, mix_batch, normalize, to_float
+from .augment import augment, mix_batch
 from .checkpoint import (
     atomic_write,
     git_commit,
@@ -45,6 +45,7 @@ from .inference import autocast, autocast_dtype, pick_device
 from .losses import make_loss
 from .metrics import confusion_text, report_text, write_report
 from .models import count_parameters, create_model
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
 
 METRIC_COLUMNS = ["epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1",
                   "val_recall_weakest", "selection_acc", "epoch_time_s", "train_images_per_s"]
