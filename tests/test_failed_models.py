@@ -70,6 +70,15 @@ def test_mbconv_residual_only_when_shape_is_kept():
 def test_narrow_stand_ins_are_the_report_networks_at_full_width():
     assert count_parameters(create_model("skipconcnn_narrow", width=128)) == count_parameters(create_model("skipconcnn"))
     assert count_parameters(create_model("threecnn_narrow", width=64)) == count_parameters(create_model("threecnn"))
+    # one family each: the narrow variants are width arguments of the report's classes, with the same weights layout
+    from fakeprint.models.skipconcnn import SkipConCNN
+    from fakeprint.models.threecnn import ThreeCNN
+
+    for narrow, full, cls in (("threecnn_narrow", "threecnn", ThreeCNN), ("skipconcnn_narrow", "skipconcnn", SkipConCNN)):
+        assert type(create_model(narrow)) is cls
+        wide = create_model(narrow, width=64 if cls is ThreeCNN else 128).state_dict()
+        ref = create_model(full).state_dict()
+        assert {k: v.shape for k, v in wide.items()} == {k: v.shape for k, v in ref.items()}
 
 
 def test_narrow_noskip_drops_only_the_shortcut():

@@ -1,5 +1,4 @@
-"""The report's unsuccessful models, re-built as baselines for ``fakeprint study failed``, and the narrow
-stand-ins of the report's networks that the studies train at ``--scale small`` on a CPU.
+"""The report's unsuccessful models, re-built as baselines for ``fakeprint study failed``.
 
 The report describes the failed models only in words; these are reconstructions, each documented below:
 
@@ -9,9 +8,8 @@ The report describes the failed models only in words; these are reconstructions,
   at 76%).
 - ``fiveconv``: a five-convolution CNN with a large fully connected head (the report: it overfits).
 
-The narrow stand-ins keep the report's topology and scale every width by one number: ``width=128`` of
-``skipconcnn_narrow`` is exactly SkipConCNN (8,695,045 parameters) and ``width=64`` of ``threecnn_narrow``
-exactly ThreeCNN (691,781); their default ``width=8`` trains about 100x faster on a CPU.
+The narrow stand-ins that the studies train at ``--scale small`` are width arguments of their own families
+(``threecnn_narrow`` in ``threecnn.py``, ``skipconcnn_narrow`` in ``skipconcnn.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import ResidualBlock, conv_bn_relu
+from .layers import conv_bn_relu
 from .registry import register_model
 
 # --------------------------------------------------------------------------------------- EfficientNet-like
@@ -169,64 +167,3 @@ class FiveConv(nn.Module):
 def fiveconv(num_classes: int = 5, **kwargs) -> nn.Module:
     """Failed in the report (overfits): five convolutions and a large fully connected head."""
     return FiveConv(num_classes, **kwargs)
-
-
-# ------------------------------------------------------------------------- narrow stand-ins for studies
-
-
-class NarrowSkipConCNN(nn.Module):
-    """SkipConCNN with widths w, 2w, 4w, 4w in place of 128, 256, 512, 512 (``width=128`` is SkipConCNN)."""
-
-    def __init__(self, num_classes: int = 5, width: int = 8, skip: bool = True, dropout: float = 0.5):
-        super().__init__()
-        w = width
-        self.features = nn.Sequential(
-            conv_bn_relu(3, w), conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
-            ResidualBlock(2 * w, 4 * w, skip=skip), nn.MaxPool2d(2),
-            conv_bn_relu(4 * w, 4 * w), nn.Dropout(dropout),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(6)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * 36, 128), nn.ReLU(inplace=True),
-                                        nn.Dropout(dropout), nn.Linear(128, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.features(x)))
-
-
-class NarrowThreeCNN(nn.Module):
-    """ThreeCNN with widths w, 2w, 3w in place of 64, 128, 192 (``width=64`` is ThreeCNN)."""
-
-    def __init__(self, num_classes: int = 5, width: int = 8, dropout: float = 0.5, dropout2d: float = 0.25):
-        super().__init__()
-        w = width
-        self.features = nn.Sequential(
-            conv_bn_relu(3, w), nn.MaxPool2d(2),
-            conv_bn_relu(w, 2 * w), nn.MaxPool2d(2),
-            conv_bn_relu(2 * w, 3 * w, padding=0), nn.MaxPool2d(2),
-            nn.Dropout2d(dropout2d),
-        )
-        self.pool = nn.AdaptiveAvgPool2d(4)
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(3 * w * 16, 128), nn.ReLU(inplace=True),
-                                        nn.Dropout(dropout), nn.Linear(128, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.pool(self.features(x)))
-
-
-@register_model
-def skipconcnn_narrow(num_classes: int = 5, **kwargs) -> nn.Module:
-    """SkipConCNN's topology at width 8 (128: the report's), for CPU-scale studies."""
-    return NarrowSkipConCNN(num_classes, **kwargs)
-
-
-@register_model
-def skipconcnn_narrow_noskip(num_classes: int = 5, **kwargs) -> nn.Module:
-    """skipconcnn_narrow without its skip connection, for the residual study at CPU scale."""
-    kwargs["skip"] = False
-    return NarrowSkipConCNN(num_classes, **kwargs)
-
-
-@register_model
-def threecnn_narrow(num_classes: int = 5, **kwargs) -> nn.Module:
-    """ThreeCNN's topology at width 8 (64: the report's), for CPU-scale studies."""
-    return NarrowThreeCNN(num_classes, **kwargs)
