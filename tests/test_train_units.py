@@ -93,3 +93,14 @@ def test_a_selection_split_steers_the_schedule_and_the_internal_split_only_repor
     assert "selection split" in summary["split"] and "selection_note" in summary and "best_val_acc" not in summary
     best = json.loads((tmp_path / "run" / "best.json").read_text())
     assert best["held_out"]["selection"] == "best epoch, chosen on the separate selection split"
+
+
+def test_a_selection_split_also_comes_from_the_training_images_beside_an_official_validation_split(tiny_data, tmp_path):
+    from fakeprint.config import load_config
+    from fakeprint.train import train
+
+    cfg = load_config("demo", {"epochs": 1, "progress": False, "batch_size": 25, "threads": 1, "workers": 1,
+                               "selection_fraction": 0.2, "ema": 0})
+    summary = train(tiny_data, cfg, tmp_path / "run")
+    assert "official validation split" in summary["split"] and "selection split" in summary["split"]
+    assert "selection_note" in summary

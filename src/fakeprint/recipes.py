@@ -292,12 +292,6 @@ def machine() -> str:
     return f"{name}, {os.cpu_count()} cores"
 
 
-def eval_device() -> str:
-    """Where the study evaluates: the GPU when there is one (``load`` defaults to the CPU, which on a GPU
-    machine made evaluating six runs take longer than training them)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _held_out(data: Path, run_dir: Path):
     from .evaluate import load_eval_split
 
@@ -329,16 +323,14 @@ def evaluate_last(data: Path, run_dir: Path) -> dict[str, Any]:
     """The last checkpoint on the held-out split (each TTA mode) and on part of its own training part."""
     from .data.cache import load_split
     from .predict import load
-    from .train import teacher_views
+    from .train import read_split_csv, teacher_views
 
-    clf = load(run_dir / "last.safetensors", eval_device())
+    clf = load(run_dir / "last.safetensors", "auto")  # the GPU where there is one (load defaults to the CPU)
     held = _held_out(data, run_dir)
     by_tta = {mode: _metrics(held.labels, clf.predict(held.images, tta=mode).probs) for mode in TTA_COLUMNS}
     own = teacher_views(clf.meta.get("config") or {})  # the flips and turns it was trained with
     by_tta["own"] = by_tta[own] | {"views": own}
     # training accuracy: the final weights on (a seeded part of) the images they were trained on, unaugmented
-    from .train import read_split_csv
-
     train_ids = set(read_split_csv(run_dir / "split.csv").get("train", ([], []))[0])
     full = load_split(data, "train", progress=False)
     idx = np.array([i for i, image_id in enumerate(full.ids) if image_id in train_ids], dtype=np.int64)
@@ -362,7 +354,7 @@ def evaluate_ensemble(data: Path, runs: list[Path]) -> dict[str, Any]:
     held = _held_out(data, runs[0])
     probs: dict[str, list[np.ndarray]] = {mode: [] for mode in (*TTA_COLUMNS, "own")}
     for r in runs:
-        clf = load(r / "last.safetensors", eval_device())
+        clf = load(r / "last.safetensors", "auto")
         mine = {mode: clf.predict(held.images, tta=mode).probs for mode in TTA_COLUMNS}
         for mode in TTA_COLUMNS:
             probs[mode].append(mine[mode])

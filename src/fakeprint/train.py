@@ -121,38 +121,32 @@ def prepare_data(root: Path, cfg: dict, d: Dist, run_dir: Path | None
         print(f"skipped {len(full.skipped)} bad image(s) in train:", file=sys.stderr)
         for p in full.skipped:
             print(f"  {p}", file=sys.stderr)
-    if (root / "validation.csv").is_file():
+    official = (root / "validation.csv").is_file()
+    if official:
+        tr, va = np.arange(len(full)), np.zeros(0, dtype=np.int64)
         train, val = full, load_split(root, "validation", **kw)
         desc = "official validation split (validation.csv)"
+    elif cfg["train_on_all"]:
+        tr, va = np.arange(len(full)), np.zeros(0, dtype=np.int64)
+        train, val = full, None
+        desc = "no held-out split: train_on_all trains on every image of train.csv"
     else:
-        if cfg["train_on_all"]:
-            tr, va = np.arange(len(full)), np.zeros(0, dtype=np.int64)
-            train, val = full, None
-            desc = "no held-out split: train_on_all trains on every image of train.csv"
-        else:
-            tr, va = stratified_split(full.labels, cfg["val_fraction"], cfg["split_seed"])
-            train, val = full.subset(tr, "train"), full.subset(va, "internal")
-            desc = (f"internal split: {len(va)} images ({cfg['val_fraction']:.0%} of train.csv, stratified, "
-                    f"seed {cfg['split_seed']})")
-        sel = np.zeros(0, dtype=np.int64)
-        if float(cfg["selection_fraction"]) > 0 and val is not None:
-            keep, pick = stratified_split(full.labels[tr], float(cfg["selection_fraction"]), cfg["split_seed"] + 2)
-            tr, sel = tr[keep], tr[pick]
-            train = full.subset(tr, "train")
-        if run_dir is not None and d.main:
-            write_split_csv(run_dir / "split.csv", full.ids, full.labels, tr, va, sel)
-        if len(sel):
-            desc += f"; selection split: {len(sel)} images of the training part steer the schedule"
-            return _cap(train, cfg), val, desc, full.subset(sel, "selection")
-    return _cap(train, cfg), val, desc, None
-
-
-def _cap(train: SplitData, cfg: dict) -> SplitData:
-    """``max_train_images``: a stratified part of the training images (for tests and quick probes)."""
+        tr, va = stratified_split(full.labels, cfg["val_fraction"], cfg["split_seed"])
+        train, val = full.subset(tr, "train"), full.subset(va, "internal")
+        desc = (f"internal split: {len(va)} images ({cfg['val_fraction']:.0%} of train.csv, stratified, "
+                f"seed {cfg['split_seed']})")
+    sel, selection = np.zeros(0, dtype=np.int64), None
+    if float(cfg["selection_fraction"]) > 0 and val is not None:
+        keep, pick = stratified_split(full.labels[tr], float(cfg["selection_fraction"]), cfg["split_seed"] + 2)
+        tr, sel = tr[keep], tr[pick]
+        train, selection = full.subset(tr, "train"), full.subset(sel, "selection")
+        desc += f"; selection split: {len(sel)} images of the training part steer the schedule"
+    if not official and run_dir is not None and d.main:
+        write_split_csv(run_dir / "split.csv", full.ids, full.labels, tr, va, sel)
     if cfg["max_train_images"] and cfg["max_train_images"] < len(train):
         keep, _ = stratified_split(train.labels, 1 - cfg["max_train_images"] / len(train), cfg["split_seed"] + 1)
         train = train.subset(keep, "train")
-    return train
+    return train, val, desc, selection
 
 
 def write_split_csv(path: Path, ids: list[str], labels: np.ndarray, train_idx, internal_idx, selection_idx=()) -> None:
