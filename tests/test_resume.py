@@ -61,3 +61,18 @@ def test_same_seed_same_metrics(cli, tiny_data, tmp_path):
     assert _rows(tmp_path / "a") == _rows(tmp_path / "b")
     proc = cli("train", "--data", str(tiny_data), *ARGS, "--set", "epochs=2", "--set", "seed=1", "--out", str(tmp_path / "c"))
     assert _rows(tmp_path / "c") != _rows(tmp_path / "a")  # the seed matters: the comparison can fail
+
+
+def test_max_minutes_ends_the_run_cleanly_after_the_epoch_that_passes_it(cli, tiny_data, tmp_path):
+    """A time limit stops after a whole epoch and the run still ends as usual (last checkpoint, report,
+    summary saying why); without it the same run trains every epoch."""
+    import json
+
+    run = tmp_path / "limited"
+    proc = cli("train", "--data", str(tiny_data), *ARGS, "--set", "max_minutes=0.00001", "--out", str(run))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "time limit" and summary["epochs_run"] == 1 and len(_rows(run)) == 1
+    assert "time limit" in proc.stderr and (run / "report.md").is_file() and (run / "last.safetensors").is_file()
+    proc = cli("train", "--data", str(tiny_data), *ARGS, "--set", "epochs=2", "--out", str(tmp_path / "free"))
+    assert json.loads((tmp_path / "free" / "summary.json").read_text())["stopped_by"] == "epochs"

@@ -48,6 +48,8 @@ DEFAULTS: dict[str, Any] = {
     "plateau_factor": 0.8,
     "warmup_epochs": 0.0,         # warmup_linear/cosine: linear warm-up length in epochs
     "early_stop": 15,             # epochs without a better validation accuracy before stopping (0: never)
+    "max_minutes": 0.0,           # stop after the epoch in which the training time (summed over resumes) passes
+                                  # this many minutes; the run then ends as usual, summary.json says why (0: no limit)
     "ema": 0.0,                   # decay of an exponential moving average of the weights (0: off)
     "ema_warmup": True,           # EMA decay min(ema, (1+t)/(10+t)) at update t, so early EMA figures mean something
     "grad_clip": 0.0,

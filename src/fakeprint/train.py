@@ -472,7 +472,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
     ema = EMA(model, float(cfg["ema"]), bool(cfg["ema_warmup"])) if cfg["ema"] else None
 
-    start_epoch, best_acc, bad_epochs, history = 0, -1.0, 0, []
+    start_epoch, best_acc, bad_epochs, history, time_before = 0, -1.0, 0, [], 0.0
     if resume:
         weights, state = load_resume_point(out)
         model.load_state_dict(weights.state_dict())
@@ -485,6 +485,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             ema.model.load_state_dict(state["ema"])
             ema.updates = int(state.get("ema_updates", 0))
         start_epoch, best_acc, bad_epochs = state["epoch"] + 1, state["best_acc"], state["bad_epochs"]
+        time_before = float(state.get("train_time_s", 0.0))
         history = _read_history(out / "metrics.csv", start_epoch)
 
     train_model: nn.Module = model
@@ -515,6 +516,8 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     eval_model = lambda: ema.model if ema is not None else model  # noqa: E731
     train_start = time.perf_counter()
     epoch = start_epoch - 1
+    stop_reason = "epochs"
+    limit_s = float(cfg["max_minutes"]) * 60.0
     for epoch in range(start_epoch, int(cfg["epochs"])):
         batches.set_epoch(epoch)
         torch.manual_seed(cfg["seed"] * 7919 + epoch * 104729 + d.rank)  # dropout etc.: a function of the epoch
@@ -547,6 +550,8 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         else:
             bad_epochs += 1
         stop = held_out and bool(cfg["early_stop"]) and bad_epochs >= int(cfg["early_stop"])
+        spent = time_before + time.perf_counter() - train_start
+        out_of_time = limit_s > 0 and spent >= limit_s and epoch + 1 < int(cfg["epochs"])
         if d.main:
             metrics = ({k: row[k] for k in ("val_acc", "val_loss", "val_macro_f1")} | {"epoch": epoch + 1}) if ev else {}
             last_meta = meta_base | {"epoch": epoch + 1, "metrics": metrics}
@@ -564,19 +569,22 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
                 "ema": ema.model.state_dict() if ema is not None else None,
                 "ema_updates": ema.updates if ema is not None else 0, "epoch": epoch,
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "best_acc": best_acc, "bad_epochs": bad_epochs})
+                "best_acc": best_acc, "bad_epochs": bad_epochs, "train_time_s": spent})
             val = f"val {row['val_acc']:.4f}  f1 {row['val_macro_f1']:.4f}" if ev else "no held-out split"
             print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f} (augmented)  "
                   f"{val}  lr {lr:.2e}  {epoch_time:.1f}s{'  *' if improved else ''}", file=sys.stderr)
         _barrier(d)
-        if stop:
+        if stop or out_of_time:
+            stop_reason = "early stop" if stop else "time limit"
             if d.main:
-                print(f"early stop: no better validation accuracy for {bad_epochs} epochs", file=sys.stderr)
+                print(f"early stop: no better validation accuracy for {bad_epochs} epochs" if stop else
+                      f"time limit: {spent / 60:.1f} of max_minutes {cfg['max_minutes']} spent", file=sys.stderr)
             break
-    train_time = time.perf_counter() - train_start
+    train_time = time_before + time.perf_counter() - train_start
 
     summary: dict[str, Any] = {"run": str(out), "epochs_run": epoch + 1, "train_time_s": train_time,
-                               "split": split_desc, "selection": "last epoch" if held_out else None}
+                               "stopped_by": stop_reason, "split": split_desc,
+                               "selection": "last epoch" if held_out else None}
     if held_out and sel_split is None:
         summary["best_val_acc"] = best_acc
         summary["best_val_acc_note"] = "best epoch chosen on this same split: optimistic, not a held-out figure"
