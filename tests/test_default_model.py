@@ -54,3 +54,20 @@ def test_cli_predict_without_a_checkpoint_uses_the_default_model(cli, tmp_path):
     line = proc.stdout.strip().split("\t")
     assert line[0] == str(path) and line[1] in {"0", "1", "2", "3", "4"}
     assert "default.safetensors" in proc.stderr
+
+
+def test_default_model_is_calibrated_on_images_it_never_saw_and_flags_uncertain_predictions():
+    """Its temperature and uncertain threshold come from a held-out run of its own recipe (fitted on that run's
+    internal split, with the same test-time augmentation), and every prediction carries the flag."""
+    clf = fakeprint.load()
+    cal = clf.meta["calibration"]
+    assert cal["tta"] == clf.tta and cal["n"] == 1250 and "internal split" in cal["split"]
+    if clf.meta["config"]["train_on_all"]:
+        assert "same recipe" in cal["how"] and "trained without it" in cal["how"]
+    assert 0.0 < cal["uncertain_below"] < 1.0 and cal["ece_after_cross_fitted"] < cal["ece_before"]
+    assert set(cal["flagged_share_probes"]) == {"plain colour", "noise", "demo (synthetic generators)"}
+    from ship_default_model import self_test_images
+
+    pred = clf.predict(self_test_images())
+    assert pred.uncertain is not None and pred.uncertain.dtype == bool
+    assert ((pred.probs.max(1) < cal["uncertain_below"]) == pred.uncertain).all()

@@ -1,6 +1,7 @@
 """Killed runs: a training killed with SIGKILL mid-epoch and resumed ends exactly like an uninterrupted one."""
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -44,6 +45,8 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(cli, tiny_data, tmp_pa
     proc = cli("train", "--resume", str(killed))
     assert proc.returncode == 0, proc.stderr
     assert _rows(killed) == _rows(full)
+    assert json.loads((killed / "run.json").read_text())["resumes"] == 1
+    assert json.loads((full / "run.json").read_text())["resumes"] == 0
     a, b = load_file(killed / "best.safetensors"), load_file(full / "best.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
@@ -66,8 +69,6 @@ def test_same_seed_same_metrics(cli, tiny_data, tmp_path):
 def test_max_minutes_ends_the_run_cleanly_after_the_epoch_that_passes_it(cli, tiny_data, tmp_path):
     """A time limit stops after a whole epoch and the run still ends as usual (last checkpoint, report,
     summary saying why); without it the same run trains every epoch."""
-    import json
-
     run = tmp_path / "limited"
     proc = cli("train", "--data", str(tiny_data), *ARGS, "--set", "max_minutes=0.00001", "--out", str(run))
     assert proc.returncode == 0, proc.stderr

@@ -40,6 +40,14 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
     "threecnn_dilated": ("threecnn_dilated", {}),
     "dilated_sel_s1": ("threecnn_dilated", {"selection_fraction": 0.1, "seed": 1}),
     "dilated_sel_s2": ("threecnn_dilated", {"selection_fraction": 0.1, "seed": 2}),
+    # the shipped model's recipe (fpnet_cpu, 40 epochs) with the internal split held out: the held-out figure and
+    # the calibration (temperature, uncertain threshold) that the shipped metadata carries (issue 11)
+    "fpnet_cpu_heldout": ("fpnet_cpu", {}),
+    # the dilated ThreeCNN with the fast recipe (round 2's best single network at 37 epochs), longer; a fixed
+    # schedule, so its epochs are fitted to the time limit from the probe ("fit_epochs")
+    **{f"dilated_fast_s{k}": ("fpnet_cpu", {"model": "threecnn_dilated", "model_args": {}, "batch_size": 32,
+                                            "hflip": True, "vflip": False, "rot90": False, "rotation": 15.0,
+                                            "epochs": 100, "seed": k, "fit_epochs": True}) for k in range(3)},
 }
 ENSEMBLE = ("threecnn_dilated", "dilated_sel_s1", "dilated_sel_s2")
 WEIGHT_TAR_LIMIT = 15_500_000
@@ -50,6 +58,7 @@ def config_for(rid: str, minutes: float, smoke: bool) -> dict[str, Any]:
 
     preset, over = RUNS[rid]
     extra = {"max_minutes": minutes, "progress": False, "threads": 2, "workers": 1} | over
+    extra.pop("fit_epochs", None)
     if smoke:
         extra |= {"epochs": 3, "max_minutes": 0.5}
     return load_config(preset, extra)
@@ -80,6 +89,7 @@ def main() -> None:
     ap.add_argument("--results", type=Path, required=True, help="where round3.json and the weight tars go")
     ap.add_argument("--minutes", type=float, default=6.0, help="max_minutes of every run")
     ap.add_argument("--only", nargs="*", default=None, help="run ids (default: all)")
+    ap.add_argument("--ensemble", nargs="*", default=list(ENSEMBLE), help="run ids evaluated as one fixed ensemble")
     ap.add_argument("--probe-only", action="store_true")
     ap.add_argument("--probe-seconds", type=float, default=10.0)
     ap.add_argument("--expect-images", type=int, default=12500)
@@ -119,6 +129,11 @@ def main() -> None:
     speeds = probe_all(paths, args.probe_seconds, logs)
     n_train = R.training_part_size(args.data, cfgs[rids[0]])
     log("probe (images/s, all at once): " + ", ".join(f"{k} {v:.0f} ({n_train / v:.1f} s/epoch)" for k, v in speeds.items()))
+    for rid in rids:  # a fixed schedule must end inside the time limit, or it stops before its decay
+        if RUNS[rid][1].get("fit_epochs"):
+            fit = int((args.minutes * 60 - 30) * 0.85 * speeds[rid] / n_train)
+            cfgs[rid]["epochs"] = max(1, min(int(cfgs[rid]["epochs"]), fit))
+    log("epochs: " + ", ".join(f"{k} {c['epochs']}" for k, c in cfgs.items()))
     report: dict[str, Any] = {
         "campaign": "round 3: the report's presets side by side, each under max_minutes", "smoke": args.smoke,
         "data": dataset_identity(args.data), "machine": R.machine(), "commit": git_commit(), "versions": versions(),
@@ -140,9 +155,9 @@ def main() -> None:
         if (runs / rid / "summary.json").is_file():
             report["rows"][rid] = R.evaluate_last_cached(args.data, runs / rid) | {
                 "summary": json.loads((runs / rid / "summary.json").read_text())}
-    members = [r for r in ENSEMBLE if r in report["rows"]]
+    members = [r for r in args.ensemble if r in report["rows"]]
     if len(members) >= 2:
-        report["rows"]["ensemble_dilated"] = R.evaluate_ensemble(args.data, [runs / r for r in members]) | {
+        report["rows"]["ensemble"] = R.evaluate_ensemble(args.data, [runs / r for r in members]) | {
             "members": members}
     report["wall_time_s"] = time.time() - t_start
     (args.results / "round3.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -1,6 +1,7 @@
 """Copy a run's checkpoint into the package as the shipped default model.
 
-    python tools/ship_default_model.py RUN_OR_CHECKPOINT [--held-out OTHER_RUN --how TEXT]
+    python tools/ship_default_model.py RUN_OR_CHECKPOINT [--held-out OTHER_RUN --how TEXT] [--calibration-from RUN]
+    python tools/ship_default_model.py default --calibration-from RUN   (new metadata for the shipped weights)
 
 Writes ``src/fakeprint/weights/default.safetensors`` and ``default.json``: the checkpoint's metadata and a
 self-test (the probabilities the model gives to a few generated images) that
@@ -39,10 +40,13 @@ def main() -> int:
     ap.add_argument("run")
     ap.add_argument("--held-out", help="for a train_on_all model: a run of the same recipe with an internal split")
     ap.add_argument("--how", default="", help="with --held-out: how that run relates to the shipped model")
-    ap.add_argument("--note", default="", help="free text for the metadata (how it was trained)")
+    ap.add_argument("--note", default=None, help="free text for the metadata (how it was trained)")
+    ap.add_argument("--calibration-from", help="a run of the same recipe trained without the internal split, "
+                    "calibrated on it (`fakeprint calibrate`): its temperature and uncertain threshold are shipped")
     args = ap.parse_args()
     src = resolve_checkpoint(args.run)
     meta = json.loads(src.with_suffix(".json").read_text())
+    reship = src.resolve() == (DEST / "default.safetensors").resolve()  # new metadata for the shipped weights
     if args.held_out:
         other = json.loads(resolve_checkpoint(args.held_out).with_suffix(".json").read_text())
         if not other.get("held_out") or not args.how:
@@ -50,16 +54,34 @@ def main() -> int:
         meta["held_out"] = other["held_out"] | {"how": args.how}
     elif not meta.get("held_out"):
         sys.exit(f"{src}: no held-out figure (a train_on_all model?): give --held-out RUN --how TEXT")
-    meta["shipped_from"] = str(src)
-    meta["note"] = args.note
+    if not reship:
+        meta["shipped_from"] = str(src)
+    if args.note is not None or not reship:
+        meta["note"] = args.note or ""
+    if args.calibration_from:
+        other_path = resolve_checkpoint(args.calibration_from)
+        other = json.loads(other_path.with_suffix(".json").read_text())
+        if not other.get("calibration") or other["calibration"].get("tta") != meta.get("tta"):
+            sys.exit(f"{args.calibration_from}: no calibration with test-time augmentation {meta.get('tta')!r} "
+                     "(run `fakeprint calibrate` on it first)")
+        meta["calibration"] = other["calibration"] | {
+            "how": "fitted on the internal split by a run of the same recipe trained without it "
+                   f"({other_path.parent.name}); this model itself trained on those images"}
     clf = load(src)
+    clf.meta = meta  # the self-test and the probe shares: with the calibration shipped
+    if meta.get("calibration"):
+        from fakeprint.calibration import flagged_shares
+
+        meta["calibration"]["flagged_share_probes"] = flagged_shares(clf)
     probs = clf.predict(self_test_images()).probs
     meta["self_test"] = {"seeds": list(SELF_TEST_SEEDS), "tta": clf.tta, "probs": probs.round(6).tolist()}
     DEST.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, DEST / "default.safetensors")
+    if not reship:
+        shutil.copyfile(src, DEST / "default.safetensors")
     atomic_write(DEST / "default.json", (json.dumps(meta, indent=2) + "\n").encode())
     size = (DEST / "default.safetensors").stat().st_size
-    print(f"shipped {src} -> {DEST}/default.safetensors ({size / 1e6:.1f} MB)")
+    print(f"updated the metadata of {DEST}/default.safetensors ({size / 1e6:.1f} MB)" if reship else
+          f"shipped {src} -> {DEST}/default.safetensors ({size / 1e6:.1f} MB)")
     return 0
 
 

@@ -472,7 +472,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
     ema = EMA(model, float(cfg["ema"]), bool(cfg["ema_warmup"])) if cfg["ema"] else None
 
-    start_epoch, best_acc, bad_epochs, history, time_before = 0, -1.0, 0, [], 0.0
+    start_epoch, best_acc, bad_epochs, history, time_before, resumes = 0, -1.0, 0, [], 0.0, 0
     if resume:
         weights, state = load_resume_point(out)
         model.load_state_dict(weights.state_dict())
@@ -486,6 +486,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             ema.updates = int(state.get("ema_updates", 0))
         start_epoch, best_acc, bad_epochs = state["epoch"] + 1, state["best_acc"], state["bad_epochs"]
         time_before = float(state.get("train_time_s", 0.0))
+        resumes = int(state.get("resumes", 0)) + 1
         history = _read_history(out / "metrics.csv", start_epoch)
 
     train_model: nn.Module = model
@@ -506,6 +507,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         atomic_write(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
         run_info = {"data": str(Path(data_root).resolve()), "split": split_desc, "train_images": len(train_split),
                     "val_images": len(val_split) if held_out else 0, "device": _device_name(device), "world_size": d.world_size,
+                    "resumes": resumes,
                     "commit": meta_base["commit"], "versions": meta_base["versions"], "argv": sys.argv,
                     "parameters": meta_base["parameters"], "trainable_parameters": meta_base["trainable_parameters"]}
         atomic_write(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
@@ -569,7 +571,8 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
                 "ema": ema.model.state_dict() if ema is not None else None,
                 "ema_updates": ema.updates if ema is not None else 0, "epoch": epoch,
                 "scaler": scaler.state_dict() if scaler is not None else None,
-                "best_acc": best_acc, "bad_epochs": bad_epochs, "train_time_s": spent})
+                "best_acc": best_acc, "bad_epochs": bad_epochs, "train_time_s": spent,
+                "resumes": resumes})
             val = f"val {row['val_acc']:.4f}  f1 {row['val_macro_f1']:.4f}" if ev else "no held-out split"
             print(f"epoch {epoch + 1:3d}  loss {row['train_loss']:.4f}  train {row['train_acc']:.4f} (augmented)  "
                   f"{val}  lr {lr:.2e}  {epoch_time:.1f}s{'  *' if improved else ''}", file=sys.stderr)
