@@ -55,3 +55,29 @@ def test_bad_overrides_are_refused_with_the_key_named(override, message):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(FakeprintError, match="presets: .*threecnn"):
         load_config("nosuchpreset")
+
+
+def test_the_fast_dilated_preset_is_the_recipe_that_was_measured():
+    """threecnn_dilated_fast is exactly what round 3 of the recipe study trained (tools/gpu_round3.py,
+    dilated_fast_sK): the fpnet_cpu recipe on the report's dilated ThreeCNN and augmentation, 70 epochs."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from gpu_round3 import RUNS
+
+    preset, over = RUNS["dilated_fast_s0"]
+    measured = load_config(preset, {k: v for k, v in over.items() if k not in ("fit_epochs", "seed", "epochs")}
+                           | {"epochs": 70})
+    assert load_config("threecnn_dilated_fast") == measured
+    assert "threecnn_dilated_fast" in preset_names()
+
+
+def test_the_fast_dilated_preset_trains(cli, tiny_data, tmp_path):
+    import json
+
+    proc = cli("train", "--data", str(tiny_data), "--config", "threecnn_dilated_fast", "--set", "epochs=1",
+               "--set", "batch_size=10", "--set", "threads=1", "--set", "progress=false", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 0, proc.stderr
+    meta = json.loads((tmp_path / "r" / "last.json").read_text())
+    assert meta["model"] == "threecnn_dilated" and meta["tta"] == "flip"

@@ -57,8 +57,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.list_presets:
         from .config import preset_names, preset_summary
 
+        width = max(len(n) for n in preset_names()) + 2
         for name in preset_names():
-            print(f"{name:<18} {preset_summary(name)}")
+            print(f"{name:<{width}}{preset_summary(name)}")
         return 0
     if args.resume:
         given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--out", args.out),
