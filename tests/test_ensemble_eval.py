@@ -49,3 +49,16 @@ def test_internal_split_must_be_shared_by_every_member(cli, two_runs, tiny_data,
 def test_ensemble_refuses_no_members():
     with pytest.raises(FakeprintError, match="at least one"):
         EnsembleClassifier([])
+
+
+def test_an_ensemble_without_out_writes_to_the_working_directory(two_runs, tiny_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "fakeprint", "evaluate", *map(str, two_runs), "--data", str(tiny_data),
+                           "--split", "validation", "--json"], capture_output=True, text=True, cwd=tmp_path,
+                          env=os.environ | {"PYTHONUNBUFFERED": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    out = tmp_path / "eval-validation-ensemble-of-2"
+    assert json.loads(proc.stdout)["out"] == str(out) and (out / "metrics.json").is_file()

@@ -10,6 +10,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 ARGS = ["--config", "demo", "--set", "epochs=4", "--set", "progress=false", "--set", "batch_size=10",
@@ -75,5 +76,13 @@ def test_max_minutes_ends_the_run_cleanly_after_the_epoch_that_passes_it(cli, ti
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stopped_by"] == "time limit" and summary["epochs_run"] == 1 and len(_rows(run)) == 1
     assert "time limit" in proc.stderr and (run / "report.md").is_file() and (run / "last.safetensors").is_file()
+    # a time-limited run continues with a new limit (applied and recorded); the curve goes on where it stopped
+    before = _rows(run)
+    proc = cli("train", "--resume", str(run), "--set", "max_minutes=0")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((run / "summary.json").read_text())["stopped_by"] == "epochs"
+    assert _rows(run)[:1] == before and [r["epoch"] for r in _rows(run)] == ["1", "2", "3", "4"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["max_minutes"] == 0
+    assert json.loads((run / "run.json").read_text())["resumes"] == 1
     proc = cli("train", "--data", str(tiny_data), *ARGS, "--set", "epochs=2", "--out", str(tmp_path / "free"))
     assert json.loads((tmp_path / "free" / "summary.json").read_text())["stopped_by"] == "epochs"

@@ -62,11 +62,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
             print(f"{name:<{width}}{preset_summary(name)}")
         return 0
     if args.resume:
-        given = [flag for flag, value in (("--config", args.config), ("--set", args.set), ("--out", args.out),
+        from .config import parse_overrides
+        from .train import RESUME_SETTINGS
+
+        given = [flag for flag, value in (("--config", args.config), ("--out", args.out),
                                           ("--on-bad-image", args.on_bad_image)) if value]
-        if given:
-            raise FakeprintError(f"{' and '.join(given)} cannot be changed on --resume: a resumed run continues with "
-                                 "the config and device it was started with (its config.yaml); start a new run instead")
+        changed = parse_overrides(args.set)
+        if given or set(changed) - set(RESUME_SETTINGS):
+            what = given + [f"--set {k}" for k in sorted(set(changed) - set(RESUME_SETTINGS))]
+            raise FakeprintError(f"{' and '.join(what)} cannot be changed on --resume: a resumed run continues with "
+                                 "the config and device it was started with (its config.yaml); start a new run "
+                                 f"instead (only --set {'/'.join(RESUME_SETTINGS)} may change)")
         out = Path(args.resume)
         info = out / "run.json"
         data = args.data
@@ -76,7 +82,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
             except (OSError, ValueError, KeyError):
                 raise FakeprintError(f"{info}: cannot tell which dataset the run used; pass --data") from None
         cfg = load_config(None)  # replaced by the run's own config.yaml
-        summary = train(data, cfg, out, resume=True)
+        summary = train(data, cfg, out, resume=True, resume_overrides=changed)
     else:
         if not args.data or not args.out:
             raise FakeprintError("train needs --data DIR and --out RUN (or --resume RUN)")
@@ -93,10 +99,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     ckpts = args.checkpoint
     args.split = args.split or default_split(ckpts[0])
-    if not args.out and len(ckpts) > 1:
-        raise FakeprintError("evaluating several checkpoints as an ensemble needs --out DIR")
     if args.out:
         out = args.out
+    elif len(ckpts) > 1:  # an ensemble belongs to no one run folder: the working directory
+        out = str(Path.cwd() / f"eval-{args.split}-ensemble-of-{len(ckpts)}")
     else:
         from .checkpoint import output_dir, resolve_checkpoint
 
@@ -327,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--split", default=None, choices=("internal", "validation", "train"),
                    help="internal (the run's held-out images in its split.csv), validation or train; default: "
                         "internal when the run held images out, else validation (as analyze)")
-    s.add_argument("--out", default=None, help="folder for metrics.json, report.md, confusion_matrix.png")
+    s.add_argument("--out", default=None, help="folder for metrics.json, report.md, confusion_matrix.png (default: "
+                   "eval-SPLIT beside the checkpoint; for several checkpoints, ./eval-SPLIT-ensemble-of-N)")
     _add_tta(s)
     s.add_argument("--json", action="store_true", help="print the metrics as JSON instead of the text report")
     s.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")

@@ -412,8 +412,15 @@ def setup_backends(cfg: dict, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
-def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train ``cfg['model']`` on ``data_root`` into the run folder ``out``; returns the run's summary."""
+# settings a resumed run may change (they change when or how visibly it runs, not what it learns); recorded in
+# its config.yaml
+RESUME_SETTINGS = ("max_minutes", "progress", "threads")
+
+
+def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = False,
+          resume_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``cfg['model']`` on ``data_root`` into the run folder ``out``; returns the run's summary. With
+    ``resume``, the run's own config.yaml replaces ``cfg``; ``resume_overrides`` may change RESUME_SETTINGS."""
     out = Path(out)
     d, device = setup_distributed(cfg["device"])
     if resume:
@@ -422,8 +429,12 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
             raise FakeprintError(f"{out}: nothing to resume (no resume.json and config.yaml from an earlier run)")
         from .config import load_config
 
+        bad = sorted(set(resume_overrides or {}) - set(RESUME_SETTINGS))
+        if bad:
+            raise FakeprintError(f"{', '.join(bad)} cannot be changed on --resume: a resumed run continues with the "
+                                 f"config it was started with; only {', '.join(RESUME_SETTINGS)} may change")
         try:  # keys added to fakeprint since the run started take their defaults
-            cfg = load_config(None, yaml.safe_load(saved.read_text()) or {})
+            cfg = load_config(None, (yaml.safe_load(saved.read_text()) or {}) | (resume_overrides or {}))
         except yaml.YAMLError as e:
             raise FakeprintError(f"{saved}: not valid YAML ({e})") from None
     elif d.main and (out / "metrics.csv").exists():
