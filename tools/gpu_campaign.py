@@ -119,16 +119,17 @@ def pack(results: Path, name: str, files: list[tuple[Path, str]]) -> None:
                 tar.add(path, arcname=arc)
 
 
-def pack_weights(results: Path, runs: Path, rids: list[str], first: int) -> None:
-    """The last checkpoints of ``rids`` in tars ``weights-<first>.tar``, ``weights-<first + 1>.tar``, ... each
-    under the transfer limit of one returned file."""
+def pack_weights(results: Path, runs: Path, rids: list[str], first: int, which: tuple[str, ...] = ("last",)) -> None:
+    """The ``which`` checkpoints (default: the last) of ``rids`` in tars ``weights-<first>.tar``,
+    ``weights-<first + 1>.tar``, ... each under the transfer limit of one returned file."""
     batch: list[tuple[Path, str]] = []
     size, k = 0, first
     for rid in rids:
-        files = [(runs / rid / f"last{ext}", f"{rid}/last{ext}") for ext in (".safetensors", ".json")]
-        if not files[0][0].is_file():
+        files = [(runs / rid / f"{w}{ext}", f"{rid}/{w}{ext}") for w in which for ext in (".safetensors", ".json")]
+        files = [(path, arc) for path, arc in files if path.is_file()]
+        if not files:
             continue
-        s = sum(p.stat().st_size for p, _ in files if p.is_file())
+        s = sum(path.stat().st_size for path, _ in files)
         if batch and size + s > WEIGHT_TAR_LIMIT:
             pack(results, f"weights-{k}.tar", batch)
             batch, size, k = [], 0, k + 1

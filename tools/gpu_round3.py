@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_campaign import count_images, launch, log, pack, probe_all, wait_all, write_cfg  # noqa: E402
+from gpu_campaign import count_images, launch, log, pack, pack_weights, probe_all, wait_all, write_cfg  # noqa: E402
 
 # id -> (preset, overrides). The first two are issue 14's rows: the presets exactly as they are (the report's
 # procedure: the plateau scheduler and early stopping look at the internal split, so best.json is optimistic and
@@ -50,7 +50,6 @@ RUNS: dict[str, tuple[str, dict[str, Any]]] = {
                                             "epochs": 100, "seed": k, "fit_epochs": True}) for k in range(3)},
 }
 ENSEMBLE = ("threecnn_dilated", "dilated_sel_s1", "dilated_sel_s2")
-WEIGHT_TAR_LIMIT = 15_500_000
 
 
 def config_for(rid: str, minutes: float, smoke: bool) -> dict[str, Any]:
@@ -62,24 +61,6 @@ def config_for(rid: str, minutes: float, smoke: bool) -> dict[str, Any]:
     if smoke:
         extra |= {"epochs": 3, "max_minutes": 0.5}
     return load_config(preset, extra)
-
-
-def pack_weights(results: Path, runs: Path, rids: list[str]) -> None:
-    """best and last checkpoints of ``rids`` in tars ``weights-K.tar``, each under one returned file's limit."""
-    batch: list[tuple[Path, str]] = []
-    size, k = 0, 0
-    for rid in rids:
-        files = [(runs / rid / f"{which}{ext}", f"{rid}/{which}{ext}")
-                 for which in ("last", "best") for ext in (".safetensors", ".json")]
-        files = [(p, a) for p, a in files if p.is_file()]
-        s = sum(p.stat().st_size for p, _ in files)
-        if batch and size + s > WEIGHT_TAR_LIMIT:
-            pack(results, f"weights-{k}.tar", batch)
-            batch, size, k = [], 0, k + 1
-        batch += files
-        size += s
-    if batch:
-        pack(results, f"weights-{k}.tar", batch)
 
 
 def main() -> None:
@@ -150,7 +131,7 @@ def main() -> None:
     # final evaluation, start-up)
     status = wait_all(procs, time.time() + args.minutes * 60 + 75)
     report["status"] = status
-    pack_weights(args.results, runs, rids)
+    pack_weights(args.results, runs, rids, first=0, which=("last", "best"))
     for rid in rids:
         if (runs / rid / "summary.json").is_file():
             report["rows"][rid] = R.evaluate_last_cached(args.data, runs / rid) | {
