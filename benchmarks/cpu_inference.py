@@ -1,6 +1,7 @@
 """Batched CPU inference throughput of a model (default: the one shipped in the package).
 
-    python benchmarks/cpu_inference.py [--checkpoint RUN] [--images 2048] [--batch-size 256] [--threads 2]
+    python benchmarks/cpu_inference.py [--checkpoint RUN|default|accurate] [--backend torch|onnx] [--tta]
+        [--images 2048] [--batch-size 256] [--threads 2]
 
 Times ``Classifier.predict`` on uint8 images already in memory (decoding excluded; that is the data
 path's job), after one warm-up batch, and prints one JSON object (environment header, images/s).
@@ -20,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fakeprint  # noqa: E402
 from _common import emit, environment  # noqa: E402
+from fakeprint.data.dataset import portable_path  # noqa: E402
 
 
 def main() -> int:
@@ -29,12 +31,19 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tta", action="store_true")
+    ap.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+                    help="onnx: onnxruntime on the checkpoint exported in memory")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    clf = fakeprint.load(args.checkpoint)
+    if args.backend == "onnx":
+        from fakeprint.onnx_backend import load_backend
+
+        clf = load_backend(args.checkpoint or "default", "onnx", "cpu")
+    else:
+        clf = fakeprint.load(args.checkpoint)
     x = np.random.default_rng(0).integers(0, 256, (args.images, 100, 100, 3), dtype=np.uint8)
     clf.predict(x[: args.batch_size], batch_size=args.batch_size, tta=args.tta)
     rates = []
@@ -43,7 +52,8 @@ def main() -> int:
         clf.predict(x, batch_size=args.batch_size, tta=args.tta)
         rates.append(args.images / (time.perf_counter() - t0))
     result = {"benchmark": "cpu_inference", "environment": environment(torch.device("cpu")),
-              "model": clf.name, "checkpoint": str(clf.path), "images": args.images, "batch_size": args.batch_size,
+              "model": clf.name, "checkpoint": portable_path(clf.path) if clf.path else args.checkpoint,
+              "backend": args.backend, "images": args.images, "batch_size": args.batch_size,
               "tta": args.tta, "images_per_s": {"median": float(np.median(rates)), "all": rates}}
     emit(result, args.out)
     return 0

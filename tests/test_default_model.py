@@ -1,4 +1,5 @@
-"""The model shipped inside the package loads with no path and predicts as it did when it was shipped."""
+"""The models shipped inside the package (``default``; ``accurate``) load by name and predict as they did when
+they were shipped; ``default`` also with no path at all."""
 
 import sys
 from pathlib import Path
@@ -7,34 +8,47 @@ import numpy as np
 import pytest
 
 import fakeprint
+from fakeprint.checkpoint import SHIPPED_NAMES, shipped_model_path
 from fakeprint.predict import default_model_path
 
 pytestmark = pytest.mark.skipif(default_model_path() is None, reason="no default model shipped in this checkout")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+SHIPPED = [n for n in SHIPPED_NAMES if shipped_model_path(n) is not None]
+each_shipped = pytest.mark.parametrize("name", SHIPPED)
 
 
-def test_default_model_is_small_and_documented():
-    path = default_model_path()
+@each_shipped
+def test_shipped_models_are_small_and_load_by_name(name):
+    path = shipped_model_path(name)
     assert path.stat().st_size <= 15 * 1024 * 1024
-    clf = fakeprint.load()
-    assert clf.meta["num_classes"] == 5
+    clf = fakeprint.load(name)
+    assert clf.meta["num_classes"] == 5 and clf.path == path
+    assert fakeprint.load().path == default_model_path()
 
 
-def test_default_model_claims_only_a_held_out_figure():
+def test_both_models_are_shipped():
+    assert SHIPPED == ["default", "accurate"]
+
+
+@each_shipped
+def test_shipped_models_claim_only_a_held_out_figure(name):
     """Its figure is one on images a model never trained on, labelled; no figure on its own training images."""
-    meta = fakeprint.load().meta
+    meta = fakeprint.load(name).meta
     held = meta["held_out"]
     assert held["n"] == 1250 and 0.2 < held["accuracy"] < 1.0 and held["how"] and held["selection"] == "last epoch"
     assert "internal split" in held["split"]
     if meta["config"]["train_on_all"]:  # trained on the internal split itself: no figure of its own may be shown
         assert not meta["metrics"] and "same recipe" in held["how"]
-    assert fakeprint.load().tta == held["tta"] == meta["self_test"]["tta"]
+    else:  # its own figure: `fakeprint evaluate NAME --data DIR` finds the split again and reproduces it
+        assert len(held["internal_ids_sha256"]) == 64 and "never trained on" in held["how"]
+    assert fakeprint.load(name).tta == held["tta"] == meta["self_test"]["tta"]
 
 
-def test_default_model_reproduces_its_self_test_on_generated_images():
+@each_shipped
+def test_shipped_models_reproduce_their_self_test_on_generated_images(name):
     from ship_default_model import self_test_images
 
-    clf = fakeprint.load()
+    clf = fakeprint.load(name)
     pred = clf.predict(self_test_images())
     expected = np.array(clf.meta["self_test"]["probs"])
     assert pred.probs.shape == (5, 5)
@@ -56,10 +70,12 @@ def test_cli_predict_without_a_checkpoint_uses_the_default_model(cli, tmp_path):
     assert "default.safetensors" in proc.stderr
 
 
-def test_default_model_is_calibrated_on_images_it_never_saw_and_flags_uncertain_predictions():
-    """Its temperature and uncertain threshold come from a held-out run of its own recipe (fitted on that run's
-    internal split, with the same test-time augmentation), and every prediction carries the flag."""
-    clf = fakeprint.load()
+@each_shipped
+def test_shipped_models_are_calibrated_on_images_they_never_saw_and_flag_uncertain_predictions(name):
+    """Temperature and uncertain threshold come from the internal split of the model's own run, or for a model
+    trained on every image from a held-out run of its own recipe (same test-time augmentation); every
+    prediction carries the flag."""
+    clf = fakeprint.load(name)
     cal = clf.meta["calibration"]
     assert cal["tta"] == clf.tta and cal["n"] == 1250 and "internal split" in cal["split"]
     if clf.meta["config"]["train_on_all"]:
@@ -71,3 +87,17 @@ def test_default_model_is_calibrated_on_images_it_never_saw_and_flags_uncertain_
     pred = clf.predict(self_test_images())
     assert pred.uncertain is not None and pred.uncertain.dtype == bool
     assert ((pred.probs.max(1) < cal["uncertain_below"]) == pred.uncertain).all()
+
+
+def test_the_accurate_model_by_name_on_the_command_line(cli, tmp_path):
+    from PIL import Image
+
+    from fakeprint.data.demo import render
+
+    path = tmp_path / "gen.png"
+    Image.fromarray(render(1, np.random.default_rng(3))).save(path)
+    proc = cli("predict", "accurate", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert "accurate.safetensors" in proc.stderr and "threecnn_dilated" in proc.stderr
+    proc = cli("predict", "nosuchmodel", str(path))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr

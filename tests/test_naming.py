@@ -37,6 +37,11 @@ def test_default_names_the_shipped_model_and_results_stay_out_of_the_package(tin
     assert metrics["n"] == 50 and metrics["tta"] == "flip"  # the shipped model's own TTA, applied by default
     assert sorted(p.name for p in package.iterdir()) == before
     assert output_dir(default_model_path(), "x") == Path.cwd() / "x-default"
+    from fakeprint.checkpoint import shipped_model_path
+
+    if shipped_model_path("accurate") is not None:  # the second shipped model, by its own name
+        assert resolve_checkpoint("accurate") == shipped_model_path("accurate")
+        assert output_dir(shipped_model_path("accurate"), "x") == Path.cwd() / "x-accurate"
 
 
 def test_a_file_named_default_in_the_working_directory_wins(tmp_path):
@@ -171,3 +176,33 @@ def test_one_preprocessing_module():
     from fakeprint import augment, preprocess
 
     assert augment.normalize is preprocess.normalize and augment.tta_views is preprocess.tta_views
+
+
+def test_a_checkpoint_without_its_run_folder_finds_its_internal_split_again(cli, tiny_train_only, tmp_path):
+    """A shipped model has no split.csv beside it: `evaluate --split internal` recomputes the split from
+    train.csv and the run's config, checked against the digest its metadata records; a different train.csv is
+    refused, and without a digest the missing split.csv is named."""
+    from fakeprint.config import load_config
+    from fakeprint.data.cache import load_split
+    from fakeprint.data.dataset import stratified_split
+    from fakeprint.evaluate import internal_ids_digest
+
+    cfg = load_config(None, {"val_fraction": 0.2, "split_seed": 3})
+    full = load_split(tiny_train_only, "train", progress=False)
+    _, va = stratified_split(full.labels, 0.2, 3)
+    digest = internal_ids_digest([full.ids[i] for i in va])
+    run = make_checkpoint(tmp_path, held_out={"internal_ids_sha256": digest}, extra_meta={"config": cfg})
+    assert not (run / "split.csv").exists()
+    proc = cli("evaluate", str(run), "--data", str(tiny_train_only), "--json", "--out", str(tmp_path / "e"))
+    assert proc.returncode == 0, proc.stderr
+    m = json.loads(proc.stdout)
+    assert m["split"] == "internal" and m["n"] == len(va)  # the default split: the one its figure names
+
+    rows = (tiny_train_only / "train.csv").read_text().splitlines()
+    (tiny_train_only / "train.csv").write_text("\n".join([rows[0], *rows[1:][::-1]]) + "\n")  # another order
+    proc = cli("evaluate", str(run), "--data", str(tiny_train_only), "--split", "internal", "--out", str(tmp_path / "f"))
+    assert proc.returncode == 2 and "not the one the model's figure was measured on" in proc.stderr
+
+    bare = make_checkpoint(tmp_path / "bare", extra_meta={"config": cfg})
+    proc = cli("evaluate", str(bare), "--data", str(tiny_train_only), "--split", "internal", "--out", str(tmp_path / "g"))
+    assert proc.returncode == 2 and "split.csv: not found" in proc.stderr and "Traceback" not in proc.stderr

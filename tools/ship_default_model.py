@@ -1,9 +1,11 @@
-"""Copy a run's checkpoint into the package as the shipped default model.
+"""Copy a run's checkpoint into the package as a shipped model (`default`, or `accurate` with --name).
 
     python tools/ship_default_model.py RUN_OR_CHECKPOINT [--held-out OTHER_RUN --how TEXT] [--calibration-from RUN]
     python tools/ship_default_model.py default --calibration-from RUN   (new metadata for the shipped weights)
+    python tools/ship_default_model.py RUN --name accurate --data DIR     (the second shipped model, its figure
+                                                                          re-measured here)
 
-Writes ``src/fakeprint/weights/default.safetensors`` and ``default.json``: the checkpoint's metadata and a
+Writes ``src/fakeprint/weights/NAME.safetensors`` and ``NAME.json``: the checkpoint's metadata and a
 self-test (the probabilities the model gives to a few generated images) that
 ``tests/test_default_model.py`` checks after loading the shipped file.
 
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fakeprint.checkpoint import atomic_write, resolve_checkpoint
+from fakeprint.checkpoint import SHIPPED_NAMES, atomic_write, resolve_checkpoint
 from fakeprint.data.demo import render
 from fakeprint.predict import load
 
@@ -38,6 +40,9 @@ def self_test_images() -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
+    ap.add_argument("--name", default="default", choices=SHIPPED_NAMES, help="which shipped model (default: default)")
+    ap.add_argument("--data", help="re-measure the checkpoint's own held-out figure here, on this machine (fp32, the "
+                    "checkpoint's test-time augmentation): the figure users will reproduce")
     ap.add_argument("--held-out", help="for a train_on_all model: a run of the same recipe with an internal split")
     ap.add_argument("--how", default="", help="with --held-out: how that run relates to the shipped model")
     ap.add_argument("--note", default=None, help="free text for the metadata (how it was trained)")
@@ -46,7 +51,8 @@ def main() -> int:
     args = ap.parse_args()
     src = resolve_checkpoint(args.run)
     meta = json.loads(src.with_suffix(".json").read_text())
-    reship = src.resolve() == (DEST / "default.safetensors").resolve()  # new metadata for the shipped weights
+    dest = DEST / f"{args.name}.safetensors"
+    reship = src.resolve() == dest.resolve()  # new metadata for the shipped weights
     if args.held_out:
         other = json.loads(resolve_checkpoint(args.held_out).with_suffix(".json").read_text())
         if not other.get("held_out") or not args.how:
@@ -68,6 +74,24 @@ def main() -> int:
             "how": "fitted on the internal split by a run of the same recipe trained without it "
                    f"({other_path.parent.name}); this model itself trained on those images"}
     clf = load(src)
+    if args.data:
+        if args.held_out or meta["config"].get("train_on_all"):
+            sys.exit("--data re-measures the checkpoint's own held-out figure: not for a train_on_all model")
+        from fakeprint.evaluate import load_eval_split
+        from fakeprint.metrics import summary
+
+        held = load_eval_split(Path(args.data), "internal", src, progress=False)
+        m = summary(held.labels, clf.predict(held.images).labels)  # calibration never changes the labels
+        meta["held_out"] = meta["held_out"] | {
+            "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "confusion_matrix": m["confusion_matrix"],
+            "recall": [m["per_class"][str(c)]["recall"] for c in range(len(clf.classes))], "n": m["n"],
+            "tta": clf.tta, "measured": "on the CPU in fp32 when shipped (tools/ship_default_model.py --data)"}
+    if not meta["config"].get("train_on_all") and not args.held_out and (src.parent / "split.csv").is_file():
+        from fakeprint.evaluate import internal_ids_digest
+        from fakeprint.train import read_split_csv
+
+        ids = read_split_csv(src.parent / "split.csv").get("internal", ([], []))[0]
+        meta["held_out"]["internal_ids_sha256"] = internal_ids_digest(ids)  # `evaluate NAME --split internal`
     clf.meta = meta  # the self-test and the probe shares: with the calibration shipped
     if meta.get("calibration"):
         from fakeprint.calibration import flagged_shares
@@ -77,11 +101,11 @@ def main() -> int:
     meta["self_test"] = {"seeds": list(SELF_TEST_SEEDS), "tta": clf.tta, "probs": probs.round(6).tolist()}
     DEST.mkdir(parents=True, exist_ok=True)
     if not reship:
-        shutil.copyfile(src, DEST / "default.safetensors")
-    atomic_write(DEST / "default.json", (json.dumps(meta, indent=2) + "\n").encode())
-    size = (DEST / "default.safetensors").stat().st_size
-    print(f"updated the metadata of {DEST}/default.safetensors ({size / 1e6:.1f} MB)" if reship else
-          f"shipped {src} -> {DEST}/default.safetensors ({size / 1e6:.1f} MB)")
+        shutil.copyfile(src, dest)
+    atomic_write(dest.with_suffix(".json"), (json.dumps(meta, indent=2) + "\n").encode())
+    size = dest.stat().st_size
+    print(f"updated the metadata of {dest} ({size / 1e6:.1f} MB)" if reship else
+          f"shipped {src} -> {dest} ({size / 1e6:.1f} MB)")
     return 0
 
 

@@ -105,8 +105,7 @@ def update_metadata(path: str | Path, fields: dict[str, Any]) -> Path:
     """Add or replace ``fields`` in a checkpoint's JSON metadata (the weights are untouched); refuses the
     model shipped inside the package. Returns the JSON path."""
     weights = resolve_checkpoint(path)
-    shipped = shipped_model_path()
-    if shipped is not None and weights.resolve() == shipped.resolve():
+    if is_shipped(weights):
         raise CheckpointError(f"{weights}: the shipped model is not changed in place (tools/ship_default_model.py "
                               "ships a new one)")
     meta_path = weights.with_suffix(".json")
@@ -116,36 +115,43 @@ def update_metadata(path: str | Path, fields: dict[str, Any]) -> Path:
 
 
 DEFAULT_NAME = "default"
+# the models shipped inside the package, by the name every command accepts in place of a checkpoint path:
+# ``default`` (fast: the fpnet_cpu recipe) and ``accurate`` (the threecnn_dilated_fast recipe); docs/MODEL_CARD.md
+SHIPPED_NAMES = (DEFAULT_NAME, "accurate")
 
 
-def shipped_model_path() -> Path | None:
-    """The model shipped inside the package (``weights/default.safetensors`` + ``.json``), if there is one."""
+def shipped_model_path(name: str = DEFAULT_NAME) -> Path | None:
+    """The model ``name`` shipped inside the package (``weights/NAME.safetensors`` + ``.json``), if there is one."""
     from importlib import resources
 
-    path = Path(str(resources.files("fakeprint") / "weights" / "default.safetensors"))
+    path = Path(str(resources.files("fakeprint") / "weights" / f"{name}.safetensors"))
     return path if path.is_file() and path.with_suffix(".json").is_file() else None
+
+
+def is_shipped(path: str | Path) -> bool:
+    """Whether ``path`` is inside the installed package (one of the shipped models)."""
+    from importlib import resources
+
+    return Path(path).resolve().is_relative_to(Path(str(resources.files("fakeprint"))).resolve())
 
 
 def output_dir(checkpoint: Path, name: str) -> Path:
     """Where a command writes its results by default: ``name`` beside the checkpoint, except for a checkpoint
-    inside the installed package (the shipped model), whose results go to ``./name-default`` instead."""
-    from importlib import resources
-
-    package = Path(str(resources.files("fakeprint"))).resolve()
-    if Path(checkpoint).resolve().is_relative_to(package):
-        return Path.cwd() / f"{name}-default"
+    inside the installed package (a shipped model), whose results go to ``./name-default`` (``./name-accurate``)."""
+    if is_shipped(checkpoint):
+        return Path.cwd() / f"{name}-{Path(checkpoint).stem}"
     return Path(checkpoint).parent / name
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run folder (-> its last checkpoint, the one its report describes; ``best`` for runs that have
     no ``last``), a stem, ``.safetensors`` or ``.json``; ``default``: the model shipped in the package (unless
-    a file or folder of that name is in the working directory)."""
+    a file or folder of that name is in the working directory); likewise ``accurate`` (``SHIPPED_NAMES``)."""
     p = Path(path)
-    if str(path) == DEFAULT_NAME and not p.exists():
-        shipped = shipped_model_path()
+    if str(path) in SHIPPED_NAMES and not p.exists():
+        shipped = shipped_model_path(str(path))
         if shipped is None:
-            raise CheckpointError("'default': no default model is shipped in this installation")
+            raise CheckpointError(f"{str(path)!r}: no such model is shipped in this installation")
         return shipped
     if p.is_dir():
         p = p / "last.safetensors" if (p / "last.safetensors").exists() else p / "best.safetensors"

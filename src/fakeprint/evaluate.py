@@ -22,19 +22,47 @@ def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | N
     if split != "internal":
         return load_split(Path(data), split, cache_dir=cache_dir, progress=progress)
     split_csv = _split_file(Path(checkpoint))
-    if not split_csv.is_file():
-        raise FakeprintError(f"{split_csv}: not found; --split internal needs the split.csv of the training run")
-    from .train import read_split_csv
+    full = load_split(Path(data), "train", cache_dir=cache_dir, progress=progress)
+    if split_csv.is_file():
+        from .train import read_split_csv
 
-    held = set(read_split_csv(split_csv).get("internal", ([], []))[0])
+        held = set(read_split_csv(split_csv).get("internal", ([], []))[0])
+    else:  # a checkpoint without its run folder (a shipped model): the split its figure names, recomputed
+        held = _recomputed_internal_ids(full, Path(checkpoint), split_csv)
     if not held:
         raise FakeprintError(f"{split_csv}: this run held no internal split out (trained with train_on_all), so "
                              "--split internal would score images it trained on; evaluate another split")
-    full = load_split(Path(data), "train", cache_dir=cache_dir, progress=progress)
     idx = np.array([i for i, image_id in enumerate(full.ids) if image_id in held], dtype=np.int64)
     if len(idx) != len(held):
         raise FakeprintError(f"{split_csv}: {len(held) - len(idx)} internal-split images are not in {data}/train.csv")
     return full.subset(idx, "internal")
+
+
+def internal_ids_digest(ids: list[str] | set[str]) -> str:
+    """SHA-256 of the sorted image ids of an internal split: what a checkpoint records (``held_out``) to find
+    its split again without its run folder."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def _recomputed_internal_ids(full: SplitData, checkpoint: Path, split_csv: Path) -> set[str]:
+    """The internal split of ``checkpoint``'s run, recomputed from train.csv with the run's ``val_fraction`` and
+    ``split_seed``, and checked against the digest in its metadata."""
+    from .checkpoint import read_metadata
+    from .data.dataset import stratified_split
+
+    meta = read_metadata(checkpoint)
+    want = (meta.get("held_out") or {}).get("internal_ids_sha256")
+    cfg = meta.get("config") or {}
+    if not want or cfg.get("train_on_all"):
+        raise FakeprintError(f"{split_csv}: not found; --split internal needs the split.csv of the training run")
+    _, va = stratified_split(full.labels, float(cfg["val_fraction"]), int(cfg["split_seed"]))
+    ids = {full.ids[i] for i in va}
+    if internal_ids_digest(ids) != want:
+        raise FakeprintError(f"{checkpoint}: the internal split recomputed from this train.csv is not the one the "
+                             "model's figure was measured on (a different train.csv?)")
+    return ids
 
 
 def evaluate(clf: Classifier | EnsembleClassifier, data: SplitData, out_dir: Path | None,
@@ -88,6 +116,11 @@ def default_split(checkpoint: str | Path) -> str:
         path = _split_file(Path(checkpoint))
     except FakeprintError:
         return "validation"
+    if not path.is_file() and not str(checkpoint).endswith(".onnx"):  # a shipped model: its figure's split
+        from .checkpoint import read_metadata
+
+        if (read_metadata(checkpoint).get("held_out") or {}).get("internal_ids_sha256"):
+            return "internal"
     if path.is_file():
         with open(path, newline="") as f:
             if any(r.get("subset") == "internal" for r in csv.DictReader(f)):

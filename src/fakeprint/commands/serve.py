@@ -58,7 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "the web page at /, OpenAPI docs at /docs. Binding beyond loopback needs an "
                                    "API token in the environment variable FAKEPRINT_API_TOKEN.")
     s.add_argument("checkpoint", nargs="?", default=None,
-                   help="a run folder, NAME.safetensors or MODEL.onnx (default: the shipped model)")
+                   help="a run folder, NAME.safetensors, MODEL.onnx or a shipped model's name (default: the shipped "
+                        "model 'default'; 'accurate': the more accurate one)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
