@@ -77,3 +77,20 @@ def test_torchrun_two_processes_train_one_run(tmp_path):
     assert summary["best_val_acc"] == pytest.approx(float(best_row["val_acc"]), abs=1e-5)
     assert summary["epochs_run"] == 2
     assert json.loads((run / "summary.json").read_text()) == summary
+
+
+@pytest.mark.skipif(_torchrun() is None, reason="torchrun is missing")
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is missing")
+def test_torchrun_ranks_stop_together_at_the_time_limit(tmp_path):
+    """max_minutes under DDP: the ranks agree (all-reduced) on the epoch to stop at, so none waits for another."""
+    data = make_demo_dataset(tmp_path / "data", n_train=N_TRAIN, n_val=N_VAL, n_test=0, seed=2)
+    run, logs = tmp_path / "run", tmp_path / "logs"
+    cmd = [_torchrun(), "--standalone", "--nproc_per_node=2", "--log-dir", str(logs), "--redirects", "3",
+           "-m", "fakeprint", "train", "--data", str(data), "--config", "demo", "--set", "epochs=3",
+           "--set", "progress=false", "--set", "batch_size=8", "--set", "threads=1", "--set", "device=cpu",
+           "--set", "max_minutes=0.00001", "--out", str(run)]
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["stopped_by"] == "time limit" and summary["epochs_run"] == 1

@@ -565,6 +565,8 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         stop = held_out and bool(cfg["early_stop"]) and bad_epochs >= int(cfg["early_stop"])
         spent = time_before + time.perf_counter() - train_start
         out_of_time = limit_s > 0 and spent >= limit_s and epoch + 1 < int(cfg["epochs"])
+        if d.world_size > 1 and limit_s > 0:  # every rank stops at the same epoch (each has its own clock)
+            out_of_time = _all_sum(torch.tensor(float(out_of_time), device=device), d).item() > 0
         if d.main:
             metrics = ({k: row[k] for k in ("val_acc", "val_loss", "val_macro_f1")} | {"epoch": epoch + 1}) if ev else {}
             last_meta = meta_base | {"epoch": epoch + 1, "metrics": metrics}
