@@ -26,7 +26,7 @@ REPORT = {"threecnn": 0.8978, "threecnn_dilated": 0.9303}  # the report's valida
 def row(name: str, run: Path, data: Path) -> dict[str, Any]:
     from fakeprint.data.dataset import dataset_identity, portable_path
     from fakeprint.evaluate import load_eval_split
-    from fakeprint.metrics import report_text, summary
+    from fakeprint.metrics import from_confusion, report_text, summary
     from fakeprint.predict import load
 
     with open(run / "metrics.csv", newline="") as f:
@@ -51,7 +51,7 @@ def row(name: str, run: Path, data: Path) -> dict[str, Any]:
         pred = clf.predict(held.images).labels  # the checkpoint's own test-time augmentation
         m = summary(held.labels, pred)
         out[which] = {"epoch": meta["epoch"], "accuracy": m["accuracy"], "macro_f1": m["macro_f1"],
-                      "recall": [m["per_class"][str(c)]["recall"] for c in range(5)],
+                      "recall": from_confusion(m["confusion_matrix"])["recall"],
                       "confusion_matrix": m["confusion_matrix"],
                       "classification_report": report_text(held.labels, pred)}
     return out

@@ -29,17 +29,28 @@ def _rank_logs(log_dir: Path, rank: int) -> tuple[str, str]:
     return (folder / "stdout.log").read_text(), (folder / "stderr.log").read_text()
 
 
-@pytest.mark.skipif(_torchrun() is None, reason="torchrun is missing")
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is missing")
-def test_torchrun_two_processes_train_one_run(tmp_path):
+def _train_two_ranks(tmp_path: Path, *sets: str) -> tuple[subprocess.CompletedProcess, Path, Path]:
+    """``torchrun --nproc_per_node=2 -m fakeprint train`` on a small demo dataset with ``--set`` ``sets``;
+    returns the finished process, the run folder and torchrun's log folder."""
     data = make_demo_dataset(tmp_path / "data", n_train=N_TRAIN, n_val=N_VAL, n_test=0, seed=2)
     run, logs = tmp_path / "run", tmp_path / "logs"
     cmd = [_torchrun(), "--standalone", "--nproc_per_node=2", "--log-dir", str(logs), "--redirects", "3",
-           "-m", "fakeprint", "train", "--data", str(data), "--config", "demo", "--set", "epochs=2",
+           "-m", "fakeprint", "train", "--data", str(data), "--config", "demo",
            "--set", "progress=false", "--set", "batch_size=8", "--set", "threads=1", "--set", "device=cpu",
-           "--out", str(run)]
+           *(arg for kv in sets for arg in ("--set", kv)), "--out", str(run)]
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path), run, logs
+
+
+def needs_torchrun_and_gloo(test):
+    test = pytest.mark.skipif(_torchrun() is None, reason="torchrun is missing")(test)
+    return pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                              reason="torch.distributed with gloo is missing")(test)
+
+
+@needs_torchrun_and_gloo
+def test_torchrun_two_processes_train_one_run(tmp_path):
+    proc, run, logs = _train_two_ranks(tmp_path, "epochs=2")
     out0, err0 = _rank_logs(logs, 0)
     out1, err1 = _rank_logs(logs, 1)
     assert proc.returncode == 0, f"{proc.stderr[-2000:]}\n--- rank 0:\n{err0[-2000:]}\n--- rank 1:\n{err1[-2000:]}"
@@ -79,18 +90,10 @@ def test_torchrun_two_processes_train_one_run(tmp_path):
     assert json.loads((run / "summary.json").read_text()) == summary
 
 
-@pytest.mark.skipif(_torchrun() is None, reason="torchrun is missing")
-@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="torch.distributed with gloo is missing")
+@needs_torchrun_and_gloo
 def test_torchrun_ranks_stop_together_at_the_time_limit(tmp_path):
     """max_minutes under DDP: the ranks agree (all-reduced) on the epoch to stop at, so none waits for another."""
-    data = make_demo_dataset(tmp_path / "data", n_train=N_TRAIN, n_val=N_VAL, n_test=0, seed=2)
-    run, logs = tmp_path / "run", tmp_path / "logs"
-    cmd = [_torchrun(), "--standalone", "--nproc_per_node=2", "--log-dir", str(logs), "--redirects", "3",
-           "-m", "fakeprint", "train", "--data", str(data), "--config", "demo", "--set", "epochs=3",
-           "--set", "progress=false", "--set", "batch_size=8", "--set", "threads=1", "--set", "device=cpu",
-           "--set", "max_minutes=0.00001", "--out", str(run)]
-    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
+    proc, run, _ = _train_two_ranks(tmp_path, "epochs=3", "max_minutes=0.00001")
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["stopped_by"] == "time limit" and summary["epochs_run"] == 1

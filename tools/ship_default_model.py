@@ -78,13 +78,13 @@ def main() -> int:
         if args.held_out or meta["config"].get("train_on_all"):
             sys.exit("--data re-measures the checkpoint's own held-out figure: not for a train_on_all model")
         from fakeprint.evaluate import load_eval_split
-        from fakeprint.metrics import summary
+        from fakeprint.metrics import from_confusion, summary
 
         held = load_eval_split(Path(args.data), "internal", src, progress=False)
         m = summary(held.labels, clf.predict(held.images).labels)  # calibration never changes the labels
         meta["held_out"] = meta["held_out"] | {
             "accuracy": m["accuracy"], "macro_f1": m["macro_f1"], "confusion_matrix": m["confusion_matrix"],
-            "recall": [m["per_class"][str(c)]["recall"] for c in range(len(clf.classes))], "n": m["n"],
+            "recall": from_confusion(m["confusion_matrix"])["recall"], "n": m["n"],
             "tta": clf.tta, "measured": "on the CPU in fp32 when shipped (tools/ship_default_model.py --data)"}
     if not meta["config"].get("train_on_all") and not args.held_out and (src.parent / "split.csv").is_file():
         from fakeprint.evaluate import internal_ids_digest
