@@ -1,10 +1,12 @@
 """Batched CPU inference throughput of a model (default: the one shipped in the package).
 
-    python benchmarks/cpu_inference.py [--checkpoint RUN|default|accurate] [--backend torch|onnx] [--tta]
+    python benchmarks/cpu_inference.py [--checkpoint RUN|default|accurate] [--backend torch|torch-plain|onnx] [--tta]
         [--images 2048] [--batch-size 256] [--threads 2]
 
 Times ``Classifier.predict`` on uint8 images already in memory (decoding excluded; that is the data
 path's job), after one warm-up batch, and prints one JSON object (environment header, images/s).
+``torch`` is what every command runs (``Classifier.inference_model``: BatchNorms folded, channels-last);
+``torch-plain`` the network as trained, in NCHW (what fakeprint ran before the fusion), for comparison.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--tta", action="store_true")
-    ap.add_argument("--backend", default="torch", choices=("torch", "onnx"),
+    ap.add_argument("--backend", default="torch", choices=("torch", "torch-plain", "onnx"),
                     help="onnx: onnxruntime on the checkpoint exported in memory")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
@@ -44,6 +46,11 @@ def main() -> int:
         clf = load_backend(args.checkpoint or "default", "onnx", "cpu")
     else:
         clf = fakeprint.load(args.checkpoint)
+        if args.backend == "torch-plain":
+            from fakeprint.inference import predict_logits
+
+            clf.logits = lambda images, tta, batch_size=256: predict_logits(  # the unfused network, NCHW
+                clf.model, images, clf.device, batch_size=batch_size, norm=clf.normalize, tta=tta)
     x = np.random.default_rng(0).integers(0, 256, (args.images, 100, 100, 3), dtype=np.uint8)
     clf.predict(x[: args.batch_size], batch_size=args.batch_size, tta=args.tta)
     rates = []

@@ -88,6 +88,19 @@ def test_predictions_match_an_independent_reference(clf, images):
     assert pred.probs.shape == (7, 5) and pred.labels.dtype.kind == "i"
 
 
+def test_prediction_runs_a_fused_copy_with_the_same_answers(run, images):
+    """predict runs ``inference_model`` (BatchNorms folded, channels-last): the checkpoint's own network, whose
+    running statistics are far from the identity, gives the same probabilities."""
+    clf = fakeprint.load(run)
+    bns = [m for m in clf.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and any((bn.running_var - 1).abs().max() > 1e-2 for bn in bns)
+    np.testing.assert_allclose(clf.predict(images).probs, reference_probs(clf.model, images), atol=1e-5)
+    fast = clf.inference_model
+    assert fast is not clf.model and fast is clf.inference_model  # built once
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fast.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in clf.model.modules())  # the original is kept
+
+
 def test_test_time_augmentation_averages_the_mirror(clf, images):
     np.testing.assert_allclose(clf.predict(images, tta=True).probs, reference_probs(clf.model, images, flip=True),
                                atol=1e-5)
@@ -132,7 +145,7 @@ def test_other_modes_and_sizes_are_converted(clf):
 
 def test_prediction_is_batched_internally(clf, images):
     calls: list[int] = []
-    handle = clf.model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    handle = clf.inference_model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     try:
         small = clf.predict(images, batch_size=3)
         assert calls == [3, 3, 1]

@@ -61,3 +61,46 @@ def test_ensemble_blend_follows_the_documented_rule():
         c_w, c_m = p_w.max(1, keepdim=True).values, p_m.max(1, keepdim=True).values
         expected = c_w / (c_w + c_m) * p_w + c_m / (c_w + c_m) * p_m
         assert torch.allclose(m(x).exp(), expected, atol=1e-5)
+
+
+def _with_random_batchnorm_statistics(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """BatchNorms as after training (non-trivial running statistics and affine parameters), so that folding
+    them into the convolutions is really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) - 0.5)
+    return model
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_fusing_for_inference_keeps_every_models_outputs(name):
+    from fakeprint.models.fuse import fuse_for_inference
+
+    torch.manual_seed(0)
+    model = _with_random_batchnorm_statistics(create_model(name)).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fused = fuse_for_inference(model)
+    x = torch.randn(2, 3, 100, 100)
+    with torch.no_grad():
+        expected = model.eval()(x)
+        got = fused(x)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # the original is untouched; BatchNorms that follow a convolution are gone from the copy
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    bn_before = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    bn_after = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    if name.startswith(("threecnn", "fpnet", "skipconcnn")):
+        assert bn_before > 0 and bn_after == 0
+
+
+def test_fusing_moves_the_relu_after_the_pool_in_threecnn():
+    from fakeprint.models.fuse import fuse_for_inference
+
+    fused = fuse_for_inference(create_model("threecnn_dilated"))
+    first, pool = fused.features[0], fused.features[1]
+    assert isinstance(first[1], torch.nn.Identity) and isinstance(first[2], torch.nn.Identity)  # BN, ReLU gone
+    assert isinstance(pool[0], torch.nn.MaxPool2d) and isinstance(pool[1], torch.nn.ReLU)

@@ -114,7 +114,6 @@ def calibrate_checkpoint(checkpoint: Any, data: Any, split: str = "internal", wr
     from .checkpoint import resolve_checkpoint, update_metadata
     from .errors import FakeprintError
     from .evaluate import load_eval_split
-    from .inference import predict_logits
     from .predict import load
 
     clf = load(checkpoint)
@@ -122,7 +121,7 @@ def calibrate_checkpoint(checkpoint: Any, data: Any, split: str = "internal", wr
     if split == "train" or (split == "internal" and cfg.get("train_on_all")):
         raise FakeprintError(f"{checkpoint}: the {split} split was trained on; calibration needs held-out images")
     ds = load_eval_split(Path(data), split, resolve_checkpoint(checkpoint), progress=False)
-    logits = predict_logits(clf.model, ds.images, clf.device, norm=clf.normalize, tta=clf.tta).numpy()
+    logits = clf.logits(ds.images, clf.tta).numpy()
     cal = calibrate(logits, ds.labels) | {"split": split if split != "internal" else
                                           "internal split (the run's split.csv)", "tta": clf.tta}
     if write:

@@ -328,10 +328,12 @@ def teacher_logits(paths: list[str], images: torch.Tensor, device: torch.device,
     them, the horizontal flip of one trained with that only), so that the targets do not depend on the flips
     of training and no teacher is asked about views it never saw."""
     from .inference import predict_logits
+    from .models.fuse import fuse_for_inference
 
     total = None
     for p in paths:
         model, meta = load_checkpoint(p, map_location=device)
+        model = fuse_for_inference(model)
         tcfg = meta.get("config") or {}
         if not cfg["train_on_all"] and (tcfg.get("train_on_all") or tcfg.get("split_seed") != cfg["split_seed"]
                                         or tcfg.get("val_fraction") != cfg["val_fraction"]):
