@@ -258,6 +258,30 @@ def test_teachers_are_asked_only_about_the_views_they_were_trained_on(tmp_path):
         assert torch.allclose(got, want, atol=1e-5) and not torch.allclose(got, other, atol=1e-5)
 
 
+def test_teacher_logits_are_kept_for_a_resume_and_recomputed_when_anything_changes(tmp_path, monkeypatch):
+    from fakeprint import inference
+    from fakeprint.train import teacher_logits
+
+    cfg = load_config("demo", {"progress": False})
+    path = str(make_checkpoint(tmp_path / "t", extra_meta={"config": cfg}) / "best.safetensors")
+    images = torch.from_numpy(random_images(6))
+    cache = tmp_path / "teacher_logits.safetensors"
+    first = teacher_logits([path], images, torch.device("cpu"), cfg, cache=cache)
+    assert cache.is_file()
+    calls = []
+    real = inference.predict_logits
+    monkeypatch.setattr(inference, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = teacher_logits([path], images, torch.device("cpu"), cfg, cache=cache)
+    assert torch.equal(again, first) and calls == []  # read back, not recomputed
+    other = images.flip(1).contiguous()
+    changed = teacher_logits([path], other, torch.device("cpu"), cfg, cache=cache)
+    assert calls and not torch.allclose(changed, first)  # other images: recomputed, and the cache follows
+    calls.clear()
+    cache.write_bytes(b"not a safetensors file")
+    torch.testing.assert_close(teacher_logits([path], other, torch.device("cpu"), cfg, cache=cache), changed)
+    assert calls  # a damaged cache is recomputed, not trusted
+
+
 # --------------------------------------------------------------------------------- honest confidence
 
 def test_temperature_scaling_recovers_an_overconfident_model():
