@@ -333,7 +333,7 @@ def teacher_logits(paths: list[str], images: torch.Tensor, device: torch.device,
     ``cache``: a safetensors file that keeps them for ``--resume`` (on 2 CPU cores three teachers take about 20
     minutes); used only where its key (the teachers' weights and views, the training images) still matches,
     written (atomically) where ``write_cache``."""
-    from safetensors.torch import load_file, save
+    from safetensors.torch import save
 
     from .inference import predict_logits
     from .models.fuse import fuse_for_inference
@@ -354,30 +354,23 @@ def teacher_logits(paths: list[str], images: torch.Tensor, device: torch.device,
 
             with safe_open(str(cache), framework="pt") as f:
                 if (f.metadata() or {}).get("key") == key:
-                    return load_file(str(cache))["logits"].to(device)
+                    return f.get_tensor("logits").to(device)
         except Exception:  # noqa: BLE001 - an unreadable cache is only recomputed
             pass
-    total = None
+    total = torch.zeros(len(images), 0, device=device)
     bs = int(cfg["eval_batch_size"])
     with tqdm(total=len(teachers) * len(images), desc="teacher logits", unit="img", disable=not progress,
               dynamic_ncols=True, file=sys.stderr) as bar:
         for model, norm, views in teachers:
-            fast = fuse_for_inference(model)
+            fast, parts = fuse_for_inference(model), []
             for start in range(0, len(images), bs):
-                logits = predict_logits(fast, images[start : start + bs], device, batch_size=bs, norm=norm, tta=views,
-                                        amp_dtype=autocast_dtype(device, cfg["amp"])).to(device)
-                total = _accumulate(total, logits, start, len(images))
-                bar.update(len(logits))
+                parts.append(predict_logits(fast, images[start : start + bs], device, batch_size=bs, norm=norm,
+                                            tta=views, amp_dtype=autocast_dtype(device, cfg["amp"])).to(device))
+                bar.update(len(parts[-1]))
+            total = torch.cat(parts) if total.shape[1] == 0 else total + torch.cat(parts)
     total = total / len(paths)
     if cache is not None and write_cache:
         atomic_write(cache, save({"logits": total.float().cpu().contiguous()}, metadata={"key": key}))
-    return total
-
-
-def _accumulate(total: torch.Tensor | None, part: torch.Tensor, start: int, n: int) -> torch.Tensor:
-    if total is None:
-        total = torch.zeros(n, part.shape[1], device=part.device)
-    total[start : start + len(part)] += part
     return total
 
 
