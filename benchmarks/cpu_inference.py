@@ -1,12 +1,14 @@
 """Batched CPU inference throughput of a model (default: the one shipped in the package).
 
     python benchmarks/cpu_inference.py [--checkpoint RUN|default|accurate] [--backend torch|torch-plain|onnx] [--tta]
-        [--images 2048] [--batch-size 256] [--threads 2]
+        [--images 2048] [--batch-size 256] [--micro-batch N] [--threads 2]
 
 Times ``Classifier.predict`` on uint8 images already in memory (decoding excluded; that is the data
 path's job), after one warm-up batch, and prints one JSON object (environment header, images/s).
-``torch`` is what every command runs (``Classifier.inference_model``: BatchNorms folded, channels-last);
-``torch-plain`` the network as trained, in NCHW (what fakeprint ran before the fusion), for comparison.
+``torch`` is what every command runs (``Classifier.inference_model``: BatchNorms folded, channels-last,
+``--batch-size`` images at a time through the network in slices that fit the CPU's cache,
+``inference.cpu_micro_batch``; ``--micro-batch 0``: whole batches, as before the slicing); ``torch-plain`` the
+network as trained, in NCHW, whole batches (what fakeprint ran before the fusion), for comparison.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ def main() -> int:
     ap.add_argument("--tta", action="store_true")
     ap.add_argument("--backend", default="torch", choices=("torch", "torch-plain", "onnx"),
                     help="onnx: onnxruntime on the checkpoint exported in memory")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="torch: images per forward pass (default: inference.cpu_micro_batch; 0: the whole batch)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -46,11 +50,12 @@ def main() -> int:
         clf = load_backend(args.checkpoint or "default", "onnx", "cpu")
     else:
         clf = fakeprint.load(args.checkpoint)
+        clf.micro_batch = args.micro_batch
         if args.backend == "torch-plain":
             from fakeprint.inference import predict_logits
 
-            clf.logits = lambda images, tta, batch_size=256: predict_logits(  # the unfused network, NCHW
-                clf.model, images, clf.device, batch_size=batch_size, norm=clf.normalize, tta=tta)
+            clf.logits = lambda images, tta, batch_size=256: predict_logits(  # the unfused network, NCHW, whole batches
+                clf.model, images, clf.device, batch_size=batch_size, norm=clf.normalize, tta=tta, micro_batch=0)
     x = np.random.default_rng(0).integers(0, 256, (args.images, 100, 100, 3), dtype=np.uint8)
     clf.predict(x[: args.batch_size], batch_size=args.batch_size, tta=args.tta)
     rates = []
@@ -61,6 +66,8 @@ def main() -> int:
     result = {"benchmark": "cpu_inference", "environment": environment(torch.device("cpu")),
               "model": clf.name, "checkpoint": portable_path(clf.path) if clf.path else args.checkpoint,
               "backend": args.backend, "images": args.images, "batch_size": args.batch_size,
+              "micro_batch": None if args.backend == "onnx" else
+              0 if args.backend == "torch-plain" else args.micro_batch if args.micro_batch is not None else "auto",
               "tta": args.tta, "images_per_s": {"median": float(np.median(rates)), "all": rates}}
     emit(result, args.out)
     return 0

@@ -157,6 +157,38 @@ def test_prediction_is_batched_internally(clf, images):
     np.testing.assert_allclose(small.probs, whole.probs, atol=1e-6)
 
 
+def test_the_network_sees_cache_sized_slices_with_the_same_answers(run, images):
+    """On the CPU each batch goes through the network in slices (``inference.cpu_micro_batch``) that keep its
+    activations in cache; the slicing changes nothing in the answers."""
+    clf = fakeprint.load(run)
+    whole = clf.predict(images, tta=True)
+    clf.micro_batch = 2
+    calls: list[int] = []
+    handle = clf.inference_model.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    try:
+        sliced = clf.predict(images, tta=True)
+    finally:
+        handle.remove()
+    assert calls == [2, 2, 2, 1] * 2  # each of the two flip views
+    np.testing.assert_allclose(sliced.probs, whole.probs, atol=1e-6)
+
+
+def test_slice_size_follows_the_largest_activation_and_leaves_the_model_alone():
+    from fakeprint.inference import CPU_SLICE_BYTES, cpu_micro_batch
+
+    def net(width: int) -> torch.nn.Module:
+        return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.BatchNorm2d(width),
+                                   torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 5))
+
+    wide, narrow = net(64), net(8)  # 64 x 100 x 100 floats = 2.56 MB an image; 8 channels: 320 KB
+    wide.train()
+    before = [t.clone() for t in wide.state_dict().values()]
+    assert cpu_micro_batch(wide) == max(4, CPU_SLICE_BYTES // (64 * 100 * 100 * 4)) < cpu_micro_batch(narrow)
+    assert cpu_micro_batch(narrow) == min(64, CPU_SLICE_BYTES // (8 * 100 * 100 * 4))
+    assert wide.training and all(torch.equal(a, b) for a, b in zip(before, wide.state_dict().values(), strict=True))
+    assert cpu_micro_batch(wide, (3, 20, 20)) == 64  # per image size: small images, whole slices of 64
+
+
 def test_order_is_kept(clf, images):
     forward = clf.predict(images).probs
     backward = clf.predict(images[::-1].copy()).probs

@@ -45,6 +45,8 @@ def test_a_path_to_a_yaml_file_works(tmp_path):
     (["hflip=3"], "hflip must be true or false"),
     (["optimizer=rmsprop"], "optimizer must be one of"),
     (["epochs=0"], "epochs must be at least 1"),
+    (["micro_batch=-1"], "micro_batch must be 0"),
+    (["micro_batch=2.5"], "micro_batch must be 0"),
     (["noequals"], "expected key=value"),
 ])
 def test_bad_overrides_are_refused_with_the_key_named(override, message):

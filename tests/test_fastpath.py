@@ -331,3 +331,55 @@ def test_train_throughput_benchmark_smoke(tmp_path):
     for path in ("report_style", "fakeprint"):
         rounds = result[path]["rounds"]
         assert len(rounds) == 2 and sum(r["images"] for r in rounds) == 2 * 4
+
+
+def test_micro_batches_sum_to_the_same_step_as_the_whole_batch():
+    """micro_batch only changes how a batch is pushed through the network: without BatchNorm or dropout, the
+    summed slice gradients give the same update, with MixUp and distillation targets too."""
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(2),
+                               torch.nn.Flatten(), torch.nn.Linear(24, 5))
+    g = torch.Generator().manual_seed(2)
+    x = torch.randint(0, 256, (11, 12, 12, 3), generator=g, dtype=torch.uint8)
+    y, soft = torch.arange(11) % 5, torch.randn(11, 5, generator=g)
+    results = {}
+    for micro in (0, 3):
+        cfg = load_config("threecnn", {"progress": False, "optimizer": "sgd", "momentum": 0.0, "lr": 0.5,
+                                       "mixup": 0.4, "micro_batch": micro, "distill_weight": 0.6})
+        model = copy.deepcopy(base)
+        stats = train_one_epoch(model, DeviceBatches(x, y, 11, seed=0, targets=soft), opt=build_optimizer(cfg, model),
+                                sched=None, per_step=False, loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+                                cfg=cfg, device=torch.device("cpu"), amp_dtype=None, scaler=None, ema=None,
+                                gen=torch.Generator().manual_seed(3), d=Dist(), desc=str(micro))
+        results[micro] = (stats, [p.detach().clone() for p in model.parameters()])
+    whole, sliced = results[0], results[3]
+    assert all(not torch.equal(a, b) for a, b in zip(whole[1], base.parameters(), strict=True))  # it did train
+    for a, b in zip(whole[1], sliced[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert whole[0]["train_loss"] == pytest.approx(sliced[0]["train_loss"], rel=1e-5)
+    assert whole[0]["train_acc"] == sliced[0]["train_acc"] and sliced[0]["images"] == 11
+
+
+def test_micro_slices_are_near_equal_and_never_leave_one_image_alone():
+    from fakeprint.train import micro_slices
+
+    assert micro_slices(32, 0) == [slice(0, 32)] and micro_slices(8, 8) == [slice(0, 8)]
+    for n, micro in ((32, 8), (33, 8), (9, 8), (11, 3), (100, 7)):
+        sizes = [s.stop - s.start for s in micro_slices(n, micro)]
+        assert sum(sizes) == n and max(sizes) <= micro and min(sizes) >= 2 and max(sizes) - min(sizes) <= 1
+    assert [s.stop - s.start for s in micro_slices(32, 8)] == [8, 8, 8, 8]
+
+
+@pytest.mark.parametrize("backend,micro", [("torch", "2"), ("torch-plain", None)])
+def test_cpu_inference_benchmark_smoke(tmp_path, backend, micro):
+    from conftest_service import make_checkpoint
+
+    run = make_checkpoint(tmp_path)
+    cmd = [sys.executable, str(REPO / "benchmarks" / "cpu_inference.py"), "--checkpoint", str(run), "--images", "6",
+           "--batch-size", "4", "--repeats", "1", "--backend", backend, "--tta"]
+    proc = subprocess.run(cmd + (["--micro-batch", micro] if micro else []), capture_output=True, text=True,
+                          timeout=180, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["model"] == "fpnet_tiny" and result["images"] == 6 and result["tta"] is True
+    assert result["micro_batch"] == (2 if backend == "torch" else 0) and result["images_per_s"]["median"] > 0

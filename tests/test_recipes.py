@@ -214,12 +214,16 @@ def test_label_issues_refuses_a_schedule_steered_by_the_held_out_fold(tiny_train
 
 
 def test_distillation_trains_towards_the_teachers_and_refuses_a_leaky_teacher(tiny_train_only, tmp_path):
-    from fakeprint.train import distill_loss, train
+    from fakeprint.train import distill_loss, distill_target, train
 
     logits = torch.tensor([[2.0, 0.0, -1.0, 0.0, 0.0]])
-    same = distill_loss(logits, logits.clone(), None, 1.0, torch.tensor(0.0), 1.0, 2.0)
-    other = distill_loss(logits, torch.tensor([[0.0, 3.0, 0.0, 0.0, 0.0]]), None, 1.0, torch.tensor(0.0), 1.0, 2.0)
+    same = distill_loss(logits, distill_target(logits.clone(), None, 1.0, 2.0), torch.tensor(0.0), 1.0, 2.0)
+    teacher = torch.tensor([[0.0, 3.0, 0.0, 0.0, 0.0]])
+    other = distill_loss(logits, distill_target(teacher, None, 1.0, 2.0), torch.tensor(0.0), 1.0, 2.0)
     assert same.item() == pytest.approx(0.0, abs=1e-6) and other.item() > 0.5
+    pair = torch.cat([logits, teacher])  # under MixUp the targets mix like the images: lam of one, 1 - lam of the other
+    mixed = distill_target(pair, torch.tensor([1, 0]), 0.25, 2.0)
+    torch.testing.assert_close(mixed[0], 0.25 * torch.softmax(logits[0] / 2, 0) + 0.75 * torch.softmax(teacher[0] / 2, 0))
     base = {"epochs": 1, "progress": False, "batch_size": 25, "threads": 1, "workers": 1}
     teacher = tmp_path / "teacher"
     train(tiny_train_only, load_config("demo", base), teacher)

@@ -32,6 +32,10 @@ DEFAULTS: dict[str, Any] = {
     # optimisation
     "epochs": 200,
     "batch_size": 16,
+    "micro_batch": 0,             # > 0: each batch runs forward/backward in slices of this many images and sums
+                                  # their gradients (one optimiser step per batch); BatchNorm then normalises each
+                                  # slice ("ghost" batches). Keeps activations in the CPU's cache: the dilated
+                                  # ThreeCNN trains ~1.5x faster on 2 cores with 8 (0: the whole batch at once)
     "eval_batch_size": 256,
     "optimizer": "adam",          # adam | adamw | sgd
     "lr": 5e-4,
@@ -198,6 +202,8 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("epochs", "batch_size", "eval_batch_size"):
         if int(cfg[key]) < 1:
             raise FakeprintError(f"config: {key} must be at least 1, got {cfg[key]}")
+    if not isinstance(cfg["micro_batch"], int) or cfg["micro_batch"] < 0:
+        raise FakeprintError(f"config: micro_batch must be 0 (off) or a number of images, got {cfg['micro_batch']}")
     if not 0.0 <= float(cfg["selection_fraction"]) < 1.0:
         raise FakeprintError(f"config: selection_fraction must be at least 0 and below 1, got {cfg['selection_fraction']}")
     if not 0.0 < float(cfg["val_fraction"]) < 1.0:

@@ -56,16 +56,58 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+# Activations of one forward slice should fit in about half of a server CPU's last-level cache: pushed through a
+# network 256 images at a time, a full-resolution first layer's output (2.5 MB an image for the dilated ThreeCNN)
+# spills to memory, and 2 cores then spend more time waiting for it than computing (accurate model: 115 images/s at
+# 256, 200 at 8; benchmarks/cpu_inference.py).
+CPU_SLICE_BYTES = 16 * 2**20
+
+
+def cpu_micro_batch(model: nn.Module, image_shape: tuple[int, ...] = (3, 100, 100),
+                    budget: int = CPU_SLICE_BYTES) -> int:
+    """How many images ``model`` should see per forward pass on the CPU: ``budget`` over the largest activation
+    of one image (measured once per model and image shape with forward hooks), between 4 and 64."""
+    memo = model.__dict__.setdefault("_fakeprint_micro_batch", {})
+    if image_shape in memo:
+        return memo[image_shape]
+    largest = [0]
+
+    def hook(_m, _i, out):
+        if isinstance(out, torch.Tensor):
+            largest[0] = max(largest[0], out.numel() * out.element_size())
+
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *image_shape, device=next(iter(model.parameters())).device))
+    except Exception:  # noqa: BLE001 - a model that cannot be probed is run on whole batches
+        largest[0] = 0
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    memo[image_shape] = int(min(64, max(4, budget // largest[0]))) if largest[0] else 0
+    return memo[image_shape]
+
+
 @torch.no_grad()
 def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: torch.device,
                    batch_size: int = 256, norm: str = "imagenet", tta: bool | str = False,
-                   amp_dtype: torch.dtype | None = None, channels_last: bool = False) -> torch.Tensor:
+                   amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+                   micro_batch: int | None = None) -> torch.Tensor:
     """Logits (float32, on CPU) for N x H x W x 3 uint8 images. ``tta`` (a mode of ``augment.tta_views``:
-    none/False, flip/True, dihedral) averages the logits of the views."""
+    none/False, flip/True, dihedral) averages the logits of the views. ``batch_size`` images are moved to the
+    device and augmented at a time; the network sees them ``micro_batch`` at a time (None: ``cpu_micro_batch``
+    on the CPU, all at once on a GPU; 0: all at once). The slicing does not change the outputs."""
     was_training = model.training
     model.eval()
     out = []
     n = images.shape[0]
+    if micro_batch is None:
+        h, w, c = images.shape[1:]
+        micro_batch = cpu_micro_batch(model, (c, h, w)) if device.type == "cpu" and n else 0
     for start in range(0, n, batch_size):
         chunk = images[start : start + batch_size]
         if isinstance(chunk, np.ndarray):
@@ -75,12 +117,18 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: 
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
             views = tta_views(x, tta)
-            logits = sum(model(v).float() for v in views) / len(views)
+            logits = sum(_forward(model, v, micro_batch) for v in views) / len(views)
         out.append(logits.cpu())
     model.train(was_training)
     if not out:
         return torch.zeros(0, 0)
     return torch.cat(out)
+
+
+def _forward(model: nn.Module, x: torch.Tensor, micro_batch: int) -> torch.Tensor:
+    if micro_batch <= 0 or micro_batch >= len(x):
+        return model(x).float()
+    return torch.cat([model(part).float() for part in x.split(micro_batch)])
 
 
 def predict_probs(model: nn.Module, images, device: torch.device, **kw) -> np.ndarray:

@@ -62,6 +62,7 @@ class Classifier:
     def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device, path: Path | None = None):
         self.model, self.meta, self.device, self.path = model.eval(), meta, device, path
         self._fast: torch.nn.Module | None = None
+        self.micro_batch: int | None = None  # images per forward pass (None: inference.cpu_micro_batch on the CPU)
         self.classes: list[str] = list(meta.get("classes") or [str(i) for i in range(meta["num_classes"])])
         self.normalize = (meta.get("normalization") or {}).get("mode", "imagenet")
         self.tta = checkpoint_tta(meta)
@@ -85,7 +86,7 @@ class Classifier:
     def logits(self, images: np.ndarray, tta: str, batch_size: int = 256) -> torch.Tensor:
         """Uncalibrated logits of N x 100 x 100 x 3 uint8 images under ``tta``."""
         return predict_logits(self.inference_model, images, self.device, batch_size=batch_size, norm=self.normalize,
-                              tta=tta, channels_last=self.device.type == "cpu")
+                              tta=tta, channels_last=self.device.type == "cpu", micro_batch=self.micro_batch)
 
     def __repr__(self) -> str:
         held = (self.meta.get("held_out") or {}).get("accuracy")

@@ -7,6 +7,7 @@ writes. Randomness is a pure function of (seed, epoch, rank), so a resumed run c
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import csv
 import json
@@ -201,7 +202,8 @@ def build_optimizer(cfg: dict, model: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr, weight_decay=wd)
     if cfg["optimizer"] == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-    return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg["momentum"]), nesterov=True)
+    return torch.optim.SGD(params, lr=lr, weight_decay=wd, momentum=float(cfg["momentum"]),
+                           nesterov=float(cfg["momentum"]) > 0)  # torch refuses nesterov without momentum
 
 
 def build_scheduler(cfg: dict, opt: torch.optim.Optimizer, steps_per_epoch: int):
@@ -270,24 +272,38 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
     seen = 0
     bar = tqdm(batches, desc=desc, unit="batch", leave=False, disable=not (cfg["progress"] and d.main),
                dynamic_ncols=True)
+    micro = int(cfg["micro_batch"])
     for i, (xb, yb, *soft) in enumerate(bar):
         x, perm, lam = mix_batch(augment(to_float(xb), cfg, gen), cfg, gen)
         x = normalize(x, cfg["normalize"])
         x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        loss = loss_fn(logits, yb)
-        if perm is not None:  # MixUp/CutMix: the targets are mixed like the images
-            loss = lam * loss + (1.0 - lam) * loss_fn(logits, yb[perm])
-        if soft:  # distillation: the teacher's (mixed) probabilities at temperature T
-            loss = distill_loss(logits, soft[0], perm, lam, loss, float(cfg["distill_weight"]),
-                                float(cfg["distill_temperature"]))
+        y_mix = yb[perm] if perm is not None else None  # MixUp/CutMix: the targets are mixed like the images
+        target = distill_target(soft[0], perm, lam, float(cfg["distill_temperature"])) if soft else None
         opt.zero_grad(set_to_none=True)
+        parts = micro_slices(len(yb), micro)
+        logits_parts, loss = [], torch.zeros((), device=device)
+        for k, part in enumerate(parts):
+            # accumulate gradients locally; DDP reduces them once, in the backward of the last slice
+            sync = contextlib.nullcontext() if k == len(parts) - 1 or not hasattr(model, "no_sync") else model.no_sync()
+            with sync:
+                with autocast(device, amp_dtype):
+                    logits = model(x[part])
+                part_loss = loss_fn(logits, yb[part])
+                if y_mix is not None:
+                    part_loss = lam * part_loss + (1.0 - lam) * loss_fn(logits, y_mix[part])
+                if target is not None:  # distillation: the teacher's (mixed) probabilities at temperature T
+                    part_loss = distill_loss(logits, target[part], part_loss, float(cfg["distill_weight"]),
+                                             float(cfg["distill_temperature"]))
+                part_loss = part_loss * (logits.shape[0] / len(yb))  # slice means -> the batch mean
+                if scaler is not None:
+                    scaler.scale(part_loss).backward()
+                else:
+                    part_loss.backward()
+            logits_parts.append(logits.detach())
+            loss = loss + part_loss.detach()
+        logits = torch.cat(logits_parts) if len(logits_parts) > 1 else logits_parts[0]
         if scaler is not None:
-            scaler.scale(loss).backward()
             scaler.unscale_(opt)
-        else:
-            loss.backward()
         if cfg["grad_clip"]:
             torch.nn.utils.clip_grad_norm_(model.parameters(), float(cfg["grad_clip"]))
         if scaler is not None:
@@ -299,7 +315,7 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
             sched.step()
         if ema is not None:
             ema.update(_inner(model))
-        loss_sum += loss.detach() * len(yb)
+        loss_sum += loss * len(yb)
         correct += (logits.detach().argmax(1) == yb).sum()
         seen += len(yb)
         if bar.disable is False and i % 20 == 0:
@@ -309,14 +325,30 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
     return {"train_loss": stats[0].item() / n, "train_acc": stats[1].item() / n, "images": stats[2].item()}
 
 
-def distill_loss(logits: torch.Tensor, teacher_logits: torch.Tensor, perm: torch.Tensor | None, lam: float,
-                 hard_loss: torch.Tensor, weight: float, temperature: float) -> torch.Tensor:
-    """``(1 - weight) * hard_loss + weight * T^2 * KL(teacher_T || student_T)`` (Hinton et al. 2015), where the
-    teacher's probabilities at temperature T are mixed with ``lam`` like the images under MixUp/CutMix."""
-    t = temperature
-    target = torch.softmax(teacher_logits.float() / t, dim=1)
+def micro_slices(n: int, micro: int) -> list[slice]:
+    """``n`` images as near-equal consecutive slices of at most ``micro`` (0: one slice); near-equal, so that no
+    slice is left with a single image for BatchNorm."""
+    if micro <= 0 or micro >= n:
+        return [slice(0, n)]
+    k = -(-n // micro)
+    bounds = [round(j * n / k) for j in range(k + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+
+
+def distill_target(teacher_logits: torch.Tensor, perm: torch.Tensor | None, lam: float,
+                   temperature: float) -> torch.Tensor:
+    """The teacher's probabilities at temperature T, mixed with ``lam`` like the images under MixUp/CutMix."""
+    target = torch.softmax(teacher_logits.float() / temperature, dim=1)
     if perm is not None:
         target = lam * target + (1.0 - lam) * target[perm]
+    return target
+
+
+def distill_loss(logits: torch.Tensor, target: torch.Tensor, hard_loss: torch.Tensor, weight: float,
+                 temperature: float) -> torch.Tensor:
+    """``(1 - weight) * hard_loss + weight * T^2 * KL(target || student_T)`` (Hinton et al. 2015), ``target``
+    from ``distill_target``."""
+    t = temperature
     logp = torch.log_softmax(logits.float() / t, dim=1)
     kl = torch.nn.functional.kl_div(logp, target, reduction="batchmean")
     return (1.0 - weight) * hard_loss + weight * t * t * kl
@@ -363,9 +395,12 @@ def teacher_logits(paths: list[str], images: torch.Tensor, device: torch.device,
               dynamic_ncols=True, file=sys.stderr) as bar:
         for model, norm, views in teachers:
             fast, parts = fuse_for_inference(model), []
+            if device.type == "cpu":
+                fast = fast.to(memory_format=torch.channels_last)
             for start in range(0, len(images), bs):
                 parts.append(predict_logits(fast, images[start : start + bs], device, batch_size=bs, norm=norm,
-                                            tta=views, amp_dtype=autocast_dtype(device, cfg["amp"])).to(device))
+                                            tta=views, amp_dtype=autocast_dtype(device, cfg["amp"]),
+                                            channels_last=device.type == "cpu").to(device))
                 bar.update(len(parts[-1]))
             total = torch.cat(parts) if total.shape[1] == 0 else total + torch.cat(parts)
     total = total / len(paths)
