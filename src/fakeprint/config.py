@@ -34,8 +34,10 @@ DEFAULTS: dict[str, Any] = {
     "batch_size": 16,
     "micro_batch": 0,             # > 0: each batch runs forward/backward in slices of this many images and sums
                                   # their gradients (one optimiser step per batch); BatchNorm then normalises each
-                                  # slice ("ghost" batches). Keeps activations in the CPU's cache: the dilated
-                                  # ThreeCNN trains ~1.5x faster on 2 cores with 8 (0: the whole batch at once)
+                                  # slice ("ghost" batches), and a class-weighted loss is weighted per slice. Keeps
+                                  # activations in the CPU's cache (the dilated ThreeCNN's forward + backward 1.5x
+                                  # faster on 2 cores with 8) but changes the recipe: -0.4 points in round 5,
+                                  # docs/results.md (0: the whole batch at once)
     "eval_batch_size": 256,
     "optimizer": "adam",          # adam | adamw | sgd
     "lr": 5e-4,
