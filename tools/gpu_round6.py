@@ -4,7 +4,8 @@ Issue 10 wants the shipped default model above 93.5%, at least 200 images/s batc
 test-time augmentation. Round 4 distilled a width-40 dilated ThreeCNN from the three round-3 ``dilated_fast``
 runs on the CPU (89.12% after 30 epochs, two hours); here the same students train for as many epochs as the
 lease allows, at widths 40, 36 and 32 (the CPU speed decides which can ship), with second seeds, beside new
-teachers (a fourth ``dilated_fast`` seed, the full-width network distilled from the three, a width-96 one).
+teachers (a fourth ``dilated_fast`` seed, the full-width network distilled from the three, a width-96 one);
+a second call (phase B) adds seeds of the width-32 student, the same network undistilled and a width-24 one.
 
 1. checks the dataset (12,500 images) and the teachers' checkpoints, decodes the images into the uint8 cache;
 2. probes every run's real training step at once (one process each, as they will run);
@@ -40,7 +41,7 @@ def runs(teachers: Path) -> dict[str, dict[str, Any]]:
     time limit from the probe, at most ``epochs``)."""
     distill = {"distill_weight": 0.7, "distill_temperature": 2.0,
                "distill_from": [str(teachers / t / "last.safetensors") for t in TEACHER_IDS]}
-    width = {w: {"model_args": {"width": w, "c3": 4 * w}} for w in (32, 36, 40, 96)}
+    width = {w: {"model_args": {"width": w, "c3": 4 * w}} for w in (24, 32, 36, 40, 96)}
     return {
         "student_w40_s0": width[40] | distill | {"seed": 0},
         "student_w40_s1": width[40] | distill | {"seed": 1},
@@ -50,6 +51,12 @@ def runs(teachers: Path) -> dict[str, dict[str, Any]]:
         "born_again_w64_s0": distill | {"seed": 0},  # the teachers' own network (width 64, c3 256) distilled
         "dilated_fast_s3": {"seed": 3},
         "wide_w96_s0": width[96] | {"seed": 0},
+        # phase B (a second lease call, ``--only`` these, ``--max-epochs 69``: student_w32_s0's epochs): the
+        # fastest student's further seeds, the same network without distillation, and a narrower one
+        "student_w32_s1": width[32] | distill | {"seed": 1},
+        "student_w32_s2": width[32] | distill | {"seed": 2},
+        "plain_w32_s0": width[32] | {"seed": 0},
+        "student_w24_s0": width[24] | distill | {"seed": 0},
     }
 
 
