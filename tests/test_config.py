@@ -75,11 +75,29 @@ def test_the_fast_dilated_preset_is_the_recipe_that_was_measured():
     assert "threecnn_dilated_fast" in preset_names()
 
 
-def test_the_fast_dilated_preset_trains(cli, tiny_data, tmp_path):
+def test_the_width_32_preset_is_the_recipe_of_the_shipped_default():
+    """threecnn_dilated_w32 is exactly round 6's plain_w32_s0 (tools/gpu_round6.py, the run shipped as the default
+    model): threecnn_dilated_fast at width 32 (c3 128), 69 epochs, no distillation."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+    from gpu_round6 import runs
+
+    over = runs(Path("teachers"))["plain_w32_s0"]
+    assert not over.get("distill_from")
+    measured = load_config("threecnn_dilated_fast", {k: v for k, v in over.items() if k != "seed"} | {"epochs": 69})
+    assert load_config("threecnn_dilated_w32") == measured
+    assert load_config("threecnn_dilated_w32")["model_args"] == {"width": 32, "c3": 128}
+
+
+@pytest.mark.parametrize("preset", ["threecnn_dilated_fast", "threecnn_dilated_w32"])
+def test_the_fast_dilated_presets_train(cli, tiny_data, tmp_path, preset):
     import json
 
-    proc = cli("train", "--data", str(tiny_data), "--config", "threecnn_dilated_fast", "--set", "epochs=1",
+    proc = cli("train", "--data", str(tiny_data), "--config", preset, "--set", "epochs=1",
                "--set", "batch_size=10", "--set", "threads=1", "--set", "progress=false", "--out", str(tmp_path / "r"))
     assert proc.returncode == 0, proc.stderr
     meta = json.loads((tmp_path / "r" / "last.json").read_text())
     assert meta["model"] == "threecnn_dilated" and meta["tta"] == "flip"
+    assert meta["parameters"] == {"threecnn_dilated_fast": 896_773, "threecnn_dilated_w32": 356_613}[preset]

@@ -138,6 +138,11 @@ def test_plan_and_candidates():
         candidates(["baseline", "nope"])
     with pytest.raises(FakeprintError, match="needs its members"):
         candidates(["ensemble_reg"])
+    from fakeprint.recipes import recipe_config
+
+    w32 = recipe_config(candidates(["dilated_w32"])[0], None)  # the shipped default's preset, as a candidate
+    assert w32["model_args"] == {"width": 32, "c3": 128} and w32["epochs"] == 69
+    assert w32["early_stop"] == 0 and w32["progress"] is False and w32["tta"] == "flip"
 
 
 def test_speed_probe_can_run_for_a_time_from_a_start_time():

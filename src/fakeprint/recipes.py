@@ -87,6 +87,9 @@ CANDIDATES: tuple[Recipe, ...] = (
            "threecnn_dilated", members=LONG_TEACHERS),
     Recipe("distill_long", "fpnet_s2d with rotation and translation, distilled from the ensemble_long members "
            "(weight 0.7, T 2)", ROT_TRANSLATE | {"distill_weight": 0.7}, teachers=LONG_TEACHERS),
+    # round 6: the shipped default's recipe (the dilated ThreeCNN at width 32 with the fast recipe)
+    Recipe("dilated_w32", "the dilated ThreeCNN at width 32 (c3 128), fast recipe, report's augmentation: "
+           "the shipped default's preset", preset="threecnn_dilated_w32"),
 )
 TINY: dict[str, Any] = {"model": "fpnet_tiny", "model_args": {"width": 4}, "batch_size": 16, "eval_batch_size": 64,
                         "threads": 1, "workers": 1, "max_train_images": 120}
