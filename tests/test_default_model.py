@@ -101,3 +101,18 @@ def test_the_accurate_model_by_name_on_the_command_line(cli, tmp_path):
     assert "accurate.safetensors" in proc.stderr and "threecnn_dilated" in proc.stderr
     proc = cli("predict", "nosuchmodel", str(path))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("name", "preset"), [("default", "threecnn_dilated_w32"), ("accurate", "threecnn_dilated_fast")])
+def test_shipped_models_were_trained_with_their_presets(name, preset):
+    """The model card names a preset for each shipped model: its metadata's config is that preset (apart from
+    settings that only say how the run was executed), and its figure is its own, on the held-out split."""
+    from fakeprint.config import DEFAULTS, load_config
+
+    meta = fakeprint.load(name).meta
+    execution = {"threads", "workers", "progress", "max_minutes", "device"}
+    # a setting added after the model was trained is absent from its metadata: it trained with its default
+    trained = {k: meta["config"].get(k, DEFAULTS[k]) for k in DEFAULTS if k not in execution}
+    assert trained == {k: v for k, v in load_config(preset).items() if k not in execution}
+    assert meta["held_out"]["selection"] == "last epoch" and meta["held_out"]["tta"] == meta["tta"] == "flip"
+    assert meta["held_out"]["how"] == "this model, on images it never trained on"
