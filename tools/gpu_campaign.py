@@ -50,6 +50,32 @@ def count_images(data: Path) -> int:
     return sum(1 for p in (data / "train").iterdir() if p.is_file()) if (data / "train").is_dir() else 0
 
 
+def ready_data(data: Path, expect_images: int, out: Path, smoke_train: int = 0) -> Path:
+    """The dataset a driver trains on, checked (train.csv and ``expect_images`` images) and decoded once into the
+    uint8 cache. With ``smoke_train``, a generated demo dataset of that many training images in ``out/demo-data``
+    instead, without validation.csv (the internal split, as on the real data)."""
+    import torch
+
+    from fakeprint.data.cache import load_split
+
+    if smoke_train:
+        from fakeprint.data.demo import make_demo_dataset
+
+        data = out / "demo-data"
+        if not (data / "train.csv").is_file():
+            make_demo_dataset(data, n_train=smoke_train, n_val=0, n_test=0)
+        (data / "validation.csv").unlink(missing_ok=True)
+        expect_images = count_images(data)
+    n_images = count_images(data)
+    if n_images != expect_images or not (data / "train.csv").is_file():
+        raise SystemExit(f"{data}: expected train.csv and {expect_images} images in train/, found "
+                         f"{n_images}: unpack every train-part-K.tar there first")
+    log(f"{n_images} images in {data}; GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
+    load_split(data, "train", workers=min(16, os.cpu_count() or 1), progress=False)  # the cache, once
+    log("cache ready")
+    return data
+
+
 def write_cfg(cfg: dict[str, Any], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -161,11 +187,9 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="generated data, tiny budgets: test the whole path")
     args = ap.parse_args()
 
-    import torch
 
     from fakeprint import recipes as R
     from fakeprint.checkpoint import git_commit, versions
-    from fakeprint.data.cache import load_split
     from fakeprint.data.dataset import dataset_identity
 
     t_start = time.time()
@@ -173,24 +197,11 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     logs = args.out / "logs"
     logs.mkdir(exist_ok=True)
+    args.data = ready_data(args.data, args.expect_images, args.out, smoke_train=800 if args.smoke else 0)
     if args.smoke:
-        from fakeprint.data.demo import make_demo_dataset
-
-        args.data = args.out / "demo-data"
-        if not (args.data / "train.csv").is_file():
-            make_demo_dataset(args.data, n_train=800, n_val=0, n_test=0)
-        (args.data / "validation.csv").unlink(missing_ok=True)  # the internal split, as on the real data
-        args.expect_images = count_images(args.data)
         args.epochs, args.max_epochs = 3, 4
         global START_S
         START_S = 12.0
-    n_images = count_images(args.data)
-    if n_images != args.expect_images or not (args.data / "train.csv").is_file():
-        raise SystemExit(f"{args.data}: expected train.csv and {args.expect_images} images in train/, found "
-                         f"{n_images}: unpack every train-part-K.tar there first")
-    log(f"{n_images} images in {args.data}; GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
-    load_split(args.data, "train", workers=min(16, os.cpu_count() or 1), progress=False)  # the cache, once
-    log("cache ready")
 
     common = {"threads": args.threads, "progress": False, "workers": 1}
     cfgs: dict[str, dict[str, Any]] = {}

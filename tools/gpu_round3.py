@@ -22,14 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_campaign import count_images, launch, log, pack, pack_weights, probe_all, wait_all, write_cfg  # noqa: E402
+from gpu_campaign import launch, log, pack, pack_weights, probe_all, ready_data, wait_all, write_cfg  # noqa: E402
 
 # id -> (preset, overrides). The first two are issue 14's rows: the presets exactly as they are (the report's
 # procedure: the plateau scheduler and early stopping look at the internal split, so best.json is optimistic and
@@ -77,32 +76,16 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="generated data, tiny budgets: test the whole path")
     args = ap.parse_args()
 
-    import torch
 
     from fakeprint import recipes as R
     from fakeprint.checkpoint import git_commit, versions
-    from fakeprint.data.cache import load_split
     from fakeprint.data.dataset import dataset_identity
 
     t_start = time.time()
     for p in (args.out, args.results, args.out / "logs"):
         p.mkdir(parents=True, exist_ok=True)
     logs = args.out / "logs"
-    if args.smoke:
-        from fakeprint.data.demo import make_demo_dataset
-
-        args.data = args.out / "demo-data"
-        if not (args.data / "train.csv").is_file():
-            make_demo_dataset(args.data, n_train=400, n_val=0, n_test=0)
-        (args.data / "validation.csv").unlink(missing_ok=True)
-        args.expect_images = count_images(args.data)
-    n_images = count_images(args.data)
-    if n_images != args.expect_images or not (args.data / "train.csv").is_file():
-        raise SystemExit(f"{args.data}: expected train.csv and {args.expect_images} images in train/, found "
-                         f"{n_images}: unpack every train-part-K.tar there first")
-    log(f"{n_images} images in {args.data}; GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
-    load_split(args.data, "train", workers=min(16, os.cpu_count() or 1), progress=False)
-    log("cache ready")
+    args.data = ready_data(args.data, args.expect_images, args.out, smoke_train=400 if args.smoke else 0)
 
     rids = args.only or list(RUNS)
     cfgs = {rid: config_for(rid, args.minutes, args.smoke) for rid in rids}

@@ -24,14 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_campaign import count_images, launch, log, pack, pack_weights, probe_all, wait_all, write_cfg  # noqa: E402
+from gpu_campaign import launch, log, pack, pack_weights, probe_all, ready_data, wait_all, write_cfg  # noqa: E402
 
 TEACHER_IDS = ("dilated_fast_s0", "dilated_fast_s1", "dilated_fast_s2")
 
@@ -74,45 +73,30 @@ def main() -> None:
     ap.add_argument("--smoke", action="store_true", help="generated data, tiny budgets: test the whole path")
     args = ap.parse_args()
 
-    import torch
 
     from fakeprint import recipes as R
     from fakeprint.checkpoint import git_commit, versions
     from fakeprint.config import load_config
-    from fakeprint.data.cache import load_split
     from fakeprint.data.dataset import dataset_identity
 
     t_start = time.time()
     logs = args.out / "logs"
     for p in (args.out, args.results, logs):
         p.mkdir(parents=True, exist_ok=True)
-    if args.smoke:
-        from fakeprint.data.demo import make_demo_dataset
+    args.data = ready_data(args.data, args.expect_images, args.out, smoke_train=300 if args.smoke else 0)
+    if args.smoke:  # tiny stand-in teachers
+        from fakeprint.train import train
 
-        args.data = args.out / "demo-data"
-        if not (args.data / "train.csv").is_file():
-            make_demo_dataset(args.data, n_train=300, n_val=0, n_test=0)
-        (args.data / "validation.csv").unlink(missing_ok=True)
-        args.expect_images = count_images(args.data)
-        for i, t in enumerate(TEACHER_IDS):  # tiny stand-in teachers
+        for i, t in enumerate(TEACHER_IDS):
             if not (args.teachers / t / "last.safetensors").is_file():
-                from fakeprint.train import train
-
                 train(args.data, load_config("threecnn_dilated_fast", {
                     "epochs": 1, "seed": i, "progress": False, "model_args": {"width": 8, "c3": 16}}),
                     args.teachers / t)
-    n_images = count_images(args.data)
-    if n_images != args.expect_images or not (args.data / "train.csv").is_file():
-        raise SystemExit(f"{args.data}: expected train.csv and {args.expect_images} images in train/, found "
-                         f"{n_images}: unpack every train-part-K.tar there first")
     missing = [t for t in TEACHER_IDS if not (args.teachers / t / "last.safetensors").is_file()
                or not (args.teachers / t / "last.json").is_file()]
     if missing:
         raise SystemExit(f"{args.teachers}: teacher checkpoints missing: {', '.join(missing)} "
                          "(each needs last.safetensors and last.json)")
-    log(f"{n_images} images in {args.data}; GPU {torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'none'}")
-    load_split(args.data, "train", workers=min(16, os.cpu_count() or 1), progress=False)
-    log("cache ready")
 
     plan = runs(args.teachers)
     rids = args.only or list(plan)
