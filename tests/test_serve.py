@@ -343,6 +343,10 @@ def test_serve_option_mistakes(run, onnx_file, capsys):
 def test_gradcam_works_for_every_registered_model(name):
     torch.manual_seed(0)
     model = create_model(name).eval()
+    if not conv_execution_order(model):  # statmlp: no convolution, a clear error instead of a map
+        with pytest.raises(ValueError, match="no nn.Conv2d layer"):
+            GradCAM(model)
+        return
     cam = GradCAM(model)
     modules = dict(model.named_modules())
     assert isinstance(modules[cam.layer], nn.Conv2d)

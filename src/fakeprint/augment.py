@@ -28,7 +28,8 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.
 
 def augment(x: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
     """Augment a float N x 3 x H x W batch in [0, 1] with the config's switches:
-    ``hflip``, ``vflip``, ``rot90``, ``rotation`` (degrees, ``rotation_interp``), ``translate`` (pixels),
+    ``hflip``, ``vflip``, ``rot90``, ``rotation`` (degrees, ``rotation_interp``; ``rotation_prob``: the share of
+    samples rotated, the others get angle 0), ``translate`` (pixels),
     ``color_jitter`` (brightness, contrast, saturation strength).
 
     When the batch goes through the affine resampling (rotation or translation) anyway, the flips are
@@ -52,6 +53,9 @@ def augment(x: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
         x = torch.where(k90 == 3, x.rot90(3, (2, 3)), x)
     if affine:
         angle = _uniform(n, -rot, rot, g, dev) * (math.pi / 180.0)
+        p_rot = float(cfg.get("rotation_prob", 1.0))
+        if p_rot < 1.0:
+            angle = angle * (torch.rand(n, generator=g, device=dev) < p_rot).to(angle.dtype)
         cos, sin = angle.cos(), angle.sin()
         tx = ty = torch.zeros(n, device=dev)
         if shift > 0:

@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
     "vflip": False,
     "rotation": 15.0,             # max degrees, uniform in [-rotation, rotation]
     "rotation_interp": "nearest", # nearest (as the report's torchvision default) | bilinear
+    "rotation_prob": 1.0,         # share of images rotated (the others keep their pixels: statistics models)
     "rot90": False,               # random multiples of 90 degrees (lossless)
     "translate": 0,               # max pixels of random translation (lossless roll with zero fill)
     "color_jitter": 0.0,          # photometric: brightness/contrast/saturation strength (0: off)
@@ -208,6 +209,8 @@ def validate(cfg: dict[str, Any]) -> None:
         raise FakeprintError(f"config: micro_batch must be 0 (off) or a number of images, got {cfg['micro_batch']}")
     if not 0.0 <= float(cfg["selection_fraction"]) < 1.0:
         raise FakeprintError(f"config: selection_fraction must be at least 0 and below 1, got {cfg['selection_fraction']}")
+    if not 0.0 <= float(cfg["rotation_prob"]) <= 1.0:
+        raise FakeprintError(f"config: rotation_prob must be between 0 and 1, got {cfg['rotation_prob']}")
     if not 0.0 < float(cfg["val_fraction"]) < 1.0:
         raise FakeprintError(f"config: val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     if not isinstance(cfg["model_args"], dict):

@@ -27,7 +27,7 @@ def create_model(name: str, num_classes: int = 5, **kwargs) -> nn.Module:
         raise FakeprintError(f"unknown model {name!r} (known: {', '.join(list_models())})")
     try:
         return _MODELS[name](num_classes=num_classes, **kwargs)
-    except TypeError as e:
+    except (TypeError, ValueError) as e:
         raise FakeprintError(f"model {name!r}: bad model_args ({e})") from None
 
 

@@ -87,7 +87,12 @@ def build_service(path: str | Path | None, backend: str = "auto", device: str = 
         note = "" if cam else "disabled"
         clf = onnx_from_classifier(tclf, threads) if backend == "onnx" else tclf
     norm = clf.normalize
-    explainer = GradCAM(torch_model, norm=norm) if torch_model is not None else None
+    explainer = None
+    if torch_model is not None:
+        try:
+            explainer = GradCAM(torch_model, norm=norm)
+        except ValueError as e:  # a model without convolutions (statmlp): no map to show, said so on the page
+            note = str(e)
     return Service(clf, backend, _source_name(path, clf), explainer, note)
 
 

@@ -1,0 +1,123 @@
+"""The statistics models: StatFeatures (torch) against the numpy probe, the hybrid's branch drop, the presets,
+and rotation_prob."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fakeprint.augment import augment
+from fakeprint.config import load_config
+from fakeprint.errors import FakeprintError
+from fakeprint.models import count_parameters, create_model
+from fakeprint.models.stats import GROUPS_V2, SIZES, StatFeatures
+from fakeprint.preprocess import normalize, to_float
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+import feature_probe  # noqa: E402
+
+
+def _images(n: int = 6, seed: int = 0) -> np.ndarray:
+    """Blocky random images with fine noise: every statistic has something to measure."""
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, (n, 25, 25, 3)).repeat(4, 1).repeat(4, 2)
+    return np.clip(base + rng.integers(-6, 7, base.shape), 0, 255).astype(np.uint8)
+
+
+def _cooccurrence_exact(k: np.ndarray, n: int) -> np.ndarray:
+    """feature_probe._cooccurrence of the image k / n, with the differences of the integers k divided exactly."""
+    b, h, w = k.shape
+    out = []
+    for dy, dx in ((0, 1), (1, 0)):
+        q = np.clip(np.round((k[:, dy:, dx:] - k[:, :h - dy, :w - dx]) / n), -4, 4).astype(np.int64) + 4
+        out.append(feature_probe._hist(q.reshape(b, -1) / 9.0 + 1e-6, 9))
+        a, c = (q[:, :, :-1], q[:, :, 1:]) if dx else (q[:, :-1, :], q[:, 1:, :])
+        out.append(feature_probe._hist((a * 9 + c).reshape(b, -1) / 81.0 + 1e-6, 81))
+    return np.concatenate(out, 1)
+
+
+def test_statistics_match_the_numpy_probe():
+    imgs = _images()
+    ref = feature_probe.all_features(imgs, "v2")
+    # half resolution: the module rounds differences of each 2 x 2 block's exact integer sum / 12, the same
+    # everywhere, ties included; the probe rounded differences of float means
+    k = imgs.astype(np.int64).reshape(6, 50, 2, 50, 2, 3).sum((2, 4, 5))
+    ref["multiscale"] = _cooccurrence_exact(k, 12)
+    got = StatFeatures("v2")(normalize(to_float(torch.from_numpy(imgs)))).numpy()
+    assert got.shape == (6, 1330)
+    off = 0
+    for g in GROUPS_V2:
+        r, o = ref[g].copy(), got[:, off:off + SIZES[g]]
+        off += SIZES[g]
+        if g == "residual":  # the module keeps the kurtosis in log scale
+            r[:, 2::3] = np.log(r[:, 2::3] + 1e-6)
+        if g == "spectrum":  # the zero-frequency rings (0 and 150) are rounding noise in both
+            r, o = np.delete(r, [0, 150], 1), np.delete(o, [0, 150], 1)
+            np.testing.assert_allclose(o, r, atol=0.05, err_msg=g)
+        else:
+            np.testing.assert_allclose(o, r, atol=1e-4, err_msg=g)
+
+
+def test_statistics_are_those_of_the_uint8_image_whatever_the_normalisation():
+    x = to_float(torch.from_numpy(_images(3, seed=1)))
+    a = StatFeatures("v1", input_norm="imagenet")(normalize(x))
+    b = StatFeatures("v1", input_norm="none")(x)
+    assert a.shape == (3, 539)
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    # each image's numbers are its own: the batch around it changes nothing
+    torch.testing.assert_close(StatFeatures("v1", "none")(x[1:2]), b[1:2], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(b[0], b[1])
+
+
+def test_statistics_refuse_unknown_settings():
+    with pytest.raises(ValueError, match="feature_set"):
+        StatFeatures("v3")
+    with pytest.raises(ValueError, match="input_norm"):
+        StatFeatures("v1", input_norm="zscore")
+
+
+def test_hybrid_sums_the_two_heads_and_drops_one_branch_per_sample_in_training():
+    torch.manual_seed(0)
+    m = create_model("hybrid", dropout=0.0, dropout2d=0.0, stat_dropout=0.0, branch_drop=0.6)
+    x = torch.randn(64, 3, 100, 100)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), m.cnn(x) + m.head(x))
+        m.train()  # BatchNorm on batch statistics: the same for the branches and the whole
+        torch.manual_seed(1)
+        out = m(x)
+        a, b = m.cnn(x), m.head(x)
+    only_a = torch.isclose(out, a, atol=1e-5).all(1)
+    only_b = torch.isclose(out, b, atol=1e-5).all(1)
+    both = torch.isclose(out, a + b, atol=1e-5).all(1)
+    assert bool((only_a | only_b | both).all())
+    assert only_a.any() and only_b.any() and both.any()
+    with pytest.raises(FakeprintError, match="branch_drop"):
+        create_model("hybrid", branch_drop=1.0)
+
+
+def test_presets_build_the_statistics_models():
+    cfg = load_config("hybrid_w32")
+    m = create_model(cfg["model"], **cfg["model_args"])
+    assert count_parameters(m) == count_parameters(create_model("threecnn_dilated", width=32, c3=128)) \
+        + 1330 * 256 + 256 + 256 * 5 + 5
+    assert cfg["rotation_prob"] == 0.5 and cfg["tta"] == "flip"
+    cfg = load_config("statmlp")
+    assert cfg["rotation"] == 0 and count_parameters(create_model(cfg["model"], **cfg["model_args"])) == 342_021
+
+
+def test_rotation_prob_leaves_the_other_images_untouched():
+    x = torch.rand(32, 3, 20, 20)
+    g = torch.Generator().manual_seed(0)
+    out = augment(x, {"hflip": True, "rotation": 15.0, "rotation_prob": 0.0}, g)
+    for i in range(32):  # each is the image or its horizontal flip, pixel for pixel
+        assert torch.equal(out[i], x[i]) or torch.equal(out[i], x[i].flip(2))
+    out = augment(x, {"hflip": False, "rotation": 15.0, "rotation_prob": 0.5}, torch.Generator().manual_seed(0))
+    same = [torch.equal(out[i], x[i]) for i in range(32)]
+    assert 4 < sum(same) < 28
+    with pytest.raises(FakeprintError, match="rotation_prob"):
+        load_config("threecnn", {"rotation_prob": 1.5})
