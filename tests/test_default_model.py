@@ -98,12 +98,12 @@ def test_the_accurate_model_by_name_on_the_command_line(cli, tmp_path):
     Image.fromarray(render(1, np.random.default_rng(3))).save(path)
     proc = cli("predict", "accurate", str(path))
     assert proc.returncode == 0, proc.stderr
-    assert "accurate.safetensors" in proc.stderr and "threecnn_dilated" in proc.stderr
+    assert "accurate.safetensors" in proc.stderr and "hybrid" in proc.stderr
     proc = cli("predict", "nosuchmodel", str(path))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(("name", "preset"), [("default", "threecnn_dilated_w32"), ("accurate", "threecnn_dilated_fast")])
+@pytest.mark.parametrize(("name", "preset"), [("default", "threecnn_dilated_w32"), ("accurate", "hybrid_w32")])
 def test_shipped_models_were_trained_with_their_presets(name, preset):
     """The model card names a preset for each shipped model: its metadata's config is that preset (apart from
     settings that only say how the run was executed), and its figure is its own, on the held-out split."""

@@ -58,8 +58,8 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 # Activations of one forward slice should fit in about half of a server CPU's last-level cache: pushed through a
 # network 256 images at a time, a full-resolution first layer's output (2.5 MB an image for the dilated ThreeCNN)
-# spills to memory, and 2 cores then spend more time waiting for it than computing (accurate model: 133 images/s in
-# whole batches of 256, 205 in slices of 6; benchmarks/cpu_inference.py, docs/MODEL_CARD.md).
+# spills to memory, and 2 cores then spend more time waiting for it than computing (the full-width network, the
+# `accurate` model until round 8: 133 images/s in whole batches of 256, 205 in slices of 6; benchmarks/cpu_inference.py, docs/MODEL_CARD.md).
 CPU_SLICE_BYTES = 16 * 2**20
 
 
