@@ -121,3 +121,15 @@ def test_rotation_prob_leaves_the_other_images_untouched():
     assert 4 < sum(same) < 28
     with pytest.raises(FakeprintError, match="rotation_prob"):
         load_config("threecnn", {"rotation_prob": 1.5})
+
+
+def test_training_refuses_statistics_that_would_read_the_wrong_normalisation(tiny_data, tmp_path):
+    from fakeprint.train import train
+
+    cfg = load_config("statmlp", {"normalize": "none", "epochs": 1, "progress": False})
+    with pytest.raises(FakeprintError, match="input_norm"):
+        train(tiny_data, cfg, tmp_path / "run")
+    cfg = load_config("statmlp", {"normalize": "none", "epochs": 1, "progress": False,
+                                  "model_args": {"feature_set": "v1", "input_norm": "none"}})
+    train(tiny_data, cfg, tmp_path / "run2")
+    assert (tmp_path / "run2" / "last.safetensors").is_file()

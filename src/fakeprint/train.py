@@ -178,6 +178,12 @@ def read_split_csv(path: Path) -> dict[str, tuple[list[str], list[int]]]:
 
 def build_model(cfg: dict, num_classes: int) -> nn.Module:
     model = create_model(cfg["model"], num_classes, **cfg["model_args"])
+    from .models.stats import StatFeatures
+
+    stat_norms = {m.input_norm for m in model.modules() if isinstance(m, StatFeatures)}
+    if stat_norms and stat_norms != {cfg["normalize"]}:  # the statistics must see the uint8 image again
+        raise FakeprintError(f"config: normalize is {cfg['normalize']!r} but {cfg['model']}'s image statistics expect "
+                             f"input_norm {stat_norms.pop()!r}: set model_args.input_norm to {cfg['normalize']!r}")
     if cfg["model"] == "ensemblecnn":
         bases = cfg["base_checkpoints"]
         if not isinstance(bases, list) or len(bases) != len(model.members):

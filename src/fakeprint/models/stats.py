@@ -117,7 +117,6 @@ class StatFeatures(nn.Module):
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
         self._rings: dict[tuple, tuple[torch.Tensor, ...]] = {}  # per-size constants, made once
-        self._res: torch.Tensor | None = None
 
     def _ring_index(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """Ring of each frequency of an fftshifted H x W spectrum (RINGS rings up to half the shorter side),
@@ -143,20 +142,17 @@ class StatFeatures(nn.Module):
             if self.input_norm == "imagenet":
                 x = x * self.std + self.mean
             x = (x * 255).round_().clamp_(0, 255) / 255  # the uint8 image, whatever happened on the way
-            self._res = None  # the noise residual, made once per batch by the first group that needs it
-            try:
-                # the reshape gives an exporter the width it cannot infer through the concatenation
-                return torch.cat([getattr(self, "_" + g)(x) for g in self.groups], 1).reshape(-1, self.dim)
-            finally:
-                self._res = None
+            shared: dict[str, torch.Tensor] = {}  # what several groups use (the noise residual), made once
+            # the reshape gives an exporter the width it cannot infer through the concatenation
+            return torch.cat([getattr(self, "_" + g)(x, shared) for g in self.groups], 1).reshape(-1, self.dim)
 
-    def _residual_of(self, x: torch.Tensor) -> torch.Tensor:
-        if self._res is None:
-            self._res = self._residual_map(x)
-        return self._res
+    def _residual_of(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "residual" not in shared:
+            shared["residual"] = self._residual_map(x)
+        return shared["residual"]
 
     # ----------------------------------------------------------------------------------------- groups (v1)
-    def _colour(self, x: torch.Tensor) -> torch.Tensor:
+    def _colour(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         b = x.shape[0]
         mx, mn = x.amax(1), x.amin(1)
         sat = (mx - mn) / (mx + 1e-6)
@@ -177,9 +173,9 @@ class StatFeatures(nn.Module):
     def _residual_map(x: torch.Tensor) -> torch.Tensor:
         return x - F.avg_pool2d(F.pad(x, (1, 1, 1, 1), mode="replicate"), 3, stride=1)
 
-    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+    def _residual(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         b = x.shape[0]
-        res = self._residual_of(x)
+        res = self._residual_of(x, shared)
         cols = []
         for c in range(3):
             r = res[:, c].reshape(b, -1)
@@ -188,7 +184,7 @@ class StatFeatures(nn.Module):
             cols += [r.std(1, unbiased=False), r.abs().mean(1), (kurt + 1e-6).log()]
         return torch.stack(cols, 1)
 
-    def _cooccurrence(self, x: torch.Tensor) -> torch.Tensor:
+    def _cooccurrence(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat(_cooccurrence((x.sum(1) * 255).round(), 3), 1)
 
     def _dft(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, ...]:
@@ -215,17 +211,17 @@ class StatFeatures(nn.Module):
         a, b = img @ cw.T, img @ sw.T
         return (ch @ a - sh @ b) ** 2 + (ch @ b + sh @ a) ** 2
 
-    def _spectrum(self, x: torch.Tensor) -> torch.Tensor:
+    def _spectrum(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         b, h, w = x.shape[0], int(x.shape[2]), int(x.shape[3])
         dc = self._dft(h, w, x.device)[4]  # the zero frequency is noise in both spectra: masked to exactly zero
-        power = self._power(self._residual_of(x).mean(1)) * dc
+        power = self._power(self._residual_of(x, shared).mean(1)) * dc
         blocks = F.avg_pool2d((power + 1e-8).log().unsqueeze(1), (h // 10, w // 10)).reshape(b, -1)
         grey = x.mean(1)
         power2 = self._power(grey - grey.mean((1, 2), keepdim=True)) * dc
         return torch.cat([self._radial(power), blocks, self._radial(power2)], 1)
 
     # ----------------------------------------------------------------------------------------- groups (v2)
-    def _chroma(self, x: torch.Tensor) -> torch.Tensor:
+    def _chroma(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         b = x.shape[0]
         r, g, bl = x[:, 0], x[:, 1], x[:, 2]
         y = 0.299 * r + 0.587 * g + 0.114 * bl
@@ -236,20 +232,20 @@ class StatFeatures(nn.Module):
                           torch.where(mx == g, 2 + (bl - r) / (chroma + 1e-6), 4 + (r - g) / (chroma + 1e-6)))
         hue = torch.remainder(hue / 6.0, 1.0)
         hue_w = _hist(hue.reshape(b, -1), 16, weights=chroma.reshape(b, -1))
-        res = self._residual_of(x).reshape(b, 3, -1)
+        res = self._residual_of(x, shared).reshape(b, 3, -1)
         res = res - res.mean(2, keepdim=True)
         sd = res.std(2, unbiased=False) + 1e-8
         corr = [(res[:, i] * res[:, j]).mean(1) / (sd[:, i] * sd[:, j]) for i, j in ((0, 1), (1, 2), (0, 2))]
         return torch.cat([_hist(cb.clamp(0, 1).reshape(b, -1), 16), _hist(cr.clamp(0, 1).reshape(b, -1), 16),
                           hue_w / (hue_w.sum(1, keepdim=True) + 1e-6), torch.stack(corr, 1)], 1)
 
-    def _cooccurrence_rgb(self, x: torch.Tensor) -> torch.Tensor:
+    def _cooccurrence_rgb(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat([t for c in range(3) for t in _cooccurrence((x[:, c] * 255).round())], 1)
 
-    def _multiscale(self, x: torch.Tensor) -> torch.Tensor:
+    def _multiscale(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat(_cooccurrence((F.avg_pool2d(x, 2).sum(1) * (4 * 255)).round(), 12), 1)
 
-    def _gradient(self, x: torch.Tensor) -> torch.Tensor:
+    def _gradient(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         b = x.shape[0]
         grey = x.mean(1)
         gx, gy = grey[:, :, 1:] - grey[:, :, :-1], grey[:, 1:, :] - grey[:, :-1, :]
