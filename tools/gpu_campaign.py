@@ -165,6 +165,46 @@ def pack_weights(results: Path, runs: Path, rids: list[str], first: int, which: 
         pack(results, f"weights-{k}.tar", batch)
 
 
+def fit_epochs(cfgs: dict[str, dict[str, Any]], data: Path, out: Path, minutes: float, probe_seconds: float,
+               smoke: bool) -> dict[str, float]:
+    """Probe every run's training step at once (as they will run, one process each) and cut each config's
+    ``epochs`` to what fits into ``minutes`` (never more than it asks for): a fixed schedule must end inside
+    the time limit, or it stops before its decay. Returns the probed images/s."""
+    from fakeprint import recipes as R
+
+    rids = list(cfgs)
+    paths = {rid: write_cfg(cfgs[rid] | {"epochs": 1}, out / "cfg" / f"probe-{rid}.yaml") for rid in rids}
+    speeds = probe_all(paths, probe_seconds, out / "logs")
+    n_train = R.training_part_size(data, cfgs[rids[0]])
+    log("probe (images/s, all at once): " + ", ".join(f"{k} {v:.0f}" for k, v in speeds.items()))
+    if not smoke:
+        for rid in rids:
+            fit = int((minutes * 60 - 30) * 0.85 * speeds[rid] / n_train)
+            cfgs[rid]["epochs"] = max(1, min(int(cfgs[rid]["epochs"]), fit))
+    log("epochs: " + ", ".join(f"{k} {c['epochs']}" for k, c in cfgs.items()))
+    return speeds
+
+
+def train_side_by_side(cfgs: dict[str, dict[str, Any]], data: Path, out: Path, results: Path, minutes: float,
+                       report: dict[str, Any], report_name: str, t_start: float) -> None:
+    """Train every config at once (one process each) until ``minutes`` and a 90 s grace are up, then pack each
+    run's last checkpoint (``weights-K.tar``) and its small files and logs (``runs-small.tar``) into ``results``,
+    and write ``report`` (with each run's status and the wall time) there as ``report_name``."""
+    rids = list(cfgs)
+    logs, run_root = out / "logs", out / "runs"
+    procs = {rid: launch(rid, write_cfg(cfgs[rid], out / "cfg" / f"{rid}.yaml"), data, run_root / rid, logs)
+             for rid in rids}
+    report["status"] = wait_all(procs, time.time() + minutes * 60 + 90)
+    pack_weights(results, run_root, rids, first=0, which=("last",))
+    small = [(p, str(p.relative_to(out))) for p in sorted(run_root.glob("*/*"))
+             if p.is_file() and p.suffix in (".csv", ".json", ".yaml", ".txt", ".md")]
+    small += [(p, str(p.relative_to(out))) for p in sorted(logs.glob("*"))]
+    pack(results, "runs-small.tar", small)
+    report["wall_time_s"] = time.time() - t_start
+    (results / report_name).write_text(json.dumps(report, indent=2) + "\n")
+    log(f"done in {report['wall_time_s']:.0f} s")
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "probe":
         probe(Path(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_campaign import launch, log, pack, pack_weights, probe_all, ready_data, wait_all, write_cfg  # noqa: E402
+from gpu_campaign import fit_epochs, ready_data, train_side_by_side  # noqa: E402
 
 HYBRID = "hybrid_w32"
 B128 = {"batch_size": 128, "lr": 4.0e-3, "ema": 0.996}
@@ -93,34 +93,14 @@ def main() -> None:
         if args.smoke:
             extra |= {"epochs": 2, "max_minutes": 0.5}
         cfgs[rid] = load_config(preset, extra)
-    paths = {rid: write_cfg(cfgs[rid] | {"epochs": 1}, args.out / "cfg" / f"probe-{rid}.yaml") for rid in rids}
-    speeds = probe_all(paths, args.probe_seconds, logs)
-    n_train = R.training_part_size(args.data, cfgs[rids[0]])
-    log("probe (images/s, all at once): " + ", ".join(f"{k} {v:.0f}" for k, v in speeds.items()))
-    if not args.smoke:  # a fixed schedule must end inside the time limit, or it stops before its decay
-        for rid in rids:
-            fit = int((args.minutes * 60 - 30) * 0.85 * speeds[rid] / n_train)
-            cfgs[rid]["epochs"] = max(1, min(cfgs[rid]["epochs"], fit))
-    log("epochs: " + ", ".join(f"{k} {c['epochs']}" for k, c in cfgs.items()))
+    speeds = fit_epochs(cfgs, args.data, args.out, args.minutes, args.probe_seconds, args.smoke)
     report: dict[str, Any] = {
         "campaign": "round 8: the hybrid (dilated ThreeCNN + statistics MLP) and the statistics MLP, side by side",
         "smoke": args.smoke, "data": dataset_identity(args.data), "machine": R.machine(), "commit": git_commit(),
         "versions": versions(), "probe_images_per_s": speeds, "minutes": args.minutes,
         "runs": {r: {"preset": plan[r][0], "overrides": plan[r][1], "epochs": cfgs[r]["epochs"]} for r in rids}}
     (args.results / "round8.json").write_text(json.dumps(report, indent=2) + "\n")
-
-    run_root = args.out / "runs"
-    procs = {rid: launch(rid, write_cfg(cfgs[rid], args.out / "cfg" / f"{rid}.yaml"), args.data, run_root / rid, logs)
-             for rid in rids}
-    report["status"] = wait_all(procs, time.time() + args.minutes * 60 + 90)
-    pack_weights(args.results, run_root, rids, first=0, which=("last",))
-    small = [(p, str(p.relative_to(args.out))) for p in sorted(run_root.glob("*/*"))
-             if p.is_file() and p.suffix in (".csv", ".json", ".yaml", ".txt", ".md")]
-    small += [(p, str(p.relative_to(args.out))) for p in sorted(logs.glob("*"))]
-    pack(args.results, "runs-small.tar", small)
-    report["wall_time_s"] = time.time() - t_start
-    (args.results / "round8.json").write_text(json.dumps(report, indent=2) + "\n")
-    log(f"done in {report['wall_time_s']:.0f} s")
+    train_side_by_side(cfgs, args.data, args.out, args.results, args.minutes, report, "round8.json", t_start)
 
 
 if __name__ == "__main__":
