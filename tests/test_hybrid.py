@@ -80,6 +80,53 @@ def test_statistics_refuse_unknown_settings():
         StatFeatures("v1", input_norm="zscore")
 
 
+def test_the_fast_paths_give_the_numbers_of_the_plain_definitions():
+    """Percentiles from counts and from topk equal those of a full sort (ties included), the box residual
+    avg_pool2d's, and the saturation table every pixel's own value, bit for bit."""
+    from fakeprint.models import stats
+
+    g = torch.Generator().manual_seed(0)
+    v = torch.randint(0, 40, (5, 999), generator=g).float() / 39  # many ties
+    want = stats._percentiles(v, (50, 90, 99))
+    torch.testing.assert_close(stats._top_percentiles(v, (50, 90, 99)), want, rtol=0, atol=0)
+    counts = stats._scatter_counts((v * 39).round().long(), 40)
+    got = stats._percentiles_of_counts(counts, 999, stats.PERCENTILES, lambda i: i.float() / 39)
+    torch.testing.assert_close(got, stats._percentiles(v, stats.PERCENTILES), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="50 and above"):
+        stats._top_percentiles(v, (25,))
+
+    x = torch.rand(2, 3, 17, 23, generator=g)
+    plain = x - torch.nn.functional.avg_pool2d(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    assert torch.equal(StatFeatures._residual_map(x), plain)
+
+    values, rank = (torch.from_numpy(a) for a in stats._saturation_values())
+    lv = torch.arange(256).float() / 255
+    mx, mn = lv.view(-1, 1).expand(256, 256), lv.view(1, -1).expand(256, 256)
+    ok = mx >= mn
+    assert torch.equal(values[rank].view(256, 256)[ok], ((mx - mn) / (mx + 1e-6))[ok])
+    assert bool((values[1:] > values[:-1]).all())
+
+
+def test_hybrid_slices_itself_on_the_cpu_without_changing_its_outputs(monkeypatch):
+    from fakeprint.inference import cpu_micro_batch, predict_logits
+    from fakeprint.models import hybrid
+
+    torch.manual_seed(0)
+    m = create_model("hybrid").eval()
+    assert cpu_micro_batch(m) == 0  # predict_logits leaves the slicing to the model
+    imgs = _images(10, seed=3)
+    whole = predict_logits(m, imgs, torch.device("cpu"), batch_size=10, micro_batch=0)
+    monkeypatch.setattr(hybrid, "STATS_CPU_SLICE", 3)
+    m.cnn.__dict__["_fakeprint_micro_batch"] = {(3, 100, 100): 4}
+    calls = []
+    m.head.register_forward_hook(lambda _m, i, _o: calls.append(len(i[0])))
+    sliced = predict_logits(m, imgs, torch.device("cpu"), batch_size=10)
+    assert calls == [3, 3, 3, 1]
+    torch.testing.assert_close(sliced, whole, atol=1e-5, rtol=1e-5)
+    one_by_one = torch.cat([predict_logits(m, imgs[i:i + 1], torch.device("cpu")) for i in range(10)])
+    torch.testing.assert_close(sliced, one_by_one, atol=1e-5, rtol=1e-5)
+
+
 def test_hybrid_sums_the_two_heads_and_drops_one_branch_per_sample_in_training():
     torch.manual_seed(0)
     m = create_model("hybrid", dropout=0.0, dropout2d=0.0, stat_dropout=0.0, branch_drop=0.6)

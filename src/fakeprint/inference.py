@@ -66,7 +66,10 @@ CPU_SLICE_BYTES = 16 * 2**20
 def cpu_micro_batch(model: nn.Module, image_shape: tuple[int, ...] = (3, 100, 100),
                     budget: int = CPU_SLICE_BYTES) -> int:
     """How many images ``model`` should see per forward pass on the CPU: ``budget`` over the largest activation
-    of one image (measured once per model and image shape with forward hooks), between 4 and 64."""
+    of one image (measured once per model and image shape with forward hooks), between 4 and 64; 0 (whole
+    batches) for a model with ``slices_itself`` set, which slices where it pays itself."""
+    if getattr(model, "slices_itself", False):  # it runs its own parts in slices (models.hybrid): whole batches
+        return 0
     memo = model.__dict__.setdefault("_fakeprint_micro_batch", {})
     if image_shape in memo:
         return memo[image_shape]
