@@ -75,9 +75,33 @@ def test_statistics_are_those_of_the_uint8_image_whatever_the_normalisation():
 
 def test_statistics_refuse_unknown_settings():
     with pytest.raises(ValueError, match="feature_set"):
-        StatFeatures("v3")
+        StatFeatures("v9")
     with pytest.raises(ValueError, match="input_norm"):
         StatFeatures("v1", input_norm="zscore")
+
+
+def test_rich_model_residuals_count_triples_of_quantised_residuals():
+    from fakeprint.models.stats import SRM_KERNELS
+
+    m = StatFeatures("v3", input_norm="none")
+    assert m.dim == 2580 and len(SRM_KERNELS) == 4
+    flat = torch.full((2, 3, 20, 20), 0.5)  # no residual anywhere: every triple is (0, 0, 0), bin 62
+    srm = m(flat)[:, -SIZES["srm"]:].reshape(2, 10, 125)
+    assert torch.equal(srm[:, :, 62], torch.ones(2, 10)) and float(srm.sum()) == 20.0
+    # the 2nd-order residual along rows, written out with numpy, on an image with every kind of value
+    imgs = _images(2, seed=4)
+    grey = imgs.astype(np.int64).sum(-1)
+    r = np.clip(np.round((grey[:, :, :-2] - 2 * grey[:, :, 1:-1] + grey[:, :, 2:]) / 6), -2, 2).astype(np.int64) + 2
+    idx = (r[:, :, :-2] * 25 + r[:, :, 1:-1] * 5 + r[:, :, 2:]).reshape(2, -1)
+    want = np.stack([np.bincount(i, minlength=125) / i.size for i in idx])
+    got = m(to_float(torch.from_numpy(imgs)))[:, -SIZES["srm"]:-SIZES["srm"] + 125].numpy()
+    np.testing.assert_allclose(got, want, atol=1e-6)
+    # the colour triple: R, G, B 2nd-order residuals (steps of 2) at one pixel, along rows first
+    k = imgs.astype(np.int64)
+    rc = np.clip(np.round((k[:, :, :-2] - 2 * k[:, :, 1:-1] + k[:, :, 2:]) / 2), -2, 2).astype(np.int64) + 2
+    idx = (rc[..., 0] * 25 + rc[..., 1] * 5 + rc[..., 2]).reshape(2, -1)
+    want = np.stack([np.bincount(i, minlength=125) / i.size for i in idx])
+    np.testing.assert_allclose(m(to_float(torch.from_numpy(imgs)))[:, -250:-125].numpy(), want, atol=1e-6)
 
 
 def test_the_fast_paths_give_the_numbers_of_the_plain_definitions():
@@ -153,6 +177,10 @@ def test_presets_build_the_statistics_models():
     assert count_parameters(m) == count_parameters(create_model("threecnn_dilated", width=32, c3=128)) \
         + 1330 * 256 + 256 + 256 * 5 + 5
     assert cfg["rotation_prob"] == 0.5 and cfg["tta"] == "flip"
+    v3 = load_config("hybrid_v3_w32")
+    assert v3["model_args"]["feature_set"] == "v3"
+    assert {k: v for k, v in v3.items() if k != "model_args"} == {k: v for k, v in cfg.items() if k != "model_args"}
+    assert count_parameters(create_model(v3["model"], **v3["model_args"])) == count_parameters(m) + 1250 * 256
     cfg = load_config("statmlp")
     assert cfg["rotation"] == 0 and count_parameters(create_model(cfg["model"], **cfg["model_args"])) == 342_021
 

@@ -139,6 +139,23 @@ def all_features(images: np.ndarray, feature_set: str = "v1", chunk: int = 500) 
     return {g: np.concatenate([p[g] for p in parts]) for g in parts[0]}
 
 
+def torch_features(images: np.ndarray, feature_set: str, chunk: int = 256) -> dict[str, np.ndarray]:
+    """The statistics by group as fakeprint's models compute them (``models.stats.StatFeatures``; v3 adds the
+    rich-model residual co-occurrences, ``srm``)."""
+    import torch
+
+    from fakeprint.models.stats import SIZES, StatFeatures
+    from fakeprint.preprocess import to_float
+
+    m = StatFeatures(feature_set, input_norm="none").eval()
+    with torch.no_grad():
+        f = torch.cat([m(to_float(torch.from_numpy(np.ascontiguousarray(images[i:i + chunk])))) for i in range(0, len(images), chunk)]).numpy()
+    out, off = {}, 0
+    for g in m.groups:
+        out[g], off = f[:, off:off + SIZES[g]], off + SIZES[g]
+    return out
+
+
 CLASSIFIERS = {
     "gbm": "HistGradientBoostingClassifier(max_iter=400, learning_rate=0.08, max_leaf_nodes=31, "
            "l2_regularization=1.0, no early stopping)",
@@ -187,9 +204,12 @@ def main() -> None:
     ap.add_argument("--blend", nargs="*", default=[],
                     help="checkpoints or shipped names to blend with; A,B,C: the ensemble of those (mean probabilities)")
     ap.add_argument("--groups", action="store_true", help="also one model per feature group, and all but one")
-    ap.add_argument("--feature-set", choices=("v1", "v2"), default="v1",
+    ap.add_argument("--feature-set", choices=("v1", "v2", "v3"), default="v1",
                     help="v1: the 539 statistics of the first probe; v2: v1 and per-channel co-occurrences, chroma, "
-                         "half-resolution co-occurrences, gradients")
+                         "half-resolution co-occurrences, gradients; v3: v2 and rich-model residual co-occurrences "
+                         "(computed as the models do, models.stats)")
+    ap.add_argument("--torch", action="store_true", help="compute the statistics as the models do (models.stats; "
+                    "always for v3) instead of with this file's numpy")
     ap.add_argument("--evaluate-on", choices=("internal", "selection"), default="internal",
                     help="selection: fit on 90%% of the internal split's training part and score on the other 10%% "
                          "(stratified, --seed), for choosing features without looking at the internal split")
@@ -234,7 +254,11 @@ def main() -> None:
         shared = np.array([i in ids for i in va_ids])
 
     t0 = time.perf_counter()
-    feats = all_features(np.asarray(data.images), args.feature_set)
+    engine = "torch (models.stats)" if args.torch or args.feature_set == "v3" else "numpy (this file)"
+    if engine.startswith("torch"):
+        feats = torch_features(np.asarray(data.images), args.feature_set)
+    else:
+        feats = all_features(np.asarray(data.images), args.feature_set)
     groups = tuple(feats)
     t_feat = time.perf_counter() - t0
     sizes = {g: int(f.shape[1]) for g, f in feats.items()}
@@ -279,7 +303,7 @@ def main() -> None:
 
     report = {
         "what": f"{CLASSIFIERS[args.classifier]} on hand-made statistics", "classifier": args.classifier,
-        "split": where, "feature_set": args.feature_set,
+        "split": where, "feature_set": args.feature_set, "engine": engine,
         "n_train": int((~is_val).sum()), "n_scored": int(is_val.sum()),
         "shared_errors": None if shared is None else {"file": str(args.shared), "n": int(shared.sum())},
         "features": sizes, "feature_seconds": round(t_feat), "commit": git_commit(), "seed": args.seed,
@@ -288,7 +312,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    lines = [f"# Hand-made statistics (feature set {args.feature_set}), {args.classifier}", "",
+    lines = [f"# Hand-made statistics (feature set {args.feature_set}, computed with {engine}), {args.classifier}", "",
              f"Classifier: {CLASSIFIERS[args.classifier]}.", "",
              f"Scored on {where} ({report['n_train']} images trained on, {report['n_scored']} scored); "
              "last iteration, nothing chosen on the split scored.", "",

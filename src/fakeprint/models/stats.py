@@ -15,7 +15,11 @@ first four, 539 numbers per image; v2: all eight, 1,330):
 - ``chroma`` (v2): Cb and Cr histograms, a chroma-weighted hue histogram, the residuals' channel correlations;
 - ``cooccurrence_rgb`` (v2): ``cooccurrence`` for each of R, G, B;
 - ``multiscale`` (v2): ``cooccurrence`` of the grey image at half resolution;
-- ``gradient`` (v2): gradient-magnitude histogram and percentiles, log variance of the Laplacian.
+- ``gradient`` (v2): gradient-magnitude histogram and percentiles, log variance of the Laplacian;
+- ``srm`` (v3): steganalysis-style rich-model residuals of the grey level (2nd and 3rd order differences, the
+  3 x 3 "KB" and 5 x 5 "KV" kernels), each quantised and truncated to -2..2, and the co-occurrence of three
+  neighbouring values (125 bins) along rows and along columns; and the co-occurrence of the R, G, B 2nd-order
+  residuals at the same pixel (horizontal and vertical).
 
 The input is the model's input (normalised as ``input_norm`` says); it is mapped back to [0, 1] and snapped
 to the 1/255 grid, so the numbers are those of the uint8 image whatever the device or dtype. Computed in
@@ -35,9 +39,18 @@ from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 GROUPS_V1 = ("colour", "residual", "cooccurrence", "spectrum")
 GROUPS_V2 = GROUPS_V1 + ("chroma", "cooccurrence_rgb", "multiscale", "gradient")
-FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2}
+GROUPS_V3 = GROUPS_V2 + ("srm",)
+FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2, "v3": GROUPS_V3}
 SIZES = {"colour": 150, "residual": 9, "cooccurrence": 180, "spectrum": 200, "chroma": 51,
-         "cooccurrence_rgb": 540, "multiscale": 180, "gradient": 20}
+         "cooccurrence_rgb": 540, "multiscale": 180, "gradient": 20, "srm": 1250}
+# steganalysis-style residuals of the grey level (rich models): name, kernel (integers), quantisation step
+SRM_KERNELS = (
+    ("2nd", ((1, -2, 1),), 2),
+    ("3rd", ((-1, 3, -3, 1),), 3),
+    ("KB", ((-1, 2, -1), (2, -4, 2), (-1, 2, -1)), 4),
+    ("KV", ((-1, 2, -2, 2, -1), (2, -6, 8, -6, 2), (-2, 8, -12, 8, -2), (2, -6, 8, -6, 2), (-1, 2, -2, 2, -1)), 12),
+)
+SRM_T = 2  # residuals rounded and truncated to -T..T: 5 values, 125 triples
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 RINGS = 50
 
@@ -348,3 +361,41 @@ class StatFeatures(nn.Module):
                - grey[:, 1:-1, 2:]).reshape(b, -1)
         return torch.cat([_hist((mag * 4).clamp(0, 1 - 1e-6), 16), (_var(lap) + 1e-8).log()[:, None],
                           _top_percentiles(mag, (50, 90, 99))], 1)
+
+    # ----------------------------------------------------------------------------------------- groups (v3)
+    def _srm(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        k = (x * 255).round()  # exact integers
+        grey = k.sum(1, keepdim=True)  # 0-765, exact: residuals of grey * 3, so the steps are 3 q
+        cols = []
+        for _name, rows, q in SRM_KERNELS:
+            kern = torch.tensor(rows, dtype=x.dtype, device=x.device)
+            if kern.shape[0] == 1:  # a 1-D kernel: along rows, and transposed along columns
+                pairs = ((kern.view(1, 1, 1, -1), 2), (kern.view(1, 1, -1, 1), 1))
+            else:
+                pairs = ((kern.view(1, 1, *kern.shape), 2), (kern.view(1, 1, *kern.shape), 1))
+            for w, axis in pairs:
+                r = _quantise(F.conv2d(grey, w), 3 * q)[:, 0]
+                cols.append(_triples(r, axis))
+        for dx, dy in ((1, 0), (0, 1)):  # the R, G, B 2nd-order residuals at one pixel
+            w = torch.tensor((1.0, -2.0, 1.0), dtype=x.dtype, device=x.device).view(1, 1, 1 + 2 * dy, 1 + 2 * dx)
+            r = _quantise(F.conv2d(k.reshape(-1, 1, *k.shape[2:]), w), 2).reshape(k.shape[0], 3, -1)
+            idx = (r[:, 0] * 25 + r[:, 1] * 5 + r[:, 2]).long()
+            cols.append(_counts(idx, 125))
+        return torch.cat(cols, 1)
+
+
+def _quantise(r: torch.Tensor, step: float) -> torch.Tensor:
+    """Residuals (exact integers) / step, rounded and truncated to -SRM_T..SRM_T, shifted to 0..2 SRM_T."""
+    return (r / step).round().clamp_(-SRM_T, SRM_T) + SRM_T
+
+
+def _triples(r: torch.Tensor, axis: int) -> torch.Tensor:
+    """Co-occurrence (fractions, (2T+1)^3 bins) of three neighbouring values of B x H x W levels along ``axis``."""
+    n = 2 * SRM_T + 1
+    if axis == 2:
+        a, b, c = r[:, :, :-2], r[:, :, 1:-1], r[:, :, 2:]
+    else:
+        a, b, c = r[:, :-2], r[:, 1:-1], r[:, 2:]
+    idx = ((a * n + b) * n + c).reshape(r.shape[0], -1).long()
+    return _counts(idx, n ** 3)
+
