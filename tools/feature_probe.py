@@ -14,6 +14,9 @@ scores the internal split (the last iteration, no early stopping, nothing chosen
 (every weight of a fixed grid is shown; none is chosen). Writes ``OUT.json`` and ``OUT.md``; ``--groups`` adds
 one model per feature group (ablation).
 
+``--feature-set v3`` (and any set with ``--torch``) computes the statistics with ``fakeprint.models.stats`` as the
+models do; v3 adds steganalysis-style rich-model residual co-occurrences (2,580 numbers per image).
+
 Feature sets are compared with ``--evaluate-on selection`` (fit on 90% of the internal split's training part,
 score on the other 10%), so that the internal split is scored once per feature set chosen, not used to choose.
 """
