@@ -151,6 +151,34 @@ def test_hybrid_slices_itself_on_the_cpu_without_changing_its_outputs(monkeypatc
     torch.testing.assert_close(sliced, one_by_one, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("width", [100, 95])  # 95: odd, computed twice
+def test_the_mirror_images_statistics_are_made_from_the_images(width):
+    """forward_and_mirror (flip TTA) gives forward(x) and, from it, forward(x.flip(3)): every group, every place."""
+    m = StatFeatures("v3", input_norm="none")
+    x = to_float(torch.from_numpy(np.ascontiguousarray(_images(4, seed=5)[:, :, :width])))
+    f, f_m = m.forward_and_mirror(x)
+    assert torch.equal(f, m(x))
+    want = m(x.flip(3))
+    assert not torch.allclose(want, f, atol=1e-3)  # mirroring changes some statistics: the test can fail
+    torch.testing.assert_close(f_m, want, atol=1e-4, rtol=1e-4)
+
+
+def test_flip_tta_of_the_hybrid_is_the_mean_of_the_two_views():
+    from fakeprint.inference import predict_logits
+
+    torch.manual_seed(0)
+    m = create_model("hybrid", feature_set="v3").eval()
+    with torch.no_grad():  # nonzero running statistics, so that both heads matter
+        m.head.mlp[0].running_mean.uniform_(0.0, 0.1)
+    imgs = _images(5, seed=6)
+    x = normalize(to_float(torch.from_numpy(imgs)))
+    with torch.no_grad():
+        want = (m(x) + m(x.flip(3))) / 2
+    got = predict_logits(m, imgs, torch.device("cpu"), tta="flip")
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(got, predict_logits(m, imgs, torch.device("cpu")), atol=1e-4)
+
+
 def test_hybrid_sums_the_two_heads_and_drops_one_branch_per_sample_in_training():
     torch.manual_seed(0)
     m = create_model("hybrid", dropout=0.0, dropout2d=0.0, stat_dropout=0.0, branch_drop=0.6)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from .data.loader import tensor_view
-from .preprocess import normalize, to_float, tta_views
+from .preprocess import normalize, to_float, tta_mode, tta_views
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -103,7 +104,8 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: 
     """Logits (float32, on CPU) for N x H x W x 3 uint8 images. ``tta`` (a mode of ``augment.tta_views``:
     none/False, flip/True, dihedral) averages the logits of the views. ``batch_size`` images are moved to the
     device and augmented at a time; the network sees them ``micro_batch`` at a time (None: ``cpu_micro_batch``
-    on the CPU, all at once on a GPU; 0: all at once). The slicing does not change the outputs."""
+    on the CPU, all at once on a GPU; 0: all at once). The slicing does not change the outputs. A model with
+    a ``forward_flip_tta`` method (models.hybrid) computes flip TTA itself (the same logits up to rounding)."""
     was_training = model.training
     model.eval()
     out = []
@@ -111,6 +113,7 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: 
     if micro_batch is None:
         h, w, c = images.shape[1:]
         micro_batch = cpu_micro_batch(model, (c, h, w)) if device.type == "cpu" and n else 0
+    flip_fast = tta_mode(tta) == "flip" and hasattr(model, "forward_flip_tta")
     for start in range(0, n, batch_size):
         chunk = images[start : start + batch_size]
         if isinstance(chunk, np.ndarray):
@@ -119,8 +122,11 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: 
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with autocast(device, amp_dtype):
-            views = tta_views(x, tta)
-            logits = sum(_forward(model, v, micro_batch) for v in views) / len(views)
+            if flip_fast:  # the model averages the image and its mirror itself, sharing work between them
+                logits = _forward(model.forward_flip_tta, x, micro_batch)
+            else:
+                views = tta_views(x, tta)
+                logits = sum(_forward(model, v, micro_batch) for v in views) / len(views)
         out.append(logits.cpu())
     model.train(was_training)
     if not out:
@@ -128,7 +134,7 @@ def predict_logits(model: nn.Module, images: np.ndarray | torch.Tensor, device: 
     return torch.cat(out)
 
 
-def _forward(model: nn.Module, x: torch.Tensor, micro_batch: int) -> torch.Tensor:
+def _forward(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, micro_batch: int) -> torch.Tensor:
     if micro_batch <= 0 or micro_batch >= len(x):
         return model(x).float()
     return torch.cat([model(part).float() for part in x.split(micro_batch)])

@@ -38,8 +38,11 @@ class StatHead(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.stats(x)
-        with torch.autocast(device_type=x.device.type, enabled=False):
+        return self.classify(self.stats(x))
+
+    def classify(self, f: torch.Tensor) -> torch.Tensor:
+        """Logits from the statistics ``f``."""
+        with torch.autocast(device_type=f.device.type, enabled=False):
             bn = self.mlp[0]
             # in eval the same standardisation written out: ONNX exporters cannot size a BatchNorm after the stats
             f = bn(f) if self.training else (f - bn.running_mean) * torch.rsqrt(bn.running_var + bn.eps)
@@ -73,6 +76,17 @@ class Hybrid(nn.Module):
             keep_b = ((u < self.branch_drop / 2) | (u >= self.branch_drop)).to(b.dtype)  # the head for p/2 <= u < p
             return a * keep_a + b * keep_b
         return a + b
+
+    @torch.no_grad()
+    def forward_flip_tta(self, x: torch.Tensor) -> torch.Tensor:
+        """In inference, ``(self(x) + self(x.flip(3))) / 2`` (flip TTA) with the mirror image's statistics made
+        mostly from the image's (``StatFeatures.forward_and_mirror``); ``inference.predict_logits`` uses it."""
+        a, a_m = self._sliced(self.cnn, x, None), self._sliced(self.cnn, x.flip(3), None)
+        size = STATS_CPU_SLICE if x.device.type == "cpu" else len(x)
+        pairs = [self.head.stats.forward_and_mirror(chunk) for chunk in x.split(max(size, 1))]
+        f, f_m = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+        b, b_m = self.head.classify(f).to(a.dtype), self.head.classify(f_m).to(a.dtype)
+        return ((a + b) + (a_m + b_m)) / 2
 
     def _sliced(self, part: nn.Module, x: torch.Tensor, size: int | None) -> torch.Tensor:
         """``part(x)``, in inference on the CPU ``size`` images at a time (None: inference.cpu_micro_batch)."""

@@ -197,15 +197,71 @@ class StatFeatures(nn.Module):
         sums = torch.zeros(b, RINGS, device=power.device).scatter_add_(1, idx.expand(b, -1), power.reshape(b, -1))
         return (sums / counts + 1e-8).log()
 
+    def _image(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.float().contiguous()
+        if self.input_norm == "imagenet":
+            x = x * self.std + self.mean
+        return (x * 255).round_().clamp_(0, 255) / 255  # the uint8 image, whatever happened on the way
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x = x.float().contiguous()
-            if self.input_norm == "imagenet":
-                x = x * self.std + self.mean
-            x = (x * 255).round_().clamp_(0, 255) / 255  # the uint8 image, whatever happened on the way
+            x = self._image(x)
             shared: dict[str, torch.Tensor] = {}  # what several groups use (the noise residual), made once
             # the reshape gives an exporter the width it cannot infer through the concatenation
             return torch.cat([getattr(self, "_" + g)(x, shared) for g in self.groups], 1).reshape(-1, self.dim)
+
+    def forward_and_mirror(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The statistics of ``x`` and of its mirror image ``x.flip(3)`` (what flip TTA asks for), the second
+        mostly from the first: colour, residual and chroma statistics do not change when an image is mirrored,
+        the co-occurrences only change places (a horizontal difference changes sign and a pair its order), the
+        spectrum blocks come from the mirrored power spectrum; only the gradient group is computed again. The same
+        numbers as ``forward(x.flip(3))`` up to float rounding (tested); about 1.4x faster than computing both."""
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if int(x.shape[3]) % 2:  # odd widths: half-resolution blocks and spectra do not mirror onto themselves
+                return self.forward(x), self.forward(x.flip(3))
+            x = self._image(x)
+            shared: dict[str, torch.Tensor] = {}
+            parts = [getattr(self, "_" + g)(x, shared) for g in self.groups]
+            perms = self._mirror_perms(x.device)
+            mirrored = []
+            for g, p in zip(self.groups, parts, strict=True):
+                if g in perms:
+                    mirrored.append(p[:, perms[g]])
+                elif g == "spectrum":
+                    h, w = int(x.shape[2]), int(x.shape[3])
+                    power = shared["power"][:, :, (-torch.arange(w, device=x.device)) % w]  # frequency v -> -v
+                    blocks = F.avg_pool2d((power + 1e-8).log().unsqueeze(1), (h // 10, w // 10)).reshape(len(x), -1)
+                    mirrored.append(torch.cat([p[:, :RINGS], blocks, p[:, RINGS + blocks.shape[1]:]], 1))
+                elif g == "gradient":
+                    mirrored.append(self._gradient(x.flip(3), {}))
+                else:  # colour, residual, chroma
+                    mirrored.append(p)
+            return torch.cat(parts, 1), torch.cat(mirrored, 1)
+
+    def _mirror_perms(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """For each group whose statistics only change places when the image is mirrored: the index of each
+        mirrored statistic among the image's (numpy: constants)."""
+        key = (device, "mirror")
+        if key not in self._rings:
+            nine = np.arange(9)
+            a, c = np.divmod(np.arange(81), 9)
+            cooc = np.concatenate([8 - nine, 9 + (8 - c) * 9 + (8 - a), 90 + np.arange(90)])  # h9, h81, v9, v81
+            perms = {"cooccurrence": cooc, "multiscale": cooc,
+                     "cooccurrence_rgb": np.concatenate([cooc + 180 * i for i in range(3)])}
+            n = 2 * SRM_T + 1
+            t = np.arange(n ** 3)
+            ta, tb, tc = t // (n * n), (t // n) % n, t % n
+            reverse = (tc * n + tb) * n + ta  # a symmetric kernel's row triple (a, b, c) becomes (c, b, a)
+            negate = ((n - 1 - tc) * n + (n - 1 - tb)) * n + (n - 1 - ta)  # an antisymmetric one's, negated
+            srm, off = [], 0
+            for _name, rows, _q in SRM_KERNELS:
+                antisymmetric = tuple(rows[0]) == tuple(-v for v in reversed(rows[0]))
+                srm += [off + (negate if antisymmetric else reverse), off + n ** 3 + t]  # rows; columns unchanged
+                off += 2 * n ** 3
+            srm.append(off + np.arange(2 * n ** 3))  # R, G, B triples at one pixel: unchanged
+            perms["srm"] = np.concatenate(srm)
+            self._rings[key] = {g: torch.from_numpy(np.ascontiguousarray(v)).to(device) for g, v in perms.items()}
+        return self._rings[key]
 
     def _residual_of(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         if "residual" not in shared:
@@ -322,6 +378,7 @@ class StatFeatures(nn.Module):
         b, h, w = x.shape[0], int(x.shape[2]), int(x.shape[3])
         dc = self._dft(h, w, x.device)[4]  # the zero frequency is noise in both spectra: masked to exactly zero
         power = self._power(self._residual_of(x, shared).mean(1)) * dc
+        shared["power"] = power
         blocks = F.avg_pool2d((power + 1e-8).log().unsqueeze(1), (h // 10, w // 10)).reshape(b, -1)
         grey = x.mean(1)
         power2 = self._power(grey - grey.mean((1, 2), keepdim=True)) * dc
