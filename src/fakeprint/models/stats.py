@@ -425,20 +425,33 @@ class StatFeatures(nn.Module):
         grey = k.sum(1, keepdim=True)  # 0-765, exact: residuals of grey * 3, so the steps are 3 q
         cols = []
         for _name, rows, q in SRM_KERNELS:
-            kern = torch.tensor(rows, dtype=x.dtype, device=x.device)
-            if kern.shape[0] == 1:  # a 1-D kernel: along rows, and transposed along columns
-                pairs = ((kern.view(1, 1, 1, -1), 2), (kern.view(1, 1, -1, 1), 1))
+            if len(rows) == 1:  # a 1-D kernel: along rows, and transposed along columns
+                pairs = ((rows, 2), (tuple((v,) for v in rows[0]), 1))
             else:
-                pairs = ((kern.view(1, 1, *kern.shape), 2), (kern.view(1, 1, *kern.shape), 1))
-            for w, axis in pairs:
-                r = _quantise(F.conv2d(grey, w), 3 * q)[:, 0]
+                pairs = ((rows, 2), (rows, 1))
+            for kern, axis in pairs:
+                r = _quantise(_correlate(grey, kern), 3 * q)[:, 0]
                 cols.append(_triples(r, axis))
-        for dx, dy in ((1, 0), (0, 1)):  # the R, G, B 2nd-order residuals at one pixel
-            w = torch.tensor((1.0, -2.0, 1.0), dtype=x.dtype, device=x.device).view(1, 1, 1 + 2 * dy, 1 + 2 * dx)
-            r = _quantise(F.conv2d(k.reshape(-1, 1, *k.shape[2:]), w), 2).reshape(k.shape[0], 3, -1)
+        for kern in (((1, -2, 1),), ((1,), (-2,), (1,))):  # the R, G, B 2nd-order residuals at one pixel
+            r = _quantise(_correlate(k, kern), 2).reshape(k.shape[0], 3, -1)
             idx = (r[:, 0] * 25 + r[:, 1] * 5 + r[:, 2]).long()
             cols.append(_counts(idx, 125))
         return torch.cat(cols, 1)
+
+
+def _correlate(img: torch.Tensor, kernel: tuple[tuple[int, ...], ...]) -> torch.Tensor:
+    """``F.conv2d(img, kernel)`` per channel (valid, no padding) for a small integer kernel, as a sum of shifted
+    views: exact on integer images, and many times faster than a convolution with one channel in and out."""
+    kh, kw = len(kernel), len(kernel[0])
+    h, w = int(img.shape[2]) - kh + 1, int(img.shape[3]) - kw + 1
+    out = None
+    for dy, row in enumerate(kernel):
+        for dx, c in enumerate(row):
+            if c:
+                term = img[:, :, dy:dy + h, dx:dx + w] * float(c)
+                out = term if out is None else out.add_(term)
+    assert out is not None
+    return out
 
 
 def _quantise(r: torch.Tensor, step: float) -> torch.Tensor:
