@@ -103,7 +103,7 @@ def test_the_accurate_model_by_name_on_the_command_line(cli, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(("name", "preset"), [("default", "threecnn_dilated_w32"), ("accurate", "hybrid_w32")])
+@pytest.mark.parametrize(("name", "preset"), [("default", "threecnn_dilated_w32"), ("accurate", "hybrid_v3_w32")])
 def test_shipped_models_were_trained_with_their_presets(name, preset):
     """The model card names a preset for each shipped model: its metadata's config is that preset (apart from
     settings that only say how the run was executed), and its figure is its own, on the held-out split."""
