@@ -116,7 +116,7 @@ def update_metadata(path: str | Path, fields: dict[str, Any]) -> Path:
 
 DEFAULT_NAME = "default"
 # the models shipped inside the package, by the name every command accepts in place of a checkpoint path:
-# ``default`` (the threecnn_dilated_w32 recipe) and ``accurate`` (the hybrid_w32 recipe); docs/MODEL_CARD.md
+# ``default`` (the threecnn_dilated_w32 recipe) and ``accurate`` (the hybrid_v3_w32 recipe); docs/MODEL_CARD.md
 SHIPPED_NAMES = (DEFAULT_NAME, "accurate")
 
 
