@@ -104,6 +104,16 @@ def test_rich_model_residuals_count_triples_of_quantised_residuals():
     np.testing.assert_allclose(m(to_float(torch.from_numpy(imgs)))[:, -250:-125].numpy(), want, atol=1e-6)
 
 
+def test_residual_kernels_as_shifted_sums_are_the_convolutions():
+    from fakeprint.models.stats import SRM_KERNELS, _correlate
+
+    img = torch.randint(0, 766, (2, 1, 13, 17), generator=torch.Generator().manual_seed(0)).float()
+    for _name, rows, _q in SRM_KERNELS:
+        for kern in (rows, tuple(zip(*rows, strict=True))):  # and transposed
+            want = torch.nn.functional.conv2d(img, torch.tensor(kern, dtype=torch.float32)[None, None])
+            assert torch.equal(_correlate(img, kern), want)
+
+
 def test_the_fast_paths_give_the_numbers_of_the_plain_definitions():
     """Percentiles from counts and from topk equal those of a full sort (ties included), the box residual
     avg_pool2d's, and the saturation table every pixel's own value, bit for bit."""
