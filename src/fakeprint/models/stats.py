@@ -28,6 +28,7 @@ float32 outside autocast. No parameters: nothing to train, nothing stored.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -64,16 +65,15 @@ def _hist(v: torch.Tensor, bins: int, weights: torch.Tensor | None = None) -> to
     return out / int(v.shape[1]) if weights is None else out
 
 
-def _counts(idx: torch.Tensor, bins: int) -> torch.Tensor:
-    """Row-wise histogram of B x N integer bin indices in [0, bins), as fractions."""
-    ones = torch.ones(idx.shape, device=idx.device, dtype=torch.float32)
-    return torch.zeros(idx.shape[0], bins, device=idx.device).scatter_add_(1, idx, ones) / int(idx.shape[1])
-
-
 def _scatter_counts(idx: torch.Tensor, bins: int) -> torch.Tensor:
     """Row-wise counts (float32) of B x N integer indices in [0, bins)."""
     ones = torch.ones(idx.shape, device=idx.device, dtype=torch.float32)
     return torch.zeros(idx.shape[0], bins, device=idx.device).scatter_add_(1, idx, ones)
+
+
+def _counts(idx: torch.Tensor, bins: int) -> torch.Tensor:
+    """Row-wise histogram of B x N integer bin indices in [0, bins), as fractions."""
+    return _scatter_counts(idx, bins) / int(idx.shape[1])
 
 
 def _var(v: torch.Tensor) -> torch.Tensor:
@@ -150,6 +150,7 @@ def _cooccurrence(k: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
     return out
 
 
+@functools.lru_cache(maxsize=1)
 def _saturation_values() -> tuple[np.ndarray, np.ndarray]:
     """The saturation (max - min) / (max + 1e-6) takes at most 32,896 values, one per pair of levels min <= max:
     those values in ascending order (float32, the operations of ``StatFeatures._colour`` in the same precision;
@@ -264,6 +265,13 @@ class StatFeatures(nn.Module):
             self._rings[key] = {g: torch.from_numpy(np.ascontiguousarray(v)).to(device) for g, v in perms.items()}
         return self._rings[key]
 
+    @staticmethod
+    def _levels_of(x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The image's levels as exact integers 0-255 (float), made once per call."""
+        if "levels" not in shared:
+            shared["levels"] = (x * 255).round()
+        return shared["levels"]
+
     def _residual_of(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         if "residual" not in shared:
             shared["residual"] = self._residual_map(x)
@@ -275,7 +283,7 @@ class StatFeatures(nn.Module):
         few values (the 1/255 grid; the grey level k / 765; the saturation one value per pair of levels), so all
         four statistics come from each image's counts of those values, without a sort."""
         b = x.shape[0]
-        k = (x * 255).round()  # exact integers 0-255
+        k = self._levels_of(x, shared)
         kmax, kmin = k.amax(1), k.amin(1)
         n = int(k.shape[2]) * int(k.shape[3])
         # R, G, B and max counted together: level + 256 * channel
@@ -304,7 +312,6 @@ class StatFeatures(nn.Module):
     def _level_stats(self, counts: torch.Tensor, levels: int | str, n: int) -> torch.Tensor:
         """Rows of counts over a channel's levels -> mean, std, PERCENTILES, 16-bin histogram (25 numbers)."""
         values, onehot = self._level_values(levels, counts.device)
-        n = int(n)
         mean = counts @ values / n
         # the variance about the mean (E[v^2] - mean^2 would cancel in float32)
         std = (counts * (values - mean.unsqueeze(1)) ** 2).sum(1).div(n).sqrt()
@@ -405,7 +412,8 @@ class StatFeatures(nn.Module):
                           hue_w / (hue_w.sum(1, keepdim=True) + 1e-6), torch.stack(corr, 1)], 1)
 
     def _cooccurrence_rgb(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.cat([t for c in range(3) for t in _cooccurrence((x[:, c] * 255).round())], 1)
+        k = self._levels_of(x, shared)
+        return torch.cat([t for c in range(3) for t in _cooccurrence(k[:, c])], 1)
 
     def _multiscale(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat(_cooccurrence((F.avg_pool2d(x, 2).sum(1) * (4 * 255)).round(), 12), 1)
@@ -422,7 +430,7 @@ class StatFeatures(nn.Module):
 
     # ----------------------------------------------------------------------------------------- groups (v3)
     def _srm(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
-        k = (x * 255).round()  # exact integers
+        k = self._levels_of(x, shared)
         grey = k.sum(1, keepdim=True)  # 0-765, exact: residuals of grey * 3, so the steps are 3 q
         cols = []
         for _name, rows, q in SRM_KERNELS:
