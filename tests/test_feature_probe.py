@@ -105,3 +105,36 @@ def test_probe_selection_split_leaves_the_internal_split_out(tiny_data_master, t
     assert set(report["features"]) > {"colour", "chroma", "cooccurrence_rgb"}
     p = subprocess.run([*args, "--blend", "default"], capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "--blend" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_probe_cross_validates_on_the_training_part_only(tiny_data_master, tmp_path):
+    """--evaluate-on cv scores every image of the internal split's training part once, by a model fitted on the
+    other folds (--classifier head: the statistics head's MLP in torch), and never touches the internal split."""
+    rows = list(csv.DictReader((tiny_data_master / "train.csv").open()))
+    run = tmp_path / "run"
+    run.mkdir()
+    held = {r["image_id"] for r in rows[:20]}
+    with (run / "split.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["image_id", "label", "subset"])
+        for r in rows:
+            w.writerow([r["image_id"], r["label"], "internal" if r["image_id"] in held else "train"])
+    out = tmp_path / "cv"
+    args = [sys.executable, str(ROOT / "tools" / "feature_probe.py"), "--data", str(tiny_data_master),
+            "--run", str(run), "--evaluate-on", "cv", "--folds", "3", "--feature-set", "v4", "--classifier", "head",
+            "--out", str(out)]
+    p = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    report = json.loads(out.with_suffix(".json").read_text())
+    n_rest = len(rows) - 20
+    assert report["n_scored"] == n_rest and abs(report["n_train"] - 2 * n_rest / 3) <= 5
+    assert "3-fold cross-validation" in report["split"] and report["engine"].startswith("torch")
+    assert report["features"]["srm_chroma"] == 500 and sum(report["features"].values()) == 3705
+    row = report["models"]["all features"]
+    assert len(row["fold_accuracy"]) == 3
+    # the folds partition the scored images: the overall accuracy is their size-weighted mean
+    assert min(row["fold_accuracy"]) - 0.01 <= row["accuracy"] <= max(row["fold_accuracy"]) + 0.01
+    assert row["accuracy"] >= 0.5  # the demo's generators are told apart far above chance (20%)
+    assert "Accuracy of each fold" in out.with_suffix(".md").read_text()
+    p = subprocess.run([*args[:-2], "--folds", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert p.returncode != 0 and "--folds" in p.stderr and "Traceback" not in p.stderr

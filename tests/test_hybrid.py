@@ -104,6 +104,44 @@ def test_rich_model_residuals_count_triples_of_quantised_residuals():
     np.testing.assert_allclose(m(to_float(torch.from_numpy(imgs)))[:, -250:-125].numpy(), want, atol=1e-6)
 
 
+def _triple_hist(r: np.ndarray) -> np.ndarray:
+    """Histogram (fractions, 125 bins) of rows of residual indices 0..4 taken as base-5 triples: B x N x 3."""
+    idx = (r[..., 0] * 25 + r[..., 1] * 5 + r[..., 2]).reshape(len(r), -1)
+    return np.stack([np.bincount(i, minlength=125) / i.size for i in idx])
+
+
+def test_colour_noise_statistics_of_feature_set_v4():
+    """srm_rgb: the R, G, B residuals at one pixel; srm_chroma: triples of neighbouring residuals of R - G and
+    B - G, along rows and along columns averaged; both written out with numpy here."""
+    m = StatFeatures("v4", input_norm="none")
+    assert m.dim == 2580 + 625 + 500 == 3705
+    imgs = _images(3, seed=7)
+    f = m(to_float(torch.from_numpy(imgs))).numpy()
+    rgb, chroma = f[:, 2580:3205], f[:, 3205:]
+    k = imgs.astype(np.int64)
+
+    def q(r, step):
+        return np.clip(np.round(r / step), -2, 2).astype(np.int64) + 2
+
+    # srm_rgb, first block: the 1st-order residual along rows (step 1); fourth: the 3rd order along columns (step 3)
+    np.testing.assert_allclose(rgb[:, :125], _triple_hist(q(k[:, :, 1:] - k[:, :, :-1], 1)), atol=1e-6)
+    r3 = -k[:, :-3] + 3 * k[:, 1:-2] - 3 * k[:, 2:-1] + k[:, 3:]
+    np.testing.assert_allclose(rgb[:, 375:500], _triple_hist(q(r3, 3)), atol=1e-6)
+    # srm_chroma, first block: R - G, 1st order; last block: B - G, 2nd order (step 2)
+    for block, d, order in ((0, k[..., 0] - k[..., 1], 1), (3, k[..., 2] - k[..., 1], 2)):
+        if order == 1:
+            rows, cols = q(d[:, :, 1:] - d[:, :, :-1], 1), q(d[:, 1:] - d[:, :-1], 1)
+        else:
+            rows = q(d[:, :, :-2] - 2 * d[:, :, 1:-1] + d[:, :, 2:], 2)
+            cols = q(d[:, :-2] - 2 * d[:, 1:-1] + d[:, 2:], 2)
+        along_rows = _triple_hist(np.stack([rows[:, :, :-2], rows[:, :, 1:-1], rows[:, :, 2:]], -1))
+        along_cols = _triple_hist(np.stack([cols[:, :-2], cols[:, 1:-1], cols[:, 2:]], -1))
+        np.testing.assert_allclose(chroma[:, 125 * block:125 * (block + 1)], (along_rows + along_cols) / 2, atol=1e-6)
+    grey = np.repeat(imgs[..., :1], 3, -1)  # no colour: R - G = B - G = 0, every triple (0, 0, 0), bin 62
+    c = m(to_float(torch.from_numpy(grey)))[:, 3205:].reshape(3, 4, 125)
+    assert torch.equal(c[:, :, 62], torch.ones(3, 4))
+
+
 def test_residual_kernels_as_shifted_sums_are_the_convolutions():
     from fakeprint.models.stats import SRM_KERNELS, _correlate
 
@@ -161,10 +199,11 @@ def test_hybrid_slices_itself_on_the_cpu_without_changing_its_outputs(monkeypatc
     torch.testing.assert_close(sliced, one_by_one, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("feature_set", ["v3", "v4"])
 @pytest.mark.parametrize("width", [100, 95])  # 95: odd, computed twice
-def test_the_mirror_images_statistics_are_made_from_the_images(width):
+def test_the_mirror_images_statistics_are_made_from_the_images(width, feature_set):
     """forward_and_mirror (flip TTA) gives forward(x) and, from it, forward(x.flip(3)): every group, every place."""
-    m = StatFeatures("v3", input_norm="none")
+    m = StatFeatures(feature_set, input_norm="none")
     x = to_float(torch.from_numpy(np.ascontiguousarray(_images(4, seed=5)[:, :, :width])))
     f, f_m = m.forward_and_mirror(x)
     assert torch.equal(f, m(x))
@@ -219,6 +258,10 @@ def test_presets_build_the_statistics_models():
     assert v3["model_args"]["feature_set"] == "v3"
     assert {k: v for k, v in v3.items() if k != "model_args"} == {k: v for k, v in cfg.items() if k != "model_args"}
     assert count_parameters(create_model(v3["model"], **v3["model_args"])) == count_parameters(m) + 1250 * 256
+    v4 = load_config("hybrid_v4_w32")
+    assert v4["model_args"] == {**v3["model_args"], "feature_set": "v4"}
+    assert {k: v for k, v in v4.items() if k != "model_args"} == {k: v for k, v in cfg.items() if k != "model_args"}
+    assert count_parameters(create_model(v4["model"], **v4["model_args"])) == count_parameters(m) + 2375 * 256
     cfg = load_config("statmlp")
     assert cfg["rotation"] == 0 and count_parameters(create_model(cfg["model"], **cfg["model_args"])) == 342_021
 

@@ -4,7 +4,7 @@ with numpy (feature sets v1 and v2), computed on whole batches on any device.
 A model that saw only these numbers (no convolution) scored 88.80% on the internal split with a small MLP,
 and got right 26 of the 54 images that every CNN of rounds 3-6 got wrong (docs/results.md, round 7): the
 statistics see the generators through other eyes than the CNNs. Groups, in order (feature set v1: the
-first four, 539 numbers per image; v2: all eight, 1,330):
+first four, 539 numbers per image; v2: the first eight, 1,330; v3: nine, 2,580; v4: all, 3,705):
 
 - ``colour``: for R, G, B, saturation, max and grey: mean, std, 7 percentiles, a 16-bin histogram;
 - ``residual``: per channel, the image minus its 3x3 box mean: std, mean absolute value, log kurtosis;
@@ -19,7 +19,14 @@ first four, 539 numbers per image; v2: all eight, 1,330):
 - ``srm`` (v3): steganalysis-style rich-model residuals of the grey level (2nd and 3rd order differences, the
   3 x 3 "KB" and 5 x 5 "KV" kernels), each quantised and truncated to -2..2, and the co-occurrence of three
   neighbouring values (125 bins) along rows and along columns; and the co-occurrence of the R, G, B 2nd-order
-  residuals at the same pixel (horizontal and vertical).
+  residuals at the same pixel (horizontal and vertical);
+- ``srm_rgb`` (v4): the co-occurrence of the R, G, B residuals at the same pixel for 1st- and 3rd-order differences
+  (along rows and along columns) and the KB kernel (5 x 125);
+- ``srm_chroma`` (v4): residuals of the colour differences R - G and B - G (1st and 2nd order), quantised as
+  ``srm``, and the co-occurrence of three neighbouring values: along rows for the residual along rows, along
+  columns for the one along columns, the two histograms averaged (4 x 125). Colour-difference noise is where the
+  generators differ most after the grey level's: chosen by 5-fold cross-validation on the internal split's
+  training part (docs/results.md, round 10).
 
 The input is the model's input (normalised as ``input_norm`` says); it is mapped back to [0, 1] and snapped
 to the 1/255 grid, so the numbers are those of the uint8 image whatever the device or dtype. Computed in
@@ -41,9 +48,10 @@ from ..preprocess import IMAGENET_MEAN, IMAGENET_STD
 GROUPS_V1 = ("colour", "residual", "cooccurrence", "spectrum")
 GROUPS_V2 = GROUPS_V1 + ("chroma", "cooccurrence_rgb", "multiscale", "gradient")
 GROUPS_V3 = GROUPS_V2 + ("srm",)
-FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2, "v3": GROUPS_V3}
+GROUPS_V4 = GROUPS_V3 + ("srm_rgb", "srm_chroma")
+FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2, "v3": GROUPS_V3, "v4": GROUPS_V4}
 SIZES = {"colour": 150, "residual": 9, "cooccurrence": 180, "spectrum": 200, "chroma": 51,
-         "cooccurrence_rgb": 540, "multiscale": 180, "gradient": 20, "srm": 1250}
+         "cooccurrence_rgb": 540, "multiscale": 180, "gradient": 20, "srm": 1250, "srm_rgb": 625, "srm_chroma": 500}
 # steganalysis-style residuals of the grey level (rich models): name, kernel (integers), quantisation step
 SRM_KERNELS = (
     ("2nd", ((1, -2, 1),), 2),
@@ -51,6 +59,10 @@ SRM_KERNELS = (
     ("KB", ((-1, 2, -1), (2, -4, 2), (-1, 2, -1)), 4),
     ("KV", ((-1, 2, -2, 2, -1), (2, -6, 8, -6, 2), (-2, 8, -12, 8, -2), (2, -6, 8, -6, 2), (-1, 2, -2, 2, -1)), 12),
 )
+# srm_rgb (v4): the R, G, B residuals at one pixel, for these kernels (along rows, then along columns) and steps
+SRM_RGB_KERNELS = ((((-1, 1),), 1), (((-1, 3, -3, 1),), 3), (SRM_KERNELS[2][1], 4))
+# srm_chroma (v4): residuals of R - G and B - G, along rows and along columns
+SRM_CHROMA_KERNELS = ((((-1, 1),), 1), (((1, -2, 1),), 2))
 SRM_T = 2  # residuals rounded and truncated to -T..T: 5 values, 125 triples
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 RINGS = 50
@@ -227,7 +239,10 @@ class StatFeatures(nn.Module):
             perms = self._mirror_perms(x.device)
             mirrored = []
             for g, p in zip(self.groups, parts, strict=True):
-                if g in perms:
+                if g == "srm_chroma":  # the histogram along rows changes places, the one along columns does not
+                    rows, cols = shared["chroma_rows"], shared["chroma_cols"]
+                    mirrored.append((rows[:, perms[g]] + cols) / 2)
+                elif g in perms:
                     mirrored.append(p[:, perms[g]])
                 elif g == "spectrum":
                     h, w = int(x.shape[2]), int(x.shape[3])
@@ -257,11 +272,25 @@ class StatFeatures(nn.Module):
             negate = ((n - 1 - tc) * n + (n - 1 - tb)) * n + (n - 1 - ta)  # an antisymmetric one's, negated
             srm, off = [], 0
             for _name, rows, _q in SRM_KERNELS:
-                antisymmetric = tuple(rows[0]) == tuple(-v for v in reversed(rows[0]))
-                srm += [off + (negate if antisymmetric else reverse), off + n ** 3 + t]  # rows; columns unchanged
+                srm += [off + (negate if _is_antisymmetric(rows) else reverse), off + n ** 3 + t]  # columns unchanged
                 off += 2 * n ** 3
             srm.append(off + np.arange(2 * n ** 3))  # R, G, B triples at one pixel: unchanged
             perms["srm"] = np.concatenate(srm)
+            flip = n ** 3 - 1 - t  # each of R, G, B negated, not reordered (one pixel)
+            rgb, off = [], 0
+            for rows, _q in SRM_RGB_KERNELS:
+                if _is_antisymmetric(rows):
+                    rgb += [off + flip, off + n ** 3 + t]  # along rows negated; along columns unchanged
+                else:
+                    rgb += [off + t] if len(rows) > 1 else [off + t, off + n ** 3 + t]
+                off += n ** 3 if len(rows) > 1 else 2 * n ** 3
+            perms["srm_rgb"] = np.concatenate(rgb)
+            chroma, off = [], 0
+            for rows, _q in SRM_CHROMA_KERNELS:
+                for _channel in range(2):
+                    chroma.append(off + (negate if _is_antisymmetric(rows) else reverse))
+                    off += n ** 3
+            perms["srm_chroma"] = np.concatenate(chroma)  # for the histograms along rows (forward_and_mirror)
             self._rings[key] = {g: torch.from_numpy(np.ascontiguousarray(v)).to(device) for g, v in perms.items()}
         return self._rings[key]
 
@@ -446,6 +475,36 @@ class StatFeatures(nn.Module):
             idx = (r[:, 0] * 25 + r[:, 1] * 5 + r[:, 2]).long()
             cols.append(_counts(idx, 125))
         return torch.cat(cols, 1)
+
+    # ----------------------------------------------------------------------------------------- groups (v4)
+    def _srm_rgb(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        k = self._levels_of(x, shared)
+        n = 2 * SRM_T + 1
+        cols = []
+        for rows, q in SRM_RGB_KERNELS:
+            kernels = (rows, tuple((v,) for v in rows[0])) if len(rows) == 1 else (rows,)
+            for kern in kernels:
+                r = _quantise(_correlate(k, kern), q).reshape(k.shape[0], 3, -1)
+                cols.append(_counts(((r[:, 0] * n + r[:, 1]) * n + r[:, 2]).long(), n ** 3))
+        return torch.cat(cols, 1)
+
+    def _srm_chroma(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        k = self._levels_of(x, shared)
+        d = torch.cat([k[:, :1] - k[:, 1:2], k[:, 2:] - k[:, 1:2]], 1)  # R - G, B - G: exact integers
+        rows, cols = [], []
+        for kern, q in SRM_CHROMA_KERNELS:
+            rh = _quantise(_correlate(d, kern), q)
+            rv = _quantise(_correlate(d, tuple((v,) for v in kern[0])), q)
+            for c in range(2):
+                rows.append(_triples(rh[:, c], 2))
+                cols.append(_triples(rv[:, c], 1))
+        shared["chroma_rows"], shared["chroma_cols"] = torch.cat(rows, 1), torch.cat(cols, 1)
+        return (shared["chroma_rows"] + shared["chroma_cols"]) / 2
+
+
+def _is_antisymmetric(rows: tuple[tuple[int, ...], ...]) -> bool:
+    """A 1-D kernel that changes sign when reversed (odd orders): a mirrored image's residual is negated."""
+    return len(rows) == 1 and tuple(rows[0]) == tuple(-v for v in reversed(rows[0]))
 
 
 def _correlate(img: torch.Tensor, kernel: tuple[tuple[int, ...], ...]) -> torch.Tensor:
