@@ -1,8 +1,8 @@
-"""Copy a run's checkpoint into the package as a shipped model (`default`, or `accurate` with --name).
+"""Copy a run's checkpoint into the package as a shipped model (`default`, or `fast` with --name).
 
     python tools/ship_default_model.py RUN_OR_CHECKPOINT [--held-out OTHER_RUN --how TEXT] [--calibration-from RUN]
     python tools/ship_default_model.py default --calibration-from RUN   (new metadata for the shipped weights)
-    python tools/ship_default_model.py RUN --name accurate --data DIR     (the second shipped model, its figure
+    python tools/ship_default_model.py RUN --name fast --data DIR         (another shipped model, its figure
                                                                           re-measured here)
 
 Writes ``src/fakeprint/weights/NAME.safetensors`` and ``NAME.json``: the checkpoint's metadata and a
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fakeprint.checkpoint import SHIPPED_NAMES, atomic_write, resolve_checkpoint
+from fakeprint.checkpoint import SHIPPED_ALIASES, SHIPPED_NAMES, atomic_write, resolve_checkpoint
 from fakeprint.data.demo import render
 from fakeprint.predict import load
 
@@ -40,7 +40,8 @@ def self_test_images() -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
-    ap.add_argument("--name", default="default", choices=SHIPPED_NAMES, help="which shipped model (default: default)")
+    ap.add_argument("--name", default="default", choices=[n for n in SHIPPED_NAMES if n not in SHIPPED_ALIASES],
+                    help="which shipped model (default: default)")
     ap.add_argument("--data", help="re-measure the checkpoint's own held-out figure here, on this machine (fp32, the "
                     "checkpoint's test-time augmentation): the figure users will reproduce")
     ap.add_argument("--held-out", help="for a train_on_all model: a run of the same recipe with an internal split")

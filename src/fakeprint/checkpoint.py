@@ -116,14 +116,19 @@ def update_metadata(path: str | Path, fields: dict[str, Any]) -> Path:
 
 DEFAULT_NAME = "default"
 # the models shipped inside the package, by the name every command accepts in place of a checkpoint path:
-# ``default`` (the threecnn_dilated_w32 recipe) and ``accurate`` (the hybrid_v3_w32 recipe); docs/MODEL_CARD.md
-SHIPPED_NAMES = (DEFAULT_NAME, "accurate")
+# ``default`` (the hybrid_v4_w32 recipe), ``accurate`` (the most accurate shipped model: since round 10 the default
+# itself, a second name for the same file) and ``fast`` (the threecnn_dilated_w32 recipe, the default until round
+# 10: twice the default's speed, 4 points less accurate); docs/MODEL_CARD.md
+SHIPPED_NAMES = (DEFAULT_NAME, "accurate", "fast")
+SHIPPED_ALIASES = {"accurate": DEFAULT_NAME}  # a name for another shipped model's file
 
 
 def shipped_model_path(name: str = DEFAULT_NAME) -> Path | None:
-    """The model ``name`` shipped inside the package (``weights/NAME.safetensors`` + ``.json``), if there is one."""
+    """The model ``name`` shipped inside the package (``weights/NAME.safetensors`` + ``.json``; an alias: the
+    file of the model it names), if there is one."""
     from importlib import resources
 
+    name = SHIPPED_ALIASES.get(name, name)
     path = Path(str(resources.files("fakeprint") / "weights" / f"{name}.safetensors"))
     return path if path.is_file() and path.with_suffix(".json").is_file() else None
 
@@ -137,7 +142,7 @@ def is_shipped(path: str | Path) -> bool:
 
 def output_dir(checkpoint: Path, name: str) -> Path:
     """Where a command writes its results by default: ``name`` beside the checkpoint, except for a checkpoint
-    inside the installed package (a shipped model), whose results go to ``./name-default`` (``./name-accurate``)."""
+    inside the installed package (a shipped model), whose results go to ``./name-default`` (``./name-fast``)."""
     if is_shipped(checkpoint):
         return Path.cwd() / f"{name}-{Path(checkpoint).stem}"
     return Path(checkpoint).parent / name
@@ -146,7 +151,7 @@ def output_dir(checkpoint: Path, name: str) -> Path:
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run folder (-> its last checkpoint, the one its report describes; ``best`` for runs that have
     no ``last``), a stem, ``.safetensors`` or ``.json``; ``default``: the model shipped in the package (unless
-    a file or folder of that name is in the working directory); likewise ``accurate`` (``SHIPPED_NAMES``)."""
+    a file or folder of that name is in the working directory); likewise ``accurate`` and ``fast`` (``SHIPPED_NAMES``)."""
     p = Path(path)
     if str(path) in SHIPPED_NAMES and not p.exists():
         shipped = shipped_model_path(str(path))

@@ -330,7 +330,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_train)
 
     s = sub.add_parser("evaluate", help="accuracy, confusion matrix and classification report of a checkpoint")
-    s.add_argument("checkpoint", nargs="+", help="a checkpoint, or several: their probabilities are averaged (or a shipped model: default, accurate)")
+    s.add_argument("checkpoint", nargs="+", help="a checkpoint, or several: their probabilities are averaged (or a shipped model: default, accurate, fast)")
     s.add_argument("--data", required=True)
     s.add_argument("--split", default=None, choices=("internal", "validation", "train"),
                    help="internal (the run's held-out images in its split.csv), validation or train; default: "
@@ -345,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("predict", help="classify image files, or write a submission for a dataset split")
     s.add_argument("items", nargs="*", metavar="[CKPT] IMAGE",
                    help="a checkpoint (optional: a run folder, NAME.safetensors, MODEL.onnx, or a shipped model: "
-                        "'default' or 'accurate'), then image files or folders of images")
+                        "'default', 'accurate' or 'fast'), then image files or folders of images")
     s.add_argument("--model", default=None, help="checkpoint (default: the first argument, or the shipped model)")
     s.add_argument("--data", default=None, help="a dataset folder: predict one of its splits into a submission file")
     s.add_argument("--split", default=None, choices=("test", "validation", "train"),
@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "probability) on a held-out split, store them in the checkpoint's metadata, and print "
                                    "the calibration error before and after (cross-fitted) and the share of plain-colour, "
                                    "noise and synthetic images flagged. Training does this for the last checkpoint.")
-    s.add_argument("checkpoint", help="a run folder or NAME.safetensors (or a shipped model: default, accurate)")
+    s.add_argument("checkpoint", help="a run folder or NAME.safetensors (or a shipped model: default, accurate, fast)")
     s.add_argument("--data", required=True, help="the dataset the run trained on")
     s.add_argument("--split", default="internal", choices=("internal", "validation"),
                    help="held-out images to fit on (default internal: the run's split.csv)")
