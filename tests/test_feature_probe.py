@@ -81,16 +81,21 @@ def test_probe_names_a_missing_split(tiny_data_master, tmp_path):
     assert p.returncode != 0 and "split.csv" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_probe_selection_split_leaves_the_internal_split_out(tiny_data_master, tmp_path):
-    rows = list(csv.DictReader((tiny_data_master / "train.csv").open()))
+def _run_with_first_20_held_out(data: Path, tmp_path: Path) -> tuple[list[dict], Path]:
+    """train.csv's rows, and a run folder whose split.csv holds out the first 20 of them as the internal split."""
+    rows = list(csv.DictReader((data / "train.csv").open()))
     run = tmp_path / "run"
     run.mkdir()
-    held = {r["image_id"] for r in rows[:20]}
     with (run / "split.csv").open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["image_id", "label", "subset"])
-        for r in rows:
-            w.writerow([r["image_id"], r["label"], "internal" if r["image_id"] in held else "train"])
+        for i, r in enumerate(rows):
+            w.writerow([r["image_id"], r["label"], "internal" if i < 20 else "train"])
+    return rows, run
+
+
+def test_probe_selection_split_leaves_the_internal_split_out(tiny_data_master, tmp_path):
+    rows, run = _run_with_first_20_held_out(tiny_data_master, tmp_path)
     out = tmp_path / "sel"
     args = [sys.executable, str(ROOT / "tools" / "feature_probe.py"), "--data", str(tiny_data_master),
             "--run", str(run), "--evaluate-on", "selection", "--feature-set", "v2", "--classifier", "mlp",
@@ -110,15 +115,7 @@ def test_probe_selection_split_leaves_the_internal_split_out(tiny_data_master, t
 def test_probe_cross_validates_on_the_training_part_only(tiny_data_master, tmp_path):
     """--evaluate-on cv scores every image of the internal split's training part once, by a model fitted on the
     other folds (--classifier head: the statistics head's MLP in torch), and never touches the internal split."""
-    rows = list(csv.DictReader((tiny_data_master / "train.csv").open()))
-    run = tmp_path / "run"
-    run.mkdir()
-    held = {r["image_id"] for r in rows[:20]}
-    with (run / "split.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image_id", "label", "subset"])
-        for r in rows:
-            w.writerow([r["image_id"], r["label"], "internal" if r["image_id"] in held else "train"])
+    rows, run = _run_with_first_20_held_out(tiny_data_master, tmp_path)
     out = tmp_path / "cv"
     args = [sys.executable, str(ROOT / "tools" / "feature_probe.py"), "--data", str(tiny_data_master),
             "--run", str(run), "--evaluate-on", "cv", "--folds", "3", "--feature-set", "v4", "--classifier", "head",
