@@ -63,6 +63,16 @@ SRM_KERNELS = (
 SRM_RGB_KERNELS = ((((-1, 1),), 1), (((-1, 3, -3, 1),), 3), (SRM_KERNELS[2][1], 4))
 # srm_chroma (v4): residuals of R - G and B - G, along rows and along columns
 SRM_CHROMA_KERNELS = ((((-1, 1),), 1), (((1, -2, 1),), 2))
+
+
+def _column(rows: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
+    """A 1-D kernel along rows, transposed: the same kernel along columns."""
+    return tuple((v,) for v in rows[0])
+
+
+# srm_rgb's views, in its order: each 1-D kernel along rows then along columns, each 2-D kernel once
+SRM_RGB_VIEWS = tuple((kern, q) for rows, q in SRM_RGB_KERNELS
+                      for kern in ((rows, _column(rows)) if len(rows) == 1 else (rows,)))
 SRM_T = 2  # residuals rounded and truncated to -T..T: 5 values, 125 triples
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 RINGS = 50
@@ -277,14 +287,8 @@ class StatFeatures(nn.Module):
             srm.append(off + np.arange(2 * n ** 3))  # R, G, B triples at one pixel: unchanged
             perms["srm"] = np.concatenate(srm)
             flip = n ** 3 - 1 - t  # each of R, G, B negated, not reordered (one pixel)
-            rgb, off = [], 0
-            for rows, _q in SRM_RGB_KERNELS:
-                if _is_antisymmetric(rows):
-                    rgb += [off + flip, off + n ** 3 + t]  # along rows negated; along columns unchanged
-                else:
-                    rgb += [off + t] if len(rows) > 1 else [off + t, off + n ** 3 + t]
-                off += n ** 3 if len(rows) > 1 else 2 * n ** 3
-            perms["srm_rgb"] = np.concatenate(rgb)
+            perms["srm_rgb"] = np.concatenate([  # antisymmetric along rows: negated; anything else: unchanged
+                i * n ** 3 + (flip if _is_antisymmetric(kern) else t) for i, (kern, _q) in enumerate(SRM_RGB_VIEWS)])
             chroma, off = [], 0
             for rows, _q in SRM_CHROMA_KERNELS:
                 for _channel in range(2):
@@ -463,30 +467,18 @@ class StatFeatures(nn.Module):
         grey = k.sum(1, keepdim=True)  # 0-765, exact: residuals of grey * 3, so the steps are 3 q
         cols = []
         for _name, rows, q in SRM_KERNELS:
-            if len(rows) == 1:  # a 1-D kernel: along rows, and transposed along columns
-                pairs = ((rows, 2), (tuple((v,) for v in rows[0]), 1))
-            else:
-                pairs = ((rows, 2), (rows, 1))
-            for kern, axis in pairs:
+            # triples along rows of the residual along rows; along columns of a 1-D kernel's transpose (a 2-D: itself)
+            for kern, axis in ((rows, 2), (_column(rows) if len(rows) == 1 else rows, 1)):
                 r = _quantise(_correlate(grey, kern), 3 * q)[:, 0]
                 cols.append(_triples(r, axis))
-        for kern in (((1, -2, 1),), ((1,), (-2,), (1,))):  # the R, G, B 2nd-order residuals at one pixel
-            r = _quantise(_correlate(k, kern), 2).reshape(k.shape[0], 3, -1)
-            idx = (r[:, 0] * 25 + r[:, 1] * 5 + r[:, 2]).long()
-            cols.append(_counts(idx, 125))
+        for kern in (((1, -2, 1),), _column(((1, -2, 1),))):  # the R, G, B 2nd-order residuals at one pixel
+            cols.append(_rgb_triples(k, kern, 2))
         return torch.cat(cols, 1)
 
     # ----------------------------------------------------------------------------------------- groups (v4)
     def _srm_rgb(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         k = self._levels_of(x, shared)
-        n = 2 * SRM_T + 1
-        cols = []
-        for rows, q in SRM_RGB_KERNELS:
-            kernels = (rows, tuple((v,) for v in rows[0])) if len(rows) == 1 else (rows,)
-            for kern in kernels:
-                r = _quantise(_correlate(k, kern), q).reshape(k.shape[0], 3, -1)
-                cols.append(_counts(((r[:, 0] * n + r[:, 1]) * n + r[:, 2]).long(), n ** 3))
-        return torch.cat(cols, 1)
+        return torch.cat([_rgb_triples(k, kern, q) for kern, q in SRM_RGB_VIEWS], 1)
 
     def _srm_chroma(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         k = self._levels_of(x, shared)
@@ -494,7 +486,7 @@ class StatFeatures(nn.Module):
         rows, cols = [], []
         for kern, q in SRM_CHROMA_KERNELS:
             rh = _quantise(_correlate(d, kern), q)
-            rv = _quantise(_correlate(d, tuple((v,) for v in kern[0])), q)
+            rv = _quantise(_correlate(d, _column(kern)), q)
             for c in range(2):
                 rows.append(_triples(rh[:, c], 2))
                 cols.append(_triples(rv[:, c], 1))
@@ -525,6 +517,14 @@ def _correlate(img: torch.Tensor, kernel: tuple[tuple[int, ...], ...]) -> torch.
 def _quantise(r: torch.Tensor, step: float) -> torch.Tensor:
     """Residuals (exact integers) / step, rounded and truncated to -SRM_T..SRM_T, shifted to 0..2 SRM_T."""
     return (r / step).round().clamp_(-SRM_T, SRM_T) + SRM_T
+
+
+def _rgb_triples(k: torch.Tensor, kernel: tuple[tuple[int, ...], ...], step: float) -> torch.Tensor:
+    """Co-occurrence ((2T+1)^3 bins, fractions) of the R, G, B residuals (``kernel``, quantised by ``step``) at one
+    pixel of B x 3 x H x W levels."""
+    n = 2 * SRM_T + 1
+    r = _quantise(_correlate(k, kernel), step).reshape(k.shape[0], 3, -1)
+    return _counts(((r[:, 0] * n + r[:, 1]) * n + r[:, 2]).long(), n ** 3)
 
 
 def _triples(r: torch.Tensor, axis: int) -> torch.Tensor:
