@@ -282,15 +282,18 @@ def main() -> None:
     if args.evaluate_on == "cv":
         if not 2 <= args.folds <= 20:
             raise SystemExit(f"error: --folds must be 2 to 20, got {args.folds}")
+        from fakeprint.errors import FakeprintError
+        from fakeprint.label_issues import fold_indices
+
         rows = np.flatnonzero(~is_val)
         data, y = data.subset(rows), y[rows]
-        rng = np.random.default_rng(args.seed)
+        try:
+            splits = fold_indices(y, args.folds, args.seed)
+        except FakeprintError as e:
+            raise SystemExit(f"error: the internal split's training part: {e}") from None
         fold = np.zeros(len(y), np.int64)
-        for c in np.unique(y):
-            idx = np.flatnonzero(y == c)
-            fold[idx[rng.permutation(len(idx))]] = np.arange(len(idx)) % args.folds
-        if np.bincount(y).min() < args.folds:
-            raise SystemExit(f"error: a class has fewer than --folds {args.folds} images in the training part")
+        for k, (_, held) in enumerate(splits):
+            fold[held] = k
         is_val = np.ones(len(y), bool)  # every image is scored once, by the model that did not see it
         where = (f"{args.folds}-fold cross-validation on the internal split's training part (stratified folds, seed "
                  f"{args.seed}; each image scored by a model fitted on the other folds); the internal split left out")
