@@ -262,6 +262,10 @@ def test_presets_build_the_statistics_models():
     assert v4["model_args"] == {**v3["model_args"], "feature_set": "v4"}
     assert {k: v for k, v in v4.items() if k != "model_args"} == {k: v for k, v in cfg.items() if k != "model_args"}
     assert count_parameters(create_model(v4["model"], **v4["model_args"])) == count_parameters(m) + 2375 * 256
+    cw = load_config("hybrid_v4_cw_w32")  # v4 with class 4's loss counted twice, nothing else changed
+    assert {k: v for k, v in cw.items() if k not in ("loss", "class_weights")} == {
+        k: v for k, v in v4.items() if k not in ("loss", "class_weights")}
+    assert cw["loss"] == "weighted_ce" and cw["class_weights"] == [1, 1, 1, 1, 2] and v4["loss"] == "ce"
     cfg = load_config("statmlp")
     assert cfg["rotation"] == 0 and count_parameters(create_model(cfg["model"], **cfg["model_args"])) == 342_021
 
