@@ -1,5 +1,5 @@
-"""The models shipped inside the package (``default``, ``fast``; ``accurate``, a second name for the default since
-round 10) load by name and predict as they did when they were shipped; ``default`` also with no path at all."""
+"""The models shipped inside the package (``default``, ``accurate``, ``fast``) load by name and predict as they did
+when they were shipped; ``default`` also with no path at all."""
 
 import sys
 from pathlib import Path
@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import fakeprint
-from fakeprint.checkpoint import SHIPPED_ALIASES, SHIPPED_NAMES, shipped_model_path
+from fakeprint.checkpoint import SHIPPED_NAMES, shipped_model_path
 from fakeprint.predict import default_model_path
 
 pytestmark = pytest.mark.skipif(default_model_path() is None, reason="no default model shipped in this checkout")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-SHIPPED = [n for n in SHIPPED_NAMES if n not in SHIPPED_ALIASES and shipped_model_path(n) is not None]
+SHIPPED = [n for n in SHIPPED_NAMES if shipped_model_path(n) is not None]
 each_shipped = pytest.mark.parametrize("name", SHIPPED)
 
 
@@ -27,10 +27,17 @@ def test_shipped_models_are_small_and_load_by_name(name):
 
 
 def test_the_models_are_shipped_and_accurate_names_the_most_accurate():
-    assert SHIPPED == ["default", "fast"]
-    assert shipped_model_path("accurate") == shipped_model_path(SHIPPED_ALIASES["accurate"]) == default_model_path()
+    assert SHIPPED == ["default", "accurate", "fast"]
+    assert len({shipped_model_path(n) for n in SHIPPED}) == 3
     figures = {n: fakeprint.load(n).meta["held_out"]["accuracy"] for n in SHIPPED}
-    assert figures["accurate" if "accurate" in figures else SHIPPED_ALIASES["accurate"]] == max(figures.values())
+    assert figures["accurate"] == max(figures.values())
+
+
+def test_the_default_has_the_highest_class_4_recall_shipped():
+    """Since round 11 the default trades a little accuracy for class 4, the report's weak spot (its loss counted
+    twice): its class-4 recall is the highest of the shipped models, and at least the issue's 0.88."""
+    recall = {n: fakeprint.load(n).meta["held_out"]["recall"][4] for n in SHIPPED}
+    assert recall["default"] == max(recall.values()) and recall["default"] >= 0.88
 
 
 @each_shipped
@@ -101,7 +108,7 @@ def test_the_shipped_models_by_name_on_the_command_line(cli, tmp_path):
     Image.fromarray(render(1, np.random.default_rng(3))).save(path)
     proc = cli("predict", "accurate", str(path))
     assert proc.returncode == 0, proc.stderr
-    assert "default.safetensors" in proc.stderr and "hybrid" in proc.stderr  # the default since round 10
+    assert "accurate.safetensors" in proc.stderr and "hybrid" in proc.stderr  # the default of round 10
     proc = cli("predict", "fast", str(path))
     assert proc.returncode == 0, proc.stderr
     assert "fast.safetensors" in proc.stderr and "threecnn" in proc.stderr
@@ -109,7 +116,8 @@ def test_the_shipped_models_by_name_on_the_command_line(cli, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(("name", "preset"), [("default", "hybrid_v4_w32"), ("fast", "threecnn_dilated_w32")])
+@pytest.mark.parametrize(("name", "preset"), [("default", "hybrid_v4_cw_w32"), ("accurate", "hybrid_v4_w32"),
+                                             ("fast", "threecnn_dilated_w32")])
 def test_shipped_models_were_trained_with_their_presets(name, preset):
     """The model card names a preset for each shipped model: its metadata's config is that preset (apart from
     settings that only say how the run was executed), and its figure is its own, on the held-out split."""

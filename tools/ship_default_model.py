@@ -1,4 +1,4 @@
-"""Copy a run's checkpoint into the package as a shipped model (`default`, or `fast` with --name).
+"""Copy a run's checkpoint into the package as a shipped model (`default`, or `accurate` / `fast` with --name).
 
     python tools/ship_default_model.py RUN_OR_CHECKPOINT [--held-out OTHER_RUN --how TEXT] [--calibration-from RUN]
     python tools/ship_default_model.py default --calibration-from RUN   (new metadata for the shipped weights)
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fakeprint.checkpoint import SHIPPED_ALIASES, SHIPPED_NAMES, atomic_write, resolve_checkpoint
+from fakeprint.checkpoint import SHIPPED_NAMES, atomic_write, resolve_checkpoint
 from fakeprint.data.demo import render
 from fakeprint.predict import load
 
@@ -40,7 +40,7 @@ def self_test_images() -> np.ndarray:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run")
-    ap.add_argument("--name", default="default", choices=[n for n in SHIPPED_NAMES if n not in SHIPPED_ALIASES],
+    ap.add_argument("--name", default="default", choices=SHIPPED_NAMES,
                     help="which shipped model (default: default)")
     ap.add_argument("--data", help="re-measure the checkpoint's own held-out figure here, on this machine (fp32, the "
                     "checkpoint's test-time augmentation): the figure users will reproduce")

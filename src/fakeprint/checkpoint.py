@@ -116,19 +116,16 @@ def update_metadata(path: str | Path, fields: dict[str, Any]) -> Path:
 
 DEFAULT_NAME = "default"
 # the models shipped inside the package, by the name every command accepts in place of a checkpoint path:
-# ``default`` (the hybrid_v4_w32 recipe), ``accurate`` (the most accurate shipped model: since round 10 the default
-# itself, a second name for the same file) and ``fast`` (the threecnn_dilated_w32 recipe, the default until round
-# 10: twice the default's speed, 4 points less accurate); docs/MODEL_CARD.md
+# ``default`` (the hybrid_v4_cw_w32 recipe: class 4's loss counted twice, since round 11), ``accurate`` (the most
+# accurate shipped model: the hybrid_v4_w32 recipe, the default of round 10) and ``fast`` (the threecnn_dilated_w32
+# recipe, the default until round 10: twice the others' speed, 3-4 points less accurate); docs/MODEL_CARD.md
 SHIPPED_NAMES = (DEFAULT_NAME, "accurate", "fast")
-SHIPPED_ALIASES = {"accurate": DEFAULT_NAME}  # a name for another shipped model's file
 
 
 def shipped_model_path(name: str = DEFAULT_NAME) -> Path | None:
-    """The model ``name`` shipped inside the package (``weights/NAME.safetensors`` + ``.json``; an alias: the
-    file of the model it names), if there is one."""
+    """The model ``name`` shipped inside the package (``weights/NAME.safetensors`` + ``.json``), if there is one."""
     from importlib import resources
 
-    name = SHIPPED_ALIASES.get(name, name)
     path = Path(str(resources.files("fakeprint") / "weights" / f"{name}.safetensors"))
     return path if path.is_file() and path.with_suffix(".json").is_file() else None
 
