@@ -262,6 +262,11 @@ def test_presets_build_the_statistics_models():
     assert v4["model_args"] == {**v3["model_args"], "feature_set": "v4"}
     assert {k: v for k, v in v4.items() if k != "model_args"} == {k: v for k, v in cfg.items() if k != "model_args"}
     assert count_parameters(create_model(v4["model"], **v4["model_args"])) == count_parameters(m) + 2375 * 256
+    h2 = load_config("hybrid_v4_h2_w32")  # v4 with two hidden layers of 512 in the statistics head
+    assert h2["model_args"] == {**v4["model_args"], "hidden": 512, "stat_layers": 2, "stat_dropout": 0.3}
+    assert {k: v for k, v in h2.items() if k != "model_args"} == {k: v for k, v in v4.items() if k != "model_args"}
+    assert count_parameters(create_model(h2["model"], **h2["model_args"])) == count_parameters(
+        create_model("threecnn_dilated", width=32, c3=128)) + 3705 * 512 + 512 + 512 * 512 + 512 + 512 * 5 + 5
     cw = load_config("hybrid_v4_cw_w32")  # v4 with class 4's loss counted twice, nothing else changed
     assert {k: v for k, v in cw.items() if k not in ("loss", "class_weights")} == {
         k: v for k, v in v4.items() if k not in ("loss", "class_weights")}
@@ -293,3 +298,16 @@ def test_training_refuses_statistics_that_would_read_the_wrong_normalisation(tin
                                   "model_args": {"feature_set": "v1", "input_norm": "none"}})
     train(tiny_data, cfg, tmp_path / "run2")
     assert (tmp_path / "run2" / "last.safetensors").is_file()
+
+
+def test_the_statistics_head_takes_any_number_of_hidden_layers():
+    from fakeprint.models.hybrid import StatHead
+
+    x = torch.rand(4, 3, 32, 32)
+    for layers in (1, 2, 3):
+        head = StatHead(5, "v1", hidden=16, dropout=0.0, layers=layers).eval()
+        linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == layers + 1 and linears[-1].in_features == 16
+        assert head(x).shape == (4, 5)
+    with pytest.raises(ValueError, match="layers"):
+        StatHead(5, "v1", layers=0)

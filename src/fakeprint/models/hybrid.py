@@ -23,19 +23,21 @@ STATS_CPU_SLICE = 128  # images per StatFeatures call in CPU inference: 1.2x fas
 
 
 class StatHead(nn.Module):
-    """StatFeatures -> BatchNorm (standardises each statistic with running moments, no affine) -> MLP."""
+    """StatFeatures -> BatchNorm (standardises each statistic with running moments, no affine) -> MLP with
+    ``layers`` hidden layers of ``hidden`` units (ReLU, dropout)."""
 
     def __init__(self, num_classes: int = 5, feature_set: str = "v2", hidden: int = 256, dropout: float = 0.2,
-                 input_norm: str = "imagenet"):
+                 input_norm: str = "imagenet", layers: int = 1):
         super().__init__()
+        if layers < 1:
+            raise ValueError(f"layers must be at least 1, got {layers}")
         self.stats = StatFeatures(feature_set, input_norm)
-        self.mlp = nn.Sequential(
-            nn.BatchNorm1d(self.stats.dim, affine=False),
-            nn.Linear(self.stats.dim, hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(dropout),
-            nn.Linear(hidden, num_classes),
-        )
+        body: list[nn.Module] = []
+        width = self.stats.dim
+        for _ in range(layers):
+            body += [nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+            width = hidden
+        self.mlp = nn.Sequential(nn.BatchNorm1d(self.stats.dim, affine=False), *body, nn.Linear(hidden, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.stats(x))
@@ -54,12 +56,12 @@ class Hybrid(nn.Module):
 
     def __init__(self, num_classes: int = 5, width: int = 32, c3: int = 128, dilation: int = 2, dropout: float = 0.5,
                  dropout2d: float = 0.25, feature_set: str = "v2", hidden: int = 256, stat_dropout: float = 0.2,
-                 branch_drop: float = 0.2, input_norm: str = "imagenet"):
+                 branch_drop: float = 0.2, input_norm: str = "imagenet", stat_layers: int = 1):
         super().__init__()
         if not 0.0 <= branch_drop < 1.0:
             raise ValueError(f"branch_drop must be in [0, 1), got {branch_drop}")
         self.cnn = ThreeCNN(num_classes, c3=c3, dilation=dilation, dropout=dropout, dropout2d=dropout2d, width=width)
-        self.head = StatHead(num_classes, feature_set, hidden, stat_dropout, input_norm)
+        self.head = StatHead(num_classes, feature_set, hidden, stat_dropout, input_norm, stat_layers)
         self.branch_drop = branch_drop
 
     # in inference on the CPU the CNN runs in cache-sized slices (inference.cpu_micro_batch: 6 images) and the
