@@ -154,6 +154,15 @@ def test_every_registered_model_exports_with_parity(name):
     assert export_mod.check_parity(model, session, "imagenet", images) < 1e-4
 
 
+def test_the_newest_statistics_export_with_parity():
+    """The hybrid's default feature set is v2; the shipped models use v4 and the newest preset v5 (srm_ycc, lbp)."""
+    torch.manual_seed(0)
+    model = create_model("hybrid", feature_set="v5", hidden=512, stat_layers=2).eval()
+    images = export_mod.parity_images(3, seed=6)
+    session = export_mod.onnx_session(export_mod.export_bytes(model))
+    assert export_mod.check_parity(model, session, "imagenet", images) < 1e-4
+
+
 @settings(max_examples=25, deadline=None)
 @given(n_in=st.integers(1, 40), n_out=st.integers(1, 40), seed=st.integers(0, 1000))
 def test_matrix_pooling_equals_adaptive_average_pooling(n_in, n_out, seed):

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
@@ -112,13 +113,15 @@ def test_probe_selection_split_leaves_the_internal_split_out(tiny_data_master, t
     assert p.returncode != 0 and "--blend" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_probe_cross_validates_on_the_training_part_only(tiny_data_master, tmp_path):
+@pytest.mark.parametrize(("feature_set", "classifier", "dim"), [("v4", "head", 3705), ("v5", "head2", 4973)])
+def test_probe_cross_validates_on_the_training_part_only(tiny_data_master, tmp_path, feature_set, classifier, dim):
     """--evaluate-on cv scores every image of the internal split's training part once, by a model fitted on the
-    other folds (--classifier head: the statistics head's MLP in torch), and never touches the internal split."""
+    other folds (--classifier head / head2: the statistics head's MLP in torch, one layer of 256 / two of 512), and
+    never touches the internal split."""
     rows, run = _run_with_first_20_held_out(tiny_data_master, tmp_path)
     out = tmp_path / "cv"
     args = [sys.executable, str(ROOT / "tools" / "feature_probe.py"), "--data", str(tiny_data_master),
-            "--run", str(run), "--evaluate-on", "cv", "--folds", "3", "--feature-set", "v4", "--classifier", "head",
+            "--run", str(run), "--evaluate-on", "cv", "--folds", "3", "--feature-set", feature_set, "--classifier", classifier,
             "--out", str(out)]
     p = subprocess.run(args, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr
@@ -126,7 +129,8 @@ def test_probe_cross_validates_on_the_training_part_only(tiny_data_master, tmp_p
     n_rest = len(rows) - 20
     assert report["n_scored"] == n_rest and abs(report["n_train"] - 2 * n_rest / 3) <= 5
     assert "3-fold cross-validation" in report["split"] and report["engine"].startswith("torch")
-    assert report["features"]["srm_chroma"] == 500 and sum(report["features"].values()) == 3705
+    assert report["features"]["srm_chroma"] == 500 and sum(report["features"].values()) == dim
+    assert report["classifier"] == classifier
     row = report["models"]["all features"]
     assert len(row["fold_accuracy"]) == 3
     # the folds partition the scored images: the overall accuracy is their size-weighted mean
@@ -135,3 +139,26 @@ def test_probe_cross_validates_on_the_training_part_only(tiny_data_master, tmp_p
     assert "Accuracy of each fold" in out.with_suffix(".md").read_text()
     p = subprocess.run([*args[:-2], "--folds", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert p.returncode != 0 and "--folds" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_the_probes_heads_have_the_statistics_heads_shapes(monkeypatch):
+    """head: one hidden layer of 256 (dropout 0.2); head2: two of 512 (dropout 0.3), as hybrid_v4_h2_w32's head."""
+    import torch
+    from feature_probe import HEAD_SHAPES, fit_head
+
+    made = []
+    real = torch.nn.Linear.__init__
+
+    def spy(self, i, o, *a, **k):
+        made.append((i, o))
+        real(self, i, o, *a, **k)
+
+    monkeypatch.setattr(torch.nn.Linear, "__init__", spy)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 12)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int64)
+    for name, want in (("head", [(12, 256), (256, 2)]), ("head2", [(12, 512), (512, 512), (512, 2)])):
+        made.clear()
+        p = fit_head(x, y, x[:50], seed=0, epochs=5, shape=HEAD_SHAPES[name])
+        assert made == want
+        assert p.shape == (50, 2) and np.allclose(p.sum(1), 1, atol=1e-5) and (p.argmax(1) == y[:50]).mean() > 0.8

@@ -142,6 +142,39 @@ def test_colour_noise_statistics_of_feature_set_v4():
     assert torch.equal(c[:, :, 62], torch.ones(3, 4))
 
 
+def test_brightness_and_colour_noise_statistics_of_feature_set_v5():
+    """srm_ycc: the residuals of the grey level (step 3 q), R - G and B - G (step q) at one pixel as one triple, for
+    the 1st and 2nd order along rows and along columns; lbp: the local binary patterns of the grey level, R - G and
+    B - G; both written out with numpy here."""
+    m = StatFeatures("v5", input_norm="none")
+    assert m.dim == 3705 + 500 + 768 == 4973
+    imgs = _images(3, seed=11)
+    x = to_float(torch.from_numpy(imgs))
+    f = m(x).numpy()
+    torch.testing.assert_close(torch.from_numpy(f[:, :3705]), StatFeatures("v4", input_norm="none")(x), rtol=0, atol=0)
+    k = imgs.astype(np.int64)
+    ycc = np.stack([k.sum(-1), k[..., 0] - k[..., 1], k[..., 2] - k[..., 1]], -1)
+
+    def q(r, steps):
+        return np.clip(np.round(r / np.array(steps)), -2, 2).astype(np.int64) + 2
+
+    views = [ycc[:, :, 1:] - ycc[:, :, :-1], ycc[:, 1:] - ycc[:, :-1],  # 1st order: rows, columns
+             ycc[:, :, :-2] - 2 * ycc[:, :, 1:-1] + ycc[:, :, 2:], ycc[:, :-2] - 2 * ycc[:, 1:-1] + ycc[:, 2:]]
+    for i, (r, step) in enumerate(zip(views, (1, 1, 2, 2), strict=True)):
+        np.testing.assert_allclose(f[:, 3705 + 125 * i:3705 + 125 * (i + 1)], _triple_hist(q(r, (3 * step, step, step))),
+                                   atol=1e-6)
+    for i, plane in enumerate(np.moveaxis(ycc, -1, 0)):  # lbp: bit b set where neighbour b >= the centre
+        centre = plane[:, 1:-1, 1:-1]
+        code = sum((plane[:, dy:dy + 98, dx:dx + 98] >= centre).astype(np.int64) << b
+                   for b, (dy, dx) in enumerate(((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))))
+        want = np.stack([np.bincount(c.ravel(), minlength=256) / c.size for c in code])
+        np.testing.assert_allclose(f[:, 4205 + 256 * i:4205 + 256 * (i + 1)], want, atol=1e-6)
+    grey = np.repeat(imgs[..., :1], 3, -1)  # no colour: the two colour residuals are 0 (index 2) in every triple
+    g = m(to_float(torch.from_numpy(grey)))
+    assert torch.allclose(g[:, 3705:4205].reshape(3, 4, 5, 5, 5)[:, :, :, 2, 2].sum(2), torch.ones(3, 4))
+    assert torch.equal(g[:, 4205 + 256:], torch.zeros(3, 512).index_fill_(1, torch.tensor([255, 511]), 1.0))
+
+
 def test_residual_kernels_as_shifted_sums_are_the_convolutions():
     from fakeprint.models.stats import SRM_KERNELS, _correlate
 
@@ -199,7 +232,7 @@ def test_hybrid_slices_itself_on_the_cpu_without_changing_its_outputs(monkeypatc
     torch.testing.assert_close(sliced, one_by_one, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("feature_set", ["v3", "v4"])
+@pytest.mark.parametrize("feature_set", ["v3", "v4", "v5"])
 @pytest.mark.parametrize("width", [100, 95])  # 95: odd, computed twice
 def test_the_mirror_images_statistics_are_made_from_the_images(width, feature_set):
     """forward_and_mirror (flip TTA) gives forward(x) and, from it, forward(x.flip(3)): every group, every place."""
@@ -267,6 +300,9 @@ def test_presets_build_the_statistics_models():
     assert {k: v for k, v in h2.items() if k != "model_args"} == {k: v for k, v in v4.items() if k != "model_args"}
     assert count_parameters(create_model(h2["model"], **h2["model_args"])) == count_parameters(
         create_model("threecnn_dilated", width=32, c3=128)) + 3705 * 512 + 512 + 512 * 512 + 512 + 512 * 5 + 5
+    v5 = load_config("hybrid_v5_h2_w32")  # h2 with feature set v5 (srm_ycc, lbp), nothing else changed
+    assert v5 == {**h2, "model_args": {**h2["model_args"], "feature_set": "v5"}}
+    assert count_parameters(create_model(v5["model"], **v5["model_args"])) == 3_168_522  # h2 + 1,268 x 512 weights
     cw = load_config("hybrid_v4_cw_w32")  # v4 with class 4's loss counted twice, nothing else changed
     assert {k: v for k, v in cw.items() if k not in ("loss", "class_weights")} == {
         k: v for k, v in v4.items() if k not in ("loss", "class_weights")}

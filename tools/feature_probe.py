@@ -170,11 +170,15 @@ CLASSIFIERS = {
     "linear": "StandardScaler + LogisticRegression(C=0.1)",
     "head": "standardised, Linear(256)-ReLU-Dropout(0.2)-Linear as models.hybrid.StatHead, 30 epochs of AdamW "
             "(lr 2e-3 decaying linearly to 0, weight decay 0.05, batch 128, label smoothing 0.1), torch",
+    "head2": "the same with two hidden layers of 512 and dropout 0.3 (the StatHead of hybrid_v4_h2_w32)",
 }
+HEAD_SHAPES = {"head": (256, 1, 0.2), "head2": (512, 2, 0.3)}  # hidden units, hidden layers, dropout
 
 
-def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, seed: int, epochs: int = 30) -> np.ndarray:
-    """The statistics head's MLP and recipe, fitted on fixed statistics (no augmentation): probabilities of x_va."""
+def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, seed: int, epochs: int = 30,
+             shape: tuple[int, int, float] = HEAD_SHAPES["head"]) -> np.ndarray:
+    """The statistics head's MLP (``shape``: hidden units, hidden layers, dropout) and recipe, fitted on fixed
+    statistics (no augmentation): probabilities of x_va."""
     import torch
     import torch.nn.functional as F
     from torch import nn
@@ -185,7 +189,13 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, seed: int, ep
     xt = torch.from_numpy(((x_tr - mu) / sd).astype(np.float32))
     xv = torch.from_numpy(((x_va - mu) / sd).astype(np.float32))
     yt = torch.from_numpy(np.asarray(y_tr, np.int64))
-    m = nn.Sequential(nn.Linear(xt.shape[1], 256), nn.ReLU(), nn.Dropout(0.2), nn.Linear(256, int(yt.max()) + 1))
+    hidden, layers, dropout = shape
+    body: list[nn.Module] = []
+    width = xt.shape[1]
+    for _ in range(layers):
+        body += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
+        width = hidden
+    m = nn.Sequential(*body, nn.Linear(width, int(yt.max()) + 1))
     opt = torch.optim.AdamW(m.parameters(), 2e-3, weight_decay=0.05)
     steps = epochs * -(-len(xt) // 128)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)
@@ -203,8 +213,8 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, seed: int, ep
 
 
 def fit_score(x_tr, y_tr, x_va, seed: int, classifier: str = "gbm"):
-    if classifier == "head":
-        return fit_head(x_tr, y_tr, x_va, seed)
+    if classifier in HEAD_SHAPES:
+        return fit_head(x_tr, y_tr, x_va, seed, shape=HEAD_SHAPES[classifier])
     import warnings
 
     from sklearn.ensemble import HistGradientBoostingClassifier
@@ -244,12 +254,13 @@ def main() -> None:
     ap.add_argument("--blend", nargs="*", default=[],
                     help="checkpoints or shipped names to blend with; A,B,C: the ensemble of those (mean probabilities)")
     ap.add_argument("--groups", action="store_true", help="also one model per feature group, and all but one")
-    ap.add_argument("--feature-set", choices=("v1", "v2", "v3", "v4"), default="v1",
+    ap.add_argument("--feature-set", choices=("v1", "v2", "v3", "v4", "v5"), default="v1",
                     help="v1: the 539 statistics of the first probe; v2: v1 and per-channel co-occurrences, chroma, "
                          "half-resolution co-occurrences, gradients; v3: v2 and rich-model residual co-occurrences; "
-                         "v4: v3 and colour-noise co-occurrences (v3, v4: computed as the models do, models.stats)")
+                         "v4: v3 and colour-noise co-occurrences; v5: v4 and the grey-level and colour-difference residuals "
+                         "at one pixel (v3-v5: computed as the models do, models.stats)")
     ap.add_argument("--torch", action="store_true", help="compute the statistics as the models do (models.stats; "
-                    "always for v3 and v4) instead of with this file's numpy")
+                    "always for v3-v5) instead of with this file's numpy")
     ap.add_argument("--evaluate-on", choices=("internal", "selection", "cv"), default="internal",
                     help="selection: fit on 90%% of the internal split's training part and score on the other 10%% "
                          "(stratified, --seed); cv: --folds stratified folds of the training part, each scored by a "
@@ -315,7 +326,7 @@ def main() -> None:
         shared = np.array([i in ids for i in va_ids])
 
     t0 = time.perf_counter()
-    engine = "torch (models.stats)" if args.torch or args.feature_set in ("v3", "v4") else "numpy (this file)"
+    engine = "torch (models.stats)" if args.torch or args.feature_set in ("v3", "v4", "v5") else "numpy (this file)"
     if engine.startswith("torch"):
         feats = torch_features(np.asarray(data.images), args.feature_set)
     else:

@@ -4,7 +4,7 @@ with numpy (feature sets v1 and v2), computed on whole batches on any device.
 A model that saw only these numbers (no convolution) scored 88.80% on the internal split with a small MLP,
 and got right 26 of the 54 images that every CNN of rounds 3-6 got wrong (docs/results.md, round 7): the
 statistics see the generators through other eyes than the CNNs. Groups, in order (feature set v1: the
-first four, 539 numbers per image; v2: the first eight, 1,330; v3: nine, 2,580; v4: all, 3,705):
+first four, 539 numbers per image; v2: the first eight, 1,330; v3: nine, 2,580; v4: eleven, 3,705; v5: all, 4,973):
 
 - ``colour``: for R, G, B, saturation, max and grey: mean, std, 7 percentiles, a 16-bin histogram;
 - ``residual``: per channel, the image minus its 3x3 box mean: std, mean absolute value, log kurtosis;
@@ -27,6 +27,13 @@ first four, 539 numbers per image; v2: the first eight, 1,330; v3: nine, 2,580; 
   columns for the one along columns, the two histograms averaged (4 x 125). Colour-difference noise is where the
   generators differ most after the grey level's: chosen by 5-fold cross-validation on the internal split's
   training part (docs/results.md, round 10).
+- ``srm_ycc`` (v5): the residuals of the grey level, R - G and B - G at one pixel, quantised (the grey level's step
+  three times the colour differences', as it is the sum of three channels) and counted as one triple (125 bins), for
+  the 1st- and 2nd-order differences along rows and along columns (4 x 125): how the noise of brightness and of
+  colour go together;
+- ``lbp`` (v5): local binary patterns of the grey level, R - G and B - G: for each pixel off the border, the 8 bits
+  "this neighbour >= the pixel" (3 x 256 bins): the texture's shape whatever its contrast.
+``srm_ycc`` and ``lbp`` were chosen by the same cross-validation (docs/results.md, round 12).
 
 The input is the model's input (normalised as ``input_norm`` says); it is mapped back to [0, 1] and snapped
 to the 1/255 grid, so the numbers are those of the uint8 image whatever the device or dtype. Computed in
@@ -49,9 +56,11 @@ GROUPS_V1 = ("colour", "residual", "cooccurrence", "spectrum")
 GROUPS_V2 = GROUPS_V1 + ("chroma", "cooccurrence_rgb", "multiscale", "gradient")
 GROUPS_V3 = GROUPS_V2 + ("srm",)
 GROUPS_V4 = GROUPS_V3 + ("srm_rgb", "srm_chroma")
-FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2, "v3": GROUPS_V3, "v4": GROUPS_V4}
+GROUPS_V5 = GROUPS_V4 + ("srm_ycc", "lbp")
+FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2, "v3": GROUPS_V3, "v4": GROUPS_V4, "v5": GROUPS_V5}
 SIZES = {"colour": 150, "residual": 9, "cooccurrence": 180, "spectrum": 200, "chroma": 51,
-         "cooccurrence_rgb": 540, "multiscale": 180, "gradient": 20, "srm": 1250, "srm_rgb": 625, "srm_chroma": 500}
+         "cooccurrence_rgb": 540, "multiscale": 180, "gradient": 20, "srm": 1250, "srm_rgb": 625, "srm_chroma": 500,
+         "srm_ycc": 500, "lbp": 768}
 # steganalysis-style residuals of the grey level (rich models): name, kernel (integers), quantisation step
 SRM_KERNELS = (
     ("2nd", ((1, -2, 1),), 2),
@@ -63,6 +72,11 @@ SRM_KERNELS = (
 SRM_RGB_KERNELS = ((((-1, 1),), 1), (((-1, 3, -3, 1),), 3), (SRM_KERNELS[2][1], 4))
 # srm_chroma (v4): residuals of R - G and B - G, along rows and along columns
 SRM_CHROMA_KERNELS = ((((-1, 1),), 1), (((1, -2, 1),), 2))
+# srm_ycc (v5): the grey level's, R - G's and B - G's residuals at one pixel, along rows and along columns; the step
+# of R - G and B - G (the grey level's: three times it)
+SRM_YCC_KERNELS = ((((-1, 1),), 1), (((1, -2, 1),), 2))
+# lbp (v5): the eight neighbours (dy, dx) of a pixel, bit 0 first, clockwise from the top left
+LBP_NEIGHBOURS = ((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))
 
 
 def _column(rows: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
@@ -295,6 +309,16 @@ class StatFeatures(nn.Module):
                     chroma.append(off + (negate if _is_antisymmetric(rows) else reverse))
                     off += n ** 3
             perms["srm_chroma"] = np.concatenate(chroma)  # for the histograms along rows (forward_and_mirror)
+            ycc, off = [], 0
+            for rows, _q in SRM_YCC_KERNELS:  # along rows, then along columns (unchanged)
+                ycc += [off + (flip if _is_antisymmetric(rows) else t), off + n ** 3 + t]
+                off += 2 * n ** 3
+            perms["srm_ycc"] = np.concatenate(ycc)
+            # lbp: a mirrored pattern is the pattern with its bits moved to the mirrored neighbours (an involution)
+            to = [LBP_NEIGHBOURS.index((dy, 2 - dx)) for dy, dx in LBP_NEIGHBOURS]
+            codes = np.arange(256)
+            mirrored = sum(((codes >> b) & 1) << to[b] for b in range(8))
+            perms["lbp"] = np.concatenate([mirrored + 256 * i for i in range(3)])
             self._rings[key] = {g: torch.from_numpy(np.ascontiguousarray(v)).to(device) for g, v in perms.items()}
         return self._rings[key]
 
@@ -492,6 +516,35 @@ class StatFeatures(nn.Module):
                 cols.append(_triples(rv[:, c], 1))
         shared["chroma_rows"], shared["chroma_cols"] = torch.cat(rows, 1), torch.cat(cols, 1)
         return (shared["chroma_rows"] + shared["chroma_cols"]) / 2
+
+    # ----------------------------------------------------------------------------------------- groups (v5)
+    def _ycc_of(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The grey level (0-765) and R - G, B - G as three planes of exact integers, made once per call."""
+        if "ycc" not in shared:
+            k = self._levels_of(x, shared)
+            shared["ycc"] = torch.cat([k.sum(1, keepdim=True), k[:, :1] - k[:, 1:2], k[:, 2:] - k[:, 1:2]], 1)
+        return shared["ycc"]
+
+    def _srm_ycc(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        ycc = self._ycc_of(x, shared)
+        n = 2 * SRM_T + 1
+        cols = []
+        for rows, q in SRM_YCC_KERNELS:
+            for kern in (rows, _column(rows)):
+                r = _correlate(ycc, kern)
+                r = torch.cat([_quantise(r[:, :1], 3 * q), _quantise(r[:, 1:], q)], 1).reshape(ycc.shape[0], 3, -1)
+                cols.append(_counts(((r[:, 0] * n + r[:, 1]) * n + r[:, 2]).long(), n ** 3))
+        return torch.cat(cols, 1)
+
+    def _lbp(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        img = self._ycc_of(x, shared)
+        b, h, w = img.shape[0], int(img.shape[2]) - 2, int(img.shape[3]) - 2
+        centre = img[:, :, 1:-1, 1:-1]
+        code = torch.zeros_like(centre)
+        for bit, (dy, dx) in enumerate(LBP_NEIGHBOURS):
+            code += (img[:, :, dy:dy + h, dx:dx + w] >= centre).to(code.dtype) * float(1 << bit)
+        offsets = torch.arange(0, 768, 256, device=x.device, dtype=code.dtype).view(1, 3, 1, 1)
+        return _scatter_counts((code + offsets).reshape(b, -1).long(), 768) / (h * w)
 
 
 def _is_antisymmetric(rows: tuple[tuple[int, ...], ...]) -> bool:
