@@ -183,6 +183,8 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, seed: int, ep
     import torch.nn.functional as F
     from torch import nn
 
+    from fakeprint.models.hybrid import mlp_layers
+
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
@@ -190,12 +192,7 @@ def fit_head(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, seed: int, ep
     xv = torch.from_numpy(((x_va - mu) / sd).astype(np.float32))
     yt = torch.from_numpy(np.asarray(y_tr, np.int64))
     hidden, layers, dropout = shape
-    body: list[nn.Module] = []
-    width = xt.shape[1]
-    for _ in range(layers):
-        body += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout)]
-        width = hidden
-    m = nn.Sequential(*body, nn.Linear(width, int(yt.max()) + 1))
+    m = nn.Sequential(*mlp_layers(xt.shape[1], hidden, layers, dropout, int(yt.max()) + 1))
     opt = torch.optim.AdamW(m.parameters(), 2e-3, weight_decay=0.05)
     steps = epochs * -(-len(xt) // 128)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / steps)

@@ -22,6 +22,17 @@ from .threecnn import ThreeCNN
 STATS_CPU_SLICE = 128  # images per StatFeatures call in CPU inference: 1.2x faster than 6 or 512 (2 cores)
 
 
+def mlp_layers(width: int, hidden: int, layers: int, dropout: float, num_classes: int) -> list[nn.Module]:
+    """``layers`` hidden layers of ``hidden`` units (Linear-ReLU-Dropout) on ``width`` inputs, and the output layer."""
+    if layers < 1:
+        raise ValueError(f"layers must be at least 1, got {layers}")
+    body: list[nn.Module] = []
+    for _ in range(layers):
+        body += [nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
+        width = hidden
+    return [*body, nn.Linear(width, num_classes)]
+
+
 class StatHead(nn.Module):
     """StatFeatures -> BatchNorm (standardises each statistic with running moments, no affine) -> MLP with
     ``layers`` hidden layers of ``hidden`` units (ReLU, dropout)."""
@@ -29,15 +40,9 @@ class StatHead(nn.Module):
     def __init__(self, num_classes: int = 5, feature_set: str = "v2", hidden: int = 256, dropout: float = 0.2,
                  input_norm: str = "imagenet", layers: int = 1):
         super().__init__()
-        if layers < 1:
-            raise ValueError(f"layers must be at least 1, got {layers}")
         self.stats = StatFeatures(feature_set, input_norm)
-        body: list[nn.Module] = []
-        width = self.stats.dim
-        for _ in range(layers):
-            body += [nn.Linear(width, hidden), nn.ReLU(inplace=True), nn.Dropout(dropout)]
-            width = hidden
-        self.mlp = nn.Sequential(nn.BatchNorm1d(self.stats.dim, affine=False), *body, nn.Linear(hidden, num_classes))
+        self.mlp = nn.Sequential(nn.BatchNorm1d(self.stats.dim, affine=False),
+                                 *mlp_layers(self.stats.dim, hidden, layers, dropout, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.stats(x))

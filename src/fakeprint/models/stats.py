@@ -84,9 +84,13 @@ def _column(rows: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
     return tuple((v,) for v in rows[0])
 
 
-# srm_rgb's views, in its order: each 1-D kernel along rows then along columns, each 2-D kernel once
-SRM_RGB_VIEWS = tuple((kern, q) for rows, q in SRM_RGB_KERNELS
-                      for kern in ((rows, _column(rows)) if len(rows) == 1 else (rows,)))
+def _views(kernels: tuple) -> tuple:
+    """(kernel, step) pairs in order: each 1-D kernel along rows then along columns, each 2-D kernel once."""
+    return tuple((kern, q) for rows, q in kernels for kern in ((rows, _column(rows)) if len(rows) == 1 else (rows,)))
+
+
+SRM_RGB_VIEWS = _views(SRM_RGB_KERNELS)
+SRM_YCC_VIEWS = _views(SRM_YCC_KERNELS)
 SRM_T = 2  # residuals rounded and truncated to -T..T: 5 values, 125 triples
 PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 RINGS = 50
@@ -300,20 +304,20 @@ class StatFeatures(nn.Module):
                 off += 2 * n ** 3
             srm.append(off + np.arange(2 * n ** 3))  # R, G, B triples at one pixel: unchanged
             perms["srm"] = np.concatenate(srm)
-            flip = n ** 3 - 1 - t  # each of R, G, B negated, not reordered (one pixel)
-            perms["srm_rgb"] = np.concatenate([  # antisymmetric along rows: negated; anything else: unchanged
-                i * n ** 3 + (flip if _is_antisymmetric(kern) else t) for i, (kern, _q) in enumerate(SRM_RGB_VIEWS)])
+            flip = n ** 3 - 1 - t  # each of the three residuals negated, not reordered (one pixel)
+
+            def at_one_pixel(views: tuple) -> np.ndarray:  # antisymmetric along rows: negated; anything else: unchanged
+                return np.concatenate([i * n ** 3 + (flip if _is_antisymmetric(kern) else t)
+                                       for i, (kern, _q) in enumerate(views)])
+
+            perms["srm_rgb"] = at_one_pixel(SRM_RGB_VIEWS)
             chroma, off = [], 0
             for rows, _q in SRM_CHROMA_KERNELS:
                 for _channel in range(2):
                     chroma.append(off + (negate if _is_antisymmetric(rows) else reverse))
                     off += n ** 3
             perms["srm_chroma"] = np.concatenate(chroma)  # for the histograms along rows (forward_and_mirror)
-            ycc, off = [], 0
-            for rows, _q in SRM_YCC_KERNELS:  # along rows, then along columns (unchanged)
-                ycc += [off + (flip if _is_antisymmetric(rows) else t), off + n ** 3 + t]
-                off += 2 * n ** 3
-            perms["srm_ycc"] = np.concatenate(ycc)
+            perms["srm_ycc"] = at_one_pixel(SRM_YCC_VIEWS)
             # lbp: a mirrored pattern is the pattern with its bits moved to the mirrored neighbours (an involution)
             to = [LBP_NEIGHBOURS.index((dy, 2 - dx)) for dy, dx in LBP_NEIGHBOURS]
             codes = np.arange(256)
@@ -527,14 +531,7 @@ class StatFeatures(nn.Module):
 
     def _srm_ycc(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         ycc = self._ycc_of(x, shared)
-        n = 2 * SRM_T + 1
-        cols = []
-        for rows, q in SRM_YCC_KERNELS:
-            for kern in (rows, _column(rows)):
-                r = _correlate(ycc, kern)
-                r = torch.cat([_quantise(r[:, :1], 3 * q), _quantise(r[:, 1:], q)], 1).reshape(ycc.shape[0], 3, -1)
-                cols.append(_counts(((r[:, 0] * n + r[:, 1]) * n + r[:, 2]).long(), n ** 3))
-        return torch.cat(cols, 1)
+        return torch.cat([_rgb_triples(ycc, kern, (3 * q, q, q)) for kern, q in SRM_YCC_VIEWS], 1)
 
     def _lbp(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         img = self._ycc_of(x, shared)
@@ -572,11 +569,14 @@ def _quantise(r: torch.Tensor, step: float) -> torch.Tensor:
     return (r / step).round().clamp_(-SRM_T, SRM_T) + SRM_T
 
 
-def _rgb_triples(k: torch.Tensor, kernel: tuple[tuple[int, ...], ...], step: float) -> torch.Tensor:
-    """Co-occurrence ((2T+1)^3 bins, fractions) of the R, G, B residuals (``kernel``, quantised by ``step``) at one
-    pixel of B x 3 x H x W levels."""
+def _rgb_triples(k: torch.Tensor, kernel: tuple[tuple[int, ...], ...],
+                 step: float | tuple[float, float, float]) -> torch.Tensor:
+    """Co-occurrence ((2T+1)^3 bins, fractions) of the three channels' residuals (``kernel``, quantised by ``step``,
+    or by one step per channel) at one pixel of B x 3 x H x W levels (R, G, B; or srm_ycc's planes)."""
     n = 2 * SRM_T + 1
-    r = _quantise(_correlate(k, kernel), step).reshape(k.shape[0], 3, -1)
+    r = _correlate(k, kernel)
+    r = (torch.cat([_quantise(r[:, c:c + 1], q) for c, q in enumerate(step)], 1) if isinstance(step, tuple)
+         else _quantise(r, step)).reshape(k.shape[0], 3, -1)
     return _counts(((r[:, 0] * n + r[:, 1]) * n + r[:, 2]).long(), n ** 3)
 
 
