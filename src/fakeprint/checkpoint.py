@@ -117,9 +117,9 @@ def update_metadata(path: str | Path, fields: dict[str, Any]) -> Path:
 DEFAULT_NAME = "default"
 # the models shipped inside the package, by the name every command accepts in place of a checkpoint path:
 # ``default`` (the hybrid_v4_h2_w32 recipe: a statistics head of two hidden layers, since round 12), ``accurate``
-# (the most accurate shipped model by 3 images of 1,250: the hybrid_v4_w32 recipe, the default of round 10) and
-# ``fast`` (the threecnn_dilated_w32 recipe, the default until round 10: twice the others' speed, 3-4 points less
-# accurate); docs/MODEL_CARD.md
+# (the most accurate shipped model, by 10 images of 1,250: the hybrid_v5_h2_w32 recipe, feature set v5, since round
+# 13) and ``fast`` (the threecnn_dilated_w32 recipe, the default until round 10: twice the others' speed, 3-4
+# points less accurate); docs/MODEL_CARD.md
 SHIPPED_NAMES = (DEFAULT_NAME, "accurate", "fast")
 
 

@@ -59,7 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "API token in the environment variable FAKEPRINT_API_TOKEN.")
     s.add_argument("checkpoint", nargs="?", default=None,
                    help="a run folder, NAME.safetensors, MODEL.onnx or a shipped model's name (default: the shipped "
-                        "model 'default'; 'accurate': 0.2 points more accurate, weaker on class 4; 'fast': twice as fast, "
+                        "model 'default'; 'accurate': 0.8 points more accurate, weaker on class 4; 'fast': twice as fast, "
                         "less accurate)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
