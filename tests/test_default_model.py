@@ -117,8 +117,10 @@ def test_the_shipped_models_by_name_on_the_command_line(cli, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(("name", "preset"), [("default", "hybrid_v4_h2_w32"), ("accurate", "hybrid_v5_h2_w32"),
-                                             ("fast", "threecnn_dilated_w32")])
+SHIPPED_PRESETS = {"default": "hybrid_v4_h2_w32", "accurate": "hybrid_v5_h2_w32", "fast": "threecnn_dilated_w32"}
+
+
+@pytest.mark.parametrize(("name", "preset"), SHIPPED_PRESETS.items())
 def test_shipped_models_were_trained_with_their_presets(name, preset):
     """The model card names a preset for each shipped model: its metadata's config is that preset (apart from
     settings that only say how the run was executed), and its figure is its own, on the held-out split."""
@@ -131,3 +133,17 @@ def test_shipped_models_were_trained_with_their_presets(name, preset):
     assert trained == {k: v for k, v in load_config(preset).items() if k not in execution}
     assert meta["held_out"]["selection"] == "last epoch" and meta["held_out"]["tta"] == meta["tta"] == "flip"
     assert meta["held_out"]["how"] == "this model, on images it never trained on"
+
+
+def test_the_preset_list_names_the_shipped_models_recipes():
+    """``fakeprint train --list-presets`` says which preset each shipped model was trained with, and no other preset
+    claims to be a shipped model's recipe (the list once called the CNN alone "the default model's recipe" two
+    defaults later)."""
+    import re
+
+    from fakeprint.config import preset_names, preset_summary
+
+    for preset in preset_names():
+        claims = set(re.findall(r"`?(\w+)`? model's recipe", preset_summary(preset)))
+        assert claims == {n for n, p in SHIPPED_PRESETS.items() if p == preset}, preset
+        assert "shipped default" not in preset_summary(preset).lower(), preset
