@@ -155,9 +155,10 @@ def test_every_registered_model_exports_with_parity(name):
 
 
 def test_the_newest_statistics_export_with_parity():
-    """The hybrid's default feature set is v2; the shipped models use v4 and the newest preset v5 (srm_ycc, lbp)."""
+    """The hybrid's default feature set is v2; the shipped models use v4 and v5, the newest preset v6 (v5 and
+    lbp_pairs: a table lookup of the patterns' codes)."""
     torch.manual_seed(0)
-    model = create_model("hybrid", feature_set="v5", hidden=512, stat_layers=2).eval()
+    model = create_model("hybrid", feature_set="v6", hidden=512, stat_layers=2).eval()
     images = export_mod.parity_images(3, seed=6)
     session = export_mod.onnx_session(export_mod.export_bytes(model))
     assert export_mod.check_parity(model, session, "imagenet", images) < 1e-4

@@ -175,6 +175,37 @@ def test_brightness_and_colour_noise_statistics_of_feature_set_v5():
     assert torch.equal(g[:, 4205 + 256:], torch.zeros(3, 512).index_fill_(1, torch.tensor([255, 511]), 1.0))
 
 
+def test_pairs_of_texture_patterns_of_feature_set_v6():
+    """lbp_pairs: each lbp pattern as its rotation-invariant uniform code (the number of neighbours set where the ring
+    of bits changes at most twice, else 9), and the co-occurrence of two neighbouring pixels' codes along rows and
+    along columns, for the grey level, R - G and B - G; written out with numpy here."""
+    from fakeprint.models.stats import LBP_UNIFORM
+
+    assert [LBP_UNIFORM[c] for c in (0b0, 0b1, 0b11, 0b101, 0b11110000, 0b01111000, 0b10101010, 0xFF)] == [
+        0, 1, 2, 9, 4, 4, 9, 8]
+    assert sum(v < 9 for v in LBP_UNIFORM) == 58  # the 58 uniform patterns of 8 bits
+    m = StatFeatures("v6", input_norm="none")
+    assert m.dim == 4973 + 600 == 5573
+    imgs = _images(3, seed=12)
+    x = to_float(torch.from_numpy(imgs))
+    f = m(x).numpy()
+    torch.testing.assert_close(torch.from_numpy(f[:, :4973]), StatFeatures("v5", input_norm="none")(x), rtol=0, atol=0)
+    k = imgs.astype(np.int64)
+    ycc = np.stack([k.sum(-1), k[..., 0] - k[..., 1], k[..., 2] - k[..., 1]], -1)
+    table = np.array(LBP_UNIFORM)
+    for i, plane in enumerate(np.moveaxis(ycc, -1, 0)):
+        centre = plane[:, 1:-1, 1:-1]
+        code = sum((plane[:, dy:dy + 98, dx:dx + 98] >= centre).astype(np.int64) << b
+                   for b, (dy, dx) in enumerate(((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))))
+        u = table[code]
+        for j, pair in enumerate((u[:, :, :-1] * 10 + u[:, :, 1:], u[:, :-1] * 10 + u[:, 1:])):  # rows, columns
+            want = np.stack([np.bincount(p.ravel(), minlength=100) / p.size for p in pair])
+            np.testing.assert_allclose(f[:, 4973 + 200 * i + 100 * j:4973 + 200 * i + 100 * (j + 1)], want, atol=1e-6)
+    flat = np.full((1, 100, 100, 3), 77, np.uint8)  # every neighbour equals the centre: every pattern 255, code 8
+    g = m(to_float(torch.from_numpy(flat)))[0, 4973:].reshape(3, 2, 100)
+    assert torch.equal(g[:, :, 88], torch.ones(3, 2)) and g.sum() == 6
+
+
 def test_residual_kernels_as_shifted_sums_are_the_convolutions():
     from fakeprint.models.stats import SRM_KERNELS, _correlate
 
@@ -232,7 +263,7 @@ def test_hybrid_slices_itself_on_the_cpu_without_changing_its_outputs(monkeypatc
     torch.testing.assert_close(sliced, one_by_one, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("feature_set", ["v3", "v4", "v5"])
+@pytest.mark.parametrize("feature_set", ["v3", "v4", "v5", "v6"])
 @pytest.mark.parametrize("width", [100, 95])  # 95: odd, computed twice
 def test_the_mirror_images_statistics_are_made_from_the_images(width, feature_set):
     """forward_and_mirror (flip TTA) gives forward(x) and, from it, forward(x.flip(3)): every group, every place."""
@@ -303,6 +334,9 @@ def test_presets_build_the_statistics_models():
     v5 = load_config("hybrid_v5_h2_w32")  # h2 with feature set v5 (srm_ycc, lbp), nothing else changed
     assert v5 == {**h2, "model_args": {**h2["model_args"], "feature_set": "v5"}}
     assert count_parameters(create_model(v5["model"], **v5["model_args"])) == 3_168_522  # h2 + 1,268 x 512 weights
+    v6 = load_config("hybrid_v6_h2_w32")  # v5 with feature set v6 (lbp_pairs), nothing else changed
+    assert v6 == {**v5, "model_args": {**v5["model_args"], "feature_set": "v6"}}
+    assert count_parameters(create_model(v6["model"], **v6["model_args"])) == 3_168_522 + 600 * 512
     cw = load_config("hybrid_v4_cw_w32")  # v4 with class 4's loss counted twice, nothing else changed
     assert {k: v for k, v in cw.items() if k not in ("loss", "class_weights")} == {
         k: v for k, v in v4.items() if k not in ("loss", "class_weights")}

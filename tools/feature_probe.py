@@ -251,13 +251,14 @@ def main() -> None:
     ap.add_argument("--blend", nargs="*", default=[],
                     help="checkpoints or shipped names to blend with; A,B,C: the ensemble of those (mean probabilities)")
     ap.add_argument("--groups", action="store_true", help="also one model per feature group, and all but one")
-    ap.add_argument("--feature-set", choices=("v1", "v2", "v3", "v4", "v5"), default="v1",
+    ap.add_argument("--feature-set", choices=("v1", "v2", "v3", "v4", "v5", "v6"), default="v1",
                     help="v1: the 539 statistics of the first probe; v2: v1 and per-channel co-occurrences, chroma, "
                          "half-resolution co-occurrences, gradients; v3: v2 and rich-model residual co-occurrences; "
-                         "v4: v3 and colour-noise co-occurrences; v5: v4 and the grey-level and colour-difference residuals "
-                         "at one pixel (v3-v5: computed as the models do, models.stats)")
+                         "v4: v3 and colour-noise co-occurrences; v5: v4, the grey-level and colour-difference residuals "
+                         "at one pixel and their local binary patterns; v6: v5 and pairs of neighbouring patterns "
+                         "(v3-v6: computed as the models do, models.stats)")
     ap.add_argument("--torch", action="store_true", help="compute the statistics as the models do (models.stats; "
-                    "always for v3-v5) instead of with this file's numpy")
+                    "always for v3-v6) instead of with this file's numpy")
     ap.add_argument("--evaluate-on", choices=("internal", "selection", "cv"), default="internal",
                     help="selection: fit on 90%% of the internal split's training part and score on the other 10%% "
                          "(stratified, --seed); cv: --folds stratified folds of the training part, each scored by a "
@@ -323,7 +324,7 @@ def main() -> None:
         shared = np.array([i in ids for i in va_ids])
 
     t0 = time.perf_counter()
-    engine = "torch (models.stats)" if args.torch or args.feature_set in ("v3", "v4", "v5") else "numpy (this file)"
+    engine = "torch (models.stats)" if args.torch or args.feature_set in ("v3", "v4", "v5", "v6") else "numpy (this file)"
     if engine.startswith("torch"):
         feats = torch_features(np.asarray(data.images), args.feature_set)
     else:

@@ -4,7 +4,8 @@ with numpy (feature sets v1 and v2), computed on whole batches on any device.
 A model that saw only these numbers (no convolution) scored 88.80% on the internal split with a small MLP,
 and got right 26 of the 54 images that every CNN of rounds 3-6 got wrong (docs/results.md, round 7): the
 statistics see the generators through other eyes than the CNNs. Groups, in order (feature set v1: the
-first four, 539 numbers per image; v2: the first eight, 1,330; v3: nine, 2,580; v4: eleven, 3,705; v5: all, 4,973):
+first four, 539 numbers per image; v2: the first eight, 1,330; v3: nine, 2,580; v4: eleven, 3,705; v5: thirteen,
+4,973; v6: all, 5,573):
 
 - ``colour``: for R, G, B, saturation, max and grey: mean, std, 7 percentiles, a 16-bin histogram;
 - ``residual``: per channel, the image minus its 3x3 box mean: std, mean absolute value, log kurtosis;
@@ -32,8 +33,12 @@ first four, 539 numbers per image; v2: the first eight, 1,330; v3: nine, 2,580; 
   the 1st- and 2nd-order differences along rows and along columns (4 x 125): how the noise of brightness and of
   colour go together;
 - ``lbp`` (v5): local binary patterns of the grey level, R - G and B - G: for each pixel off the border, the 8 bits
-  "this neighbour >= the pixel" (3 x 256 bins): the texture's shape whatever its contrast.
-``srm_ycc`` and ``lbp`` were chosen by the same cross-validation (docs/results.md, round 12).
+  "this neighbour >= the pixel" (3 x 256 bins): the texture's shape whatever its contrast;
+- ``lbp_pairs`` (v6): each pattern of ``lbp`` as its rotation-invariant uniform code (10 values: the number of
+  neighbours set where the 8 bits change at most twice around the ring, else 9), and the co-occurrence of the codes
+  of two neighbouring pixels, along rows and along columns (3 x 2 x 100): how texture patterns sit side by side.
+``srm_ycc`` and ``lbp`` were chosen by the same cross-validation (docs/results.md, round 12), ``lbp_pairs`` too
+(round 13).
 
 The input is the model's input (normalised as ``input_norm`` says); it is mapped back to [0, 1] and snapped
 to the 1/255 grid, so the numbers are those of the uint8 image whatever the device or dtype. Computed in
@@ -57,10 +62,11 @@ GROUPS_V2 = GROUPS_V1 + ("chroma", "cooccurrence_rgb", "multiscale", "gradient")
 GROUPS_V3 = GROUPS_V2 + ("srm",)
 GROUPS_V4 = GROUPS_V3 + ("srm_rgb", "srm_chroma")
 GROUPS_V5 = GROUPS_V4 + ("srm_ycc", "lbp")
-FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2, "v3": GROUPS_V3, "v4": GROUPS_V4, "v5": GROUPS_V5}
+GROUPS_V6 = GROUPS_V5 + ("lbp_pairs",)
+FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2, "v3": GROUPS_V3, "v4": GROUPS_V4, "v5": GROUPS_V5, "v6": GROUPS_V6}
 SIZES = {"colour": 150, "residual": 9, "cooccurrence": 180, "spectrum": 200, "chroma": 51,
          "cooccurrence_rgb": 540, "multiscale": 180, "gradient": 20, "srm": 1250, "srm_rgb": 625, "srm_chroma": 500,
-         "srm_ycc": 500, "lbp": 768}
+         "srm_ycc": 500, "lbp": 768, "lbp_pairs": 600}
 # steganalysis-style residuals of the grey level (rich models): name, kernel (integers), quantisation step
 SRM_KERNELS = (
     ("2nd", ((1, -2, 1),), 2),
@@ -77,6 +83,10 @@ SRM_CHROMA_KERNELS = ((((-1, 1),), 1), (((1, -2, 1),), 2))
 SRM_YCC_KERNELS = ((((-1, 1),), 1), (((1, -2, 1),), 2))
 # lbp (v5): the eight neighbours (dy, dx) of a pixel, bit 0 first, clockwise from the top left
 LBP_NEIGHBOURS = ((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))
+# lbp_pairs (v6): an 8-bit pattern's rotation-invariant uniform code: its number of set bits where the bits change at
+# most twice around the ring (LBP_NEIGHBOURS go round it), else 9
+LBP_UNIFORM = tuple(bin(c).count("1") if bin(c ^ ((c >> 1) | ((c & 1) << 7))).count("1") <= 2 else 9
+                    for c in range(256))
 
 
 def _column(rows: tuple[tuple[int, ...], ...]) -> tuple[tuple[int, ...], ...]:
@@ -323,6 +333,11 @@ class StatFeatures(nn.Module):
             codes = np.arange(256)
             mirrored = sum(((codes >> b) & 1) << to[b] for b in range(8))
             perms["lbp"] = np.concatenate([mirrored + 256 * i for i in range(3)])
+            # lbp_pairs: a mirrored pattern keeps its uniform code; a pair along rows changes its order, along
+            # columns nothing changes
+            a, c = np.divmod(np.arange(100), 10)
+            perms["lbp_pairs"] = np.concatenate([np.concatenate([c * 10 + a, 100 + np.arange(100)]) + 200 * i
+                                                 for i in range(3)])
             self._rings[key] = {g: torch.from_numpy(np.ascontiguousarray(v)).to(device) for g, v in perms.items()}
         return self._rings[key]
 
@@ -533,15 +548,33 @@ class StatFeatures(nn.Module):
         ycc = self._ycc_of(x, shared)
         return torch.cat([_rgb_triples(ycc, kern, (3 * q, q, q)) for kern, q in SRM_YCC_VIEWS], 1)
 
+    def _lbp_codes_of(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The 8-bit patterns (float 0-255) of the grey level, R - G and B - G: B x 3 x (H - 2) x (W - 2), made once."""
+        if "lbp" not in shared:
+            img = self._ycc_of(x, shared)
+            h, w = int(img.shape[2]) - 2, int(img.shape[3]) - 2
+            centre = img[:, :, 1:-1, 1:-1]
+            code = torch.zeros_like(centre)
+            for bit, (dy, dx) in enumerate(LBP_NEIGHBOURS):
+                code += (img[:, :, dy:dy + h, dx:dx + w] >= centre).to(code.dtype) * float(1 << bit)
+            shared["lbp"] = code
+        return shared["lbp"]
+
     def _lbp(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
-        img = self._ycc_of(x, shared)
-        b, h, w = img.shape[0], int(img.shape[2]) - 2, int(img.shape[3]) - 2
-        centre = img[:, :, 1:-1, 1:-1]
-        code = torch.zeros_like(centre)
-        for bit, (dy, dx) in enumerate(LBP_NEIGHBOURS):
-            code += (img[:, :, dy:dy + h, dx:dx + w] >= centre).to(code.dtype) * float(1 << bit)
+        code = self._lbp_codes_of(x, shared)
+        b, h, w = code.shape[0], int(code.shape[2]), int(code.shape[3])
         offsets = torch.arange(0, 768, 256, device=x.device, dtype=code.dtype).view(1, 3, 1, 1)
         return _scatter_counts((code + offsets).reshape(b, -1).long(), 768) / (h * w)
+
+    # ----------------------------------------------------------------------------------------- groups (v6)
+    def _lbp_pairs(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        table = torch.tensor(LBP_UNIFORM, device=x.device)
+        u = table[self._lbp_codes_of(x, shared).long()]  # B x 3 x h x w, codes 0-9
+        b = u.shape[0]
+        offsets = torch.arange(0, 600, 200, device=x.device).view(1, 3, 1, 1)
+        rows = (u[:, :, :, :-1] * 10 + u[:, :, :, 1:] + offsets).reshape(b, -1)
+        cols = (u[:, :, :-1] * 10 + u[:, :, 1:] + offsets + 100).reshape(b, -1)
+        return _scatter_counts(torch.cat([rows, cols], 1), 600) / (rows.shape[1] // 3)
 
 
 def _is_antisymmetric(rows: tuple[tuple[int, ...], ...]) -> bool:
