@@ -142,6 +142,20 @@ def test_colour_noise_statistics_of_feature_set_v4():
     assert torch.equal(c[:, :, 62], torch.ones(3, 4))
 
 
+def _ycc_np(imgs: np.ndarray) -> np.ndarray:
+    """The grey level (0-765), R - G and B - G of N x H x W x 3 uint8 images, as N x H x W x 3 integers."""
+    k = imgs.astype(np.int64)
+    return np.stack([k.sum(-1), k[..., 0] - k[..., 1], k[..., 2] - k[..., 1]], -1)
+
+
+def _lbp_np(plane: np.ndarray) -> np.ndarray:
+    """8-neighbour local binary patterns of N x H x W levels: bit b set where neighbour b >= the centre."""
+    centre = plane[:, 1:-1, 1:-1]
+    h, w = centre.shape[1:]
+    return sum((plane[:, dy:dy + h, dx:dx + w] >= centre).astype(np.int64) << b
+               for b, (dy, dx) in enumerate(((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))))
+
+
 def test_brightness_and_colour_noise_statistics_of_feature_set_v5():
     """srm_ycc: the residuals of the grey level (step 3 q), R - G and B - G (step q) at one pixel as one triple, for
     the 1st and 2nd order along rows and along columns; lbp: the local binary patterns of the grey level, R - G and
@@ -152,8 +166,7 @@ def test_brightness_and_colour_noise_statistics_of_feature_set_v5():
     x = to_float(torch.from_numpy(imgs))
     f = m(x).numpy()
     torch.testing.assert_close(torch.from_numpy(f[:, :3705]), StatFeatures("v4", input_norm="none")(x), rtol=0, atol=0)
-    k = imgs.astype(np.int64)
-    ycc = np.stack([k.sum(-1), k[..., 0] - k[..., 1], k[..., 2] - k[..., 1]], -1)
+    ycc = _ycc_np(imgs)
 
     def q(r, steps):
         return np.clip(np.round(r / np.array(steps)), -2, 2).astype(np.int64) + 2
@@ -163,11 +176,8 @@ def test_brightness_and_colour_noise_statistics_of_feature_set_v5():
     for i, (r, step) in enumerate(zip(views, (1, 1, 2, 2), strict=True)):
         np.testing.assert_allclose(f[:, 3705 + 125 * i:3705 + 125 * (i + 1)], _triple_hist(q(r, (3 * step, step, step))),
                                    atol=1e-6)
-    for i, plane in enumerate(np.moveaxis(ycc, -1, 0)):  # lbp: bit b set where neighbour b >= the centre
-        centre = plane[:, 1:-1, 1:-1]
-        code = sum((plane[:, dy:dy + 98, dx:dx + 98] >= centre).astype(np.int64) << b
-                   for b, (dy, dx) in enumerate(((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))))
-        want = np.stack([np.bincount(c.ravel(), minlength=256) / c.size for c in code])
+    for i, plane in enumerate(np.moveaxis(ycc, -1, 0)):
+        want = np.stack([np.bincount(c.ravel(), minlength=256) / c.size for c in _lbp_np(plane)])
         np.testing.assert_allclose(f[:, 4205 + 256 * i:4205 + 256 * (i + 1)], want, atol=1e-6)
     grey = np.repeat(imgs[..., :1], 3, -1)  # no colour: the two colour residuals are 0 (index 2) in every triple
     g = m(to_float(torch.from_numpy(grey)))
@@ -190,14 +200,9 @@ def test_pairs_of_texture_patterns_of_feature_set_v6():
     x = to_float(torch.from_numpy(imgs))
     f = m(x).numpy()
     torch.testing.assert_close(torch.from_numpy(f[:, :4973]), StatFeatures("v5", input_norm="none")(x), rtol=0, atol=0)
-    k = imgs.astype(np.int64)
-    ycc = np.stack([k.sum(-1), k[..., 0] - k[..., 1], k[..., 2] - k[..., 1]], -1)
     table = np.array(LBP_UNIFORM)
-    for i, plane in enumerate(np.moveaxis(ycc, -1, 0)):
-        centre = plane[:, 1:-1, 1:-1]
-        code = sum((plane[:, dy:dy + 98, dx:dx + 98] >= centre).astype(np.int64) << b
-                   for b, (dy, dx) in enumerate(((0, 0), (0, 1), (0, 2), (1, 2), (2, 2), (2, 1), (2, 0), (1, 0))))
-        u = table[code]
+    for i, plane in enumerate(np.moveaxis(_ycc_np(imgs), -1, 0)):
+        u = table[_lbp_np(plane)]
         for j, pair in enumerate((u[:, :, :-1] * 10 + u[:, :, 1:], u[:, :-1] * 10 + u[:, 1:])):  # rows, columns
             want = np.stack([np.bincount(p.ravel(), minlength=100) / p.size for p in pair])
             np.testing.assert_allclose(f[:, 4973 + 200 * i + 100 * j:4973 + 200 * i + 100 * (j + 1)], want, atol=1e-6)
