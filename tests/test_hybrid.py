@@ -201,11 +201,14 @@ def test_pairs_of_texture_patterns_of_feature_set_v6():
     f = m(x).numpy()
     torch.testing.assert_close(torch.from_numpy(f[:, :4973]), StatFeatures("v5", input_norm="none")(x), rtol=0, atol=0)
     table = np.array(LBP_UNIFORM)
-    for i, plane in enumerate(np.moveaxis(_ycc_np(imgs), -1, 0)):
-        u = table[_lbp_np(plane)]
-        for j, pair in enumerate((u[:, :, :-1] * 10 + u[:, :, 1:], u[:, :-1] * 10 + u[:, 1:])):  # rows, columns
-            want = np.stack([np.bincount(p.ravel(), minlength=100) / p.size for p in pair])
-            np.testing.assert_allclose(f[:, 4973 + 200 * i + 100 * j:4973 + 200 * i + 100 * (j + 1)], want, atol=1e-6)
+    for im in (imgs, np.ascontiguousarray(imgs[:, :90])):  # and a non-square image: fewer column pairs than row pairs
+        f = m(to_float(torch.from_numpy(im))).numpy()
+        for i, plane in enumerate(np.moveaxis(_ycc_np(im), -1, 0)):
+            u = table[_lbp_np(plane)]
+            for j, pair in enumerate((u[:, :, :-1] * 10 + u[:, :, 1:], u[:, :-1] * 10 + u[:, 1:])):  # rows, columns
+                want = np.stack([np.bincount(p.ravel(), minlength=100) / p.size for p in pair])
+                np.testing.assert_allclose(f[:, 4973 + 200 * i + 100 * j:4973 + 200 * i + 100 * (j + 1)], want,
+                                           atol=1e-6)
     flat = np.full((1, 100, 100, 3), 77, np.uint8)  # every neighbour equals the centre: every pattern 255, code 8
     g = m(to_float(torch.from_numpy(flat)))[0, 4973:].reshape(3, 2, 100)
     assert torch.equal(g[:, :, 88], torch.ones(3, 2)) and g.sum() == 6

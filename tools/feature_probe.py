@@ -324,7 +324,7 @@ def main() -> None:
         shared = np.array([i in ids for i in va_ids])
 
     t0 = time.perf_counter()
-    engine = "torch (models.stats)" if args.torch or args.feature_set in ("v3", "v4", "v5", "v6") else "numpy (this file)"
+    engine = "torch (models.stats)" if args.torch or args.feature_set not in ("v1", "v2") else "numpy (this file)"
     if engine.startswith("torch"):
         feats = torch_features(np.asarray(data.images), args.feature_set)
     else:

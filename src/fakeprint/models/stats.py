@@ -574,7 +574,8 @@ class StatFeatures(nn.Module):
         offsets = torch.arange(0, 600, 200, device=x.device).view(1, 3, 1, 1)
         rows = (u[:, :, :, :-1] * 10 + u[:, :, :, 1:] + offsets).reshape(b, -1)
         cols = (u[:, :, :-1] * 10 + u[:, :, 1:] + offsets + 100).reshape(b, -1)
-        return _scatter_counts(torch.cat([rows, cols], 1), 600) / (rows.shape[1] // 3)
+        # each histogram a fraction of its own pairs (on a non-square image rows and columns have different counts)
+        return _scatter_counts(rows, 600) / (rows.shape[1] // 3) + _scatter_counts(cols, 600) / (cols.shape[1] // 3)
 
 
 def _is_antisymmetric(rows: tuple[tuple[int, ...], ...]) -> bool:
