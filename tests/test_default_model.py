@@ -147,3 +147,17 @@ def test_the_preset_list_names_the_shipped_models_recipes():
         claims = set(re.findall(r"`?(\w+)`? model's recipe", preset_summary(preset)))
         assert claims == {n for n, p in SHIPPED_PRESETS.items() if p == preset}, preset
         assert "shipped default" not in preset_summary(preset).lower(), preset
+
+
+def test_the_model_list_calls_no_family_shipped_that_is_not():
+    """``fakeprint models`` describes each registered model in one line; one that says "shipped" must be the
+    family of a model shipped now (the list called ``fpnet_s2d`` "the shipped model" seven rounds after it was
+    replaced)."""
+    from fakeprint.config import load_config
+    from fakeprint.models.registry import describe, list_models
+
+    families = {load_config(p)["model"] for p in SHIPPED_PRESETS.values()}
+    for name in list_models():
+        description = describe(name)
+        if "shipped" in description.lower() and "shipped until" not in description.lower():
+            assert name in families, (name, description)
