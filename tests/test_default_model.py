@@ -151,7 +151,7 @@ def test_the_preset_list_names_the_shipped_models_recipes():
 
 def test_the_model_list_calls_no_family_shipped_that_is_not():
     """``fakeprint models`` describes each registered model in one line; one that says "shipped" must be the
-    family of a model shipped now (the list called ``fpnet_s2d`` "the shipped model" seven rounds after it was
+    family of a model shipped now (the list called ``fpnet_s2d`` "the shipped model" eight rounds after it was
     replaced)."""
     from fakeprint.config import load_config
     from fakeprint.models.registry import describe, list_models
