@@ -104,3 +104,17 @@ def test_fusing_moves_the_relu_after_the_pool_in_threecnn():
     first, pool = fused.features[0], fused.features[1]
     assert isinstance(first[1], torch.nn.Identity) and isinstance(first[2], torch.nn.Identity)  # BN, ReLU gone
     assert isinstance(pool[0], torch.nn.MaxPool2d) and isinstance(pool[1], torch.nn.ReLU)
+
+
+def test_a_model_description_is_its_docstrings_whole_first_paragraph():
+    """``fakeprint models`` shows the first paragraph of the model function's docstring on one line, not its first
+    line (a wrapped first sentence was cut mid-sentence)."""
+    from fakeprint.models.registry import describe, first_paragraph
+
+    doc = """A first sentence long enough to be
+        wrapped over two lines.
+
+        Details that stay out of the list."""
+    assert first_paragraph(doc) == "A first sentence long enough to be wrapped over two lines."
+    assert first_paragraph(None) == ""
+    assert describe("threecnn") == "The report's ThreeCNN (691,781 parameters)."

@@ -79,8 +79,7 @@ def fpnet_m(num_classes: int = 5, **kwargs) -> nn.Module:
 
 @register_model
 def fpnet_s2d(num_classes: int = 5, **kwargs) -> nn.Module:
-    """FPNet with a lossless space-to-depth stem, stages 48/96/192: the CPU recipe ``fpnet_cpu`` (shipped until
-    round 6 of the recipe study)."""
+    """FPNet with a lossless space-to-depth stem, stages 48/96/192: the CPU recipe fpnet_cpu, shipped until round 6."""
     kwargs.setdefault("stem", "s2d")
     kwargs.setdefault("width", 32)
     kwargs.setdefault("stem_convs", 1)

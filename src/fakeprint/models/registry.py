@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 from torch import nn
@@ -12,13 +13,19 @@ _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}
 
 
+def first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph on one line: a model's description in ``fakeprint models`` (its first line
+    alone would cut a wrapped first sentence short)."""
+    return " ".join(inspect.cleandoc(doc or "").split("\n\n")[0].split())
+
+
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register ``fn`` under its name; ``fn(num_classes=5, **kwargs)`` must return an ``nn.Module``."""
     name = fn.__name__
     if name in _MODELS:
         raise ValueError(f"model {name!r} registered twice")
     _MODELS[name] = fn
-    _DESCRIPTIONS[name] = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
+    _DESCRIPTIONS[name] = first_paragraph(fn.__doc__)
     return fn
 
 
