@@ -62,3 +62,43 @@ def test_an_ensemble_without_out_writes_to_the_working_directory(two_runs, tiny_
     assert proc.returncode == 0, proc.stderr
     out = tmp_path / "eval-validation-ensemble-of-2"
     assert json.loads(proc.stdout)["out"] == str(out) and (out / "metrics.json").is_file()
+
+
+def test_members_that_held_out_the_same_images_are_scored_together_however_each_records_them(cli, two_runs,
+                                                                                             tiny_data, tmp_path):
+    """A run folder lists its internal split in split.csv; a shipped model has no run folder and records a digest of
+    the split's ids, recomputed from train.csv. The same images held out either way: one ensemble, scored on them
+    (refused before: the check compared split.csv files, and a member without one never matched)."""
+    from fakeprint.data.dataset import stratified_split
+    from fakeprint.evaluate import internal_ids_digest
+
+    rows = [line.split(",") for line in (tiny_data / "train.csv").read_text().splitlines()[1:]]
+    ids, labels = [r[0] for r in rows], np.array([int(r[1]) for r in rows])
+    tr, va = stratified_split(labels, 0.2, 3)
+    held = [ids[i] for i in va]
+    lines = [f"{ids[i]},{labels[i]},{'internal' if i in set(va) else 'train'}" for i in range(len(ids))]
+    (two_runs[0] / "split.csv").write_text("image_id,label,subset\n" + "\n".join(lines) + "\n")
+    shipped = tmp_path / "shipped"  # no split.csv beside it, as in src/fakeprint/weights
+    torch.manual_seed(2)
+    save_checkpoint(shipped / "best", create_model("threecnn"), {
+        "model": "threecnn", "num_classes": 5, "config": {"val_fraction": 0.2, "split_seed": 3, "train_on_all": False},
+        "held_out": {"internal_ids_sha256": internal_ids_digest(held)}})
+    proc = cli("evaluate", str(two_runs[0]), str(shipped), "--data", str(tiny_data), "--split", "internal",
+               "--out", str(tmp_path / "e"))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["n"] == len(held) == 20
+    # the same ids, in another order and beside a selection subset: the same split
+    (two_runs[1] / "split.csv").write_text("image_id,label,subset\n" + "\n".join(reversed(lines)) + f"\n{ids[tr[0]]},"
+                                           f"{labels[tr[0]]},selection\n")
+    proc = cli("evaluate", *map(str, two_runs), str(shipped), "--data", str(tiny_data), "--split", "internal",
+               "--out", str(tmp_path / "e3"))
+    assert proc.returncode == 0, proc.stderr
+    # a shipped-style member whose recorded split is another: refused, naming both
+    save_checkpoint(shipped / "best", create_model("threecnn"), {
+        "model": "threecnn", "num_classes": 5, "config": {"val_fraction": 0.2, "split_seed": 4, "train_on_all": False},
+        "held_out": {"internal_ids_sha256": internal_ids_digest(
+            [ids[i] for i in stratified_split(labels, 0.2, 4)[1]])}})
+    proc = cli("evaluate", str(two_runs[0]), str(shipped), "--data", str(tiny_data), "--split", "internal",
+               "--out", str(tmp_path / "e4"))
+    assert proc.returncode == 2 and "different internal splits" in proc.stderr and str(shipped) in proc.stderr
+    assert "Traceback" not in proc.stderr

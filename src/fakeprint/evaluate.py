@@ -17,25 +17,39 @@ from .preprocess import tta_mode
 
 
 def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | None = None,
-                    progress: bool = True) -> SplitData:
-    """A labelled split; ``internal`` is the held-out part of train recorded in the run's ``split.csv``."""
+                    progress: bool = True, others: tuple[Path, ...] = ()) -> SplitData:
+    """A labelled split; ``internal`` is the held-out part of train recorded in the run's ``split.csv`` (or, for
+    a shipped model, recomputed and checked against its metadata). ``others``: the rest of an ensemble, each of
+    which must have held out the same images."""
     if split != "internal":
         return load_split(Path(data), split, cache_dir=cache_dir, progress=progress)
-    split_csv = _split_file(Path(checkpoint))
     full = load_split(Path(data), "train", cache_dir=cache_dir, progress=progress)
+    held = _internal_ids(full, Path(checkpoint))
+    for other in others:  # compared as sets of image ids: a run folder and a shipped model may hold the same split
+        if _internal_ids(full, Path(other)) != held:
+            raise FakeprintError(f"--split internal: {checkpoint} and {other} held out different internal splits, "
+                                 "so no image is held out from all of them")
+    idx = np.array([i for i, image_id in enumerate(full.ids) if image_id in held], dtype=np.int64)
+    if len(idx) != len(held):
+        raise FakeprintError(f"{_split_file(Path(checkpoint))}: {len(held) - len(idx)} internal-split images are not "
+                             f"in {data}/train.csv")
+    return full.subset(idx, "internal")
+
+
+def _internal_ids(full: SplitData, checkpoint: Path) -> set[str]:
+    """The image ids ``checkpoint``'s run held out: its ``split.csv``, or for a checkpoint without its run folder
+    (a shipped model) the split its figure names, recomputed."""
+    split_csv = _split_file(checkpoint)
     if split_csv.is_file():
         from .train import read_split_csv
 
         held = set(read_split_csv(split_csv).get("internal", ([], []))[0])
-    else:  # a checkpoint without its run folder (a shipped model): the split its figure names, recomputed
-        held = _recomputed_internal_ids(full, Path(checkpoint), split_csv)
+    else:
+        held = _recomputed_internal_ids(full, checkpoint, split_csv)
     if not held:
         raise FakeprintError(f"{split_csv}: this run held no internal split out (trained with train_on_all), so "
                              "--split internal would score images it trained on; evaluate another split")
-    idx = np.array([i for i, image_id in enumerate(full.ids) if image_id in held], dtype=np.int64)
-    if len(idx) != len(held):
-        raise FakeprintError(f"{split_csv}: {len(held) - len(idx)} internal-split images are not in {data}/train.csv")
-    return full.subset(idx, "internal")
+    return held
 
 
 def internal_ids_digest(ids: list[str] | set[str]) -> str:
@@ -96,16 +110,11 @@ def evaluate_checkpoint(checkpoint: str | Path | list, data: str | Path, split: 
                         device: str = "cpu") -> dict[str, Any]:
     """Evaluate one checkpoint, or several as a probability-averaging ensemble (a list of checkpoints)."""
     paths = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
-    if split == "internal" and len(paths) > 1:
-        splits = {_split_file(p).read_bytes() if _split_file(p).is_file() else None for p in paths}
-        if len(splits) != 1:
-            raise FakeprintError("--split internal: the checkpoints' runs used different internal splits "
-                                 "(their split.csv files differ), so no image is held out from all of them")
     from .onnx_backend import load_backend
 
     members = [load_backend(p, "auto", device) for p in paths]
     clf = members[0] if len(members) == 1 else EnsembleClassifier(members)
-    ds = load_eval_split(Path(data), split, paths[0])
+    ds = load_eval_split(Path(data), split, paths[0], others=tuple(paths[1:]))
     return evaluate(clf, ds, Path(out_dir) if out_dir else None, tta=tta)
 
 
