@@ -83,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "amp": "auto",                # auto (bf16 on GPUs and CPUs with native bf16) | bf16 | fp16 | off
     "channels_last": "auto",      # auto (on GPU; on CPU where safe, see train._channels_last) | on | off
     "compile": False,
+    "stat_cache": "auto",         # statmlp with flips only: its statistics computed once, not every epoch (statcache)
     "deterministic": False,       # deterministic algorithms (for exact reproducibility on CPU)
     "threads": 0,                 # CPU threads for torch (0: leave torch's default)
     "workers": 0,                 # processes for decoding images into the cache (0: all cores)
@@ -99,6 +100,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "normalize": ("imagenet", "none"),
     "amp": ("auto", "bf16", "fp16", "off", "on"),
     "channels_last": ("auto", "on", "off"),
+    "stat_cache": ("auto", "on", "off"),
     "on_bad_image": ("error", "skip"),
 }
 

@@ -26,6 +26,7 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from . import statcache
 from .augment import augment, mix_batch
 from .checkpoint import (
     atomic_write,
@@ -270,7 +271,8 @@ class EMA:
 
 def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, loss_fn, cfg: dict,
                     device: torch.device, amp_dtype, scaler, ema: EMA | None, gen: torch.Generator,
-                    d: Dist, desc: str) -> dict[str, float]:
+                    d: Dist, desc: str, on_statistics: bool = False) -> dict[str, float]:
+    """One epoch. ``on_statistics``: the batches hold statistics computed once (statcache), not images."""
     model.train()
     channels_last = _channels_last(cfg, device, model)
     loss_sum = torch.zeros((), device=device)
@@ -280,9 +282,12 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
                dynamic_ncols=True)
     micro = int(cfg["micro_batch"])
     for i, (xb, yb, *soft) in enumerate(bar):
-        x, perm, lam = mix_batch(augment(to_float(xb), cfg, gen), cfg, gen)
-        x = normalize(x, cfg["normalize"])
-        x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if on_statistics:  # the image's or its mirror's row, drawn as augment draws its flips; nothing else to do
+            x, perm, lam = statcache.training_views(xb, cfg, gen), None, 1.0
+        else:
+            x, perm, lam = mix_batch(augment(to_float(xb), cfg, gen), cfg, gen)
+            x = normalize(x, cfg["normalize"])
+            x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
         y_mix = yb[perm] if perm is not None else None  # MixUp/CutMix: the targets are mixed like the images
         target = distill_target(soft[0], perm, lam, float(cfg["distill_temperature"])) if soft else None
         opt.zero_grad(set_to_none=True)
@@ -437,17 +442,22 @@ def teacher_views(cfg: dict) -> str:
 
 @torch.no_grad()
 def evaluate_model(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, cfg: dict, device: torch.device,
-                   amp_dtype, d: Dist, num_classes: int, tta: bool | str | None = None) -> dict[str, Any]:
+                   amp_dtype, d: Dist, num_classes: int, tta: bool | str | None = None,
+                   on_statistics: bool = False) -> dict[str, Any]:
     """Loss and confusion matrix on (this rank's shard of) a split, summed across ranks; ``tta`` (default: the
-    config's) is a test-time augmentation mode (see ``augment.tta_views``)."""
+    config's) is a test-time augmentation mode (see ``augment.tta_views``). ``on_statistics``: ``images`` are
+    the statistics of the images and their mirrors, computed once (statcache)."""
     from .inference import predict_logits
     from .metrics import from_confusion
 
     tta = cfg["tta"] if tta is None else tta
     idx = torch.arange(d.rank, images.shape[0], d.world_size, device=images.device)
-    # the one logits core (inference.predict_logits: normalise, layout, autocast, TTA views), on this shard
-    logits = predict_logits(model, images[idx], device, batch_size=int(cfg["eval_batch_size"]), norm=cfg["normalize"],
-                            tta=tta, amp_dtype=amp_dtype, channels_last=_channels_last(cfg, device, model)).to(device)
+    if on_statistics:
+        logits = statcache.logits(model, images[idx], tta).to(device)
+    else:  # the one logits core (inference.predict_logits: normalise, layout, autocast, TTA views), on this shard
+        logits = predict_logits(model, images[idx], device, batch_size=int(cfg["eval_batch_size"]),
+                                norm=cfg["normalize"], tta=tta, amp_dtype=amp_dtype,
+                                channels_last=_channels_last(cfg, device, model)).to(device)
     y = labels[idx]
     loss_sum = torch.nn.functional.cross_entropy(logits, y, reduction="sum") if len(y) else torch.zeros((), device=device)
     cm = torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes * num_classes) if len(y) else \
@@ -554,7 +564,23 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
                   f"{len(train_split)} training images (each over the views it was trained on)", file=sys.stderr)
         soft = teacher_logits(cfg["distill_from"], x_train, device, cfg, cache=out / "teacher_logits.safetensors",
                               write_cache=d.main, progress=bool(cfg["progress"]) and d.main)
-    batches = DeviceBatches(x_train, y_train, int(cfg["batch_size"]), sampler=cfg["sampler"], drop_last=True,
+    # statmlp with flips only: the statistics of every image and its mirror, once, instead of every epoch
+    on_stats = statcache.enabled(cfg, model)
+    train_inputs, val_inputs, sel_inputs, stats_time = x_train, None, None, 0.0
+    if on_stats:
+        t_stats = time.perf_counter()
+        show = bool(cfg["progress"]) and d.main
+        train_inputs = statcache.statistics(model, x_train, cfg["normalize"], progress=show, desc="statistics (train)")
+        if held_out:
+            val_inputs = statcache.statistics(model, x_val, cfg["normalize"], progress=show, desc="statistics (val)")
+        if sel_split is not None:
+            sel_inputs = statcache.statistics(model, x_sel, cfg["normalize"], progress=show, desc="statistics (sel)")
+        stats_time = time.perf_counter() - t_stats
+        if d.main:
+            print(f"statistics computed once (stat_cache): {train_inputs.shape[2]:,} for each of {len(x_train)} "
+                  f"training images and their mirror images in {stats_time:.1f}s; each step takes the image's or "
+                  "its mirror's", file=sys.stderr)
+    batches = DeviceBatches(train_inputs, y_train, int(cfg["batch_size"]), sampler=cfg["sampler"], drop_last=True,
                             seed=cfg["seed"], rank=d.rank, world_size=d.world_size, targets=soft)
     if len(batches) == 0:
         raise FakeprintError(f"batch_size {cfg['batch_size']} is larger than the training set "
@@ -583,7 +609,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         resumes = int(state.get("resumes", 0)) + 1
         history = _read_history(out / "metrics.csv", start_epoch)
 
-    train_model: nn.Module = model
+    train_model: nn.Module = statcache.OnStatistics(model) if on_stats else model
     if d.world_size > 1:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -601,7 +627,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         atomic_write(out / "config.yaml", yaml.safe_dump(cfg, sort_keys=False).encode())
         run_info = {"data": str(Path(data_root).resolve()), "split": split_desc, "train_images": len(train_split),
                     "val_images": len(val_split) if held_out else 0, "device": _device_name(device), "world_size": d.world_size,
-                    "resumes": resumes,
+                    "resumes": resumes, "stat_cache": on_stats, "statistics_time_s": stats_time,
                     "commit": meta_base["commit"], "versions": meta_base["versions"], "argv": sys.argv,
                     "parameters": meta_base["parameters"], "trainable_parameters": meta_base["trainable_parameters"]}
         atomic_write(out / "run.json", (json.dumps(run_info, indent=2) + "\n").encode())
@@ -620,14 +646,15 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch * 9973 + d.rank)
         t0 = time.perf_counter()
         tr = train_one_epoch(train_model, batches, opt, sched, per_step, loss_fn, cfg, device, amp_dtype, scaler,
-                             ema, gen, d, desc=f"epoch {epoch + 1}/{cfg['epochs']}")
+                             ema, gen, d, desc=f"epoch {epoch + 1}/{cfg['epochs']}", on_statistics=on_stats)
         if device.type == "cuda":
             torch.cuda.synchronize()
         train_time = time.perf_counter() - t0
         _broadcast_buffers(eval_model(), d)  # every rank evaluates with rank 0's BatchNorm statistics
-        ev = evaluate_model(eval_model(), x_val, y_val, cfg, device, amp_dtype, d, num_classes) if held_out else None
-        sel_acc = evaluate_model(eval_model(), x_sel, y_sel, cfg, device, amp_dtype, d, num_classes)["val_acc"] \
-            if sel_split is not None else None
+        ev = evaluate_model(eval_model(), val_inputs if on_stats else x_val, y_val, cfg, device, amp_dtype, d,
+                            num_classes, on_statistics=on_stats) if held_out else None
+        sel_acc = evaluate_model(eval_model(), sel_inputs if on_stats else x_sel, y_sel, cfg, device, amp_dtype, d,
+                                 num_classes, on_statistics=on_stats)["val_acc"] if sel_split is not None else None
         steer = sel_acc if sel_acc is not None else ev["val_acc"] if ev else None  # what the schedule may look at
         epoch_time = time.perf_counter() - t0
         lr = opt.param_groups[0]["lr"]
@@ -679,7 +706,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
                 print(f"early stop: no better validation accuracy for {bad_epochs} epochs" if stop else
                       f"time limit: {spent / 60:.1f} of max_minutes {cfg['max_minutes']} spent", file=sys.stderr)
             break
-    train_time = time_before + time.perf_counter() - train_start
+    train_time = time_before + time.perf_counter() - train_start + stats_time
 
     summary: dict[str, Any] = {"run": str(out), "epochs_run": epoch + 1, "train_time_s": train_time,
                                "stopped_by": stop_reason, "split": split_desc,

@@ -1,0 +1,97 @@
+"""Training statmlp on its statistics computed once (statcache): the same training as on the images, refused
+where the augmentation would change the statistics, and the same evaluation figures."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fakeprint import statcache
+from fakeprint.checkpoint import load_checkpoint
+from fakeprint.config import load_config
+from fakeprint.errors import FakeprintError
+from fakeprint.inference import predict_logits
+from fakeprint.models import count_parameters, create_model
+from fakeprint.train import train
+
+# small and quick: the v2 statistics, a two-layer head
+SMALL = {"model": "statmlp", "model_args": {"feature_set": "v2", "hidden": 32, "layers": 2, "dropout": 0.3},
+         "epochs": 2, "batch_size": 16, "progress": False, "tta": "flip", "ema": 0.9, "amp": "off",
+         "rotation": 0}
+
+
+def test_the_preset_is_the_cross_validated_head_on_feature_set_v6():
+    cfg = load_config("statmlp_v6_h2")
+    assert cfg["model_args"] == {"feature_set": "v6", "hidden": 512, "layers": 2, "dropout": 0.3}
+    assert count_parameters(create_model(cfg["model"], **cfg["model_args"])) == \
+        5573 * 512 + 512 + 512 * 512 + 512 + 512 * 5 + 5
+    assert cfg["rotation"] == 0 and cfg["hflip"] and cfg["tta"] == "flip" and cfg["stat_cache"] == "auto"
+    assert statcache.enabled(cfg, create_model(cfg["model"], **cfg["model_args"]))
+
+
+@pytest.mark.parametrize("change, named", [({"rotation": 15}, "rotation"), ({"vflip": True}, "vflip"),
+                                           ({"mixup": 0.2}, "mixup"), ({"translate": 4}, "translate"),
+                                           ({"tta": "dihedral"}, "dihedral")])
+def test_an_augmentation_beyond_flips_turns_it_off_or_is_refused_with_the_reason(change, named):
+    cfg = load_config(None, SMALL | change)
+    model = create_model(cfg["model"], **cfg["model_args"])
+    assert named in statcache.unusable_reason(cfg, model)
+    assert not statcache.enabled(cfg, model)  # auto: trains on the images instead
+    with pytest.raises(FakeprintError, match=named):
+        statcache.enabled(cfg | {"stat_cache": "on"}, model)
+    assert statcache.unusable_reason(load_config(None, SMALL), model) is None
+    assert statcache.unusable_reason(load_config(None, SMALL | {"rotation": 15, "rotation_prob": 0.0}), model) is None
+
+
+def test_only_a_statistics_only_model_qualifies():
+    cfg = load_config("hybrid_v6_h2_w32")
+    assert "not a statistics-only model" in statcache.unusable_reason(
+        cfg | {"rotation": 0}, create_model("hybrid", feature_set="v2"))
+
+
+def test_logits_from_the_statistics_are_those_of_the_images():
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 100, 100, 3), dtype=np.uint8)
+    head = create_model("statmlp", feature_set="v2", hidden=16).eval()
+    with torch.no_grad():
+        head.mlp[0].running_var.fill_(4.0)  # not the identity: the standardisation must be applied the same way
+    rows = statcache.statistics(head, torch.from_numpy(images), "imagenet", batch_size=4)
+    assert rows.shape == (10, 2, head.stats.dim)
+    for tta in ("none", "flip"):
+        want = predict_logits(head, images, torch.device("cpu"), tta=tta)
+        torch.testing.assert_close(statcache.logits(head, rows, tta), want, rtol=1e-4, atol=1e-4)
+    with pytest.raises(FakeprintError, match="dihedral"):
+        statcache.logits(head, rows, "dihedral")
+
+
+def test_a_flip_picks_the_mirror_row_with_the_draw_augment_makes():
+    rows = torch.stack([torch.zeros(64, 3), torch.ones(64, 3)], 1)
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    picked = statcache.training_views(rows, {"hflip": True}, g1)
+    flips = torch.rand(64, generator=g2) < 0.5  # augment.augment's first draw
+    assert torch.equal(picked[:, 0] == 1, flips) and 0 < int(flips.sum()) < 64
+    assert torch.equal(statcache.training_views(rows, {"hflip": False}, g1), rows[:, 0])
+
+
+def test_training_on_the_statistics_once_is_training_on_the_images(tiny_train_only, tmp_path):
+    """The same seed, the same recipe: the cached path ends with the weights and figures of the image path (up to
+    float rounding), records that it ran, and reports from the images."""
+    runs = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        summary = train(tiny_train_only, load_config(None, SMALL | {"stat_cache": mode}), out)
+        runs[mode] = (summary, load_checkpoint(out / "last")[0].state_dict(),
+                      json.loads((out / "run.json").read_text()),
+                      [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]])
+    (s_on, w_on, info_on, m_on), (s_off, w_off, info_off, m_off) = runs["on"], runs["off"]
+    assert info_on["stat_cache"] is True and info_off["stat_cache"] is False
+    assert info_on["statistics_time_s"] > 0 and info_off["statistics_time_s"] == 0
+    assert w_on.keys() == w_off.keys()
+    for k in w_on:
+        torch.testing.assert_close(w_on[k], w_off[k], rtol=1e-3, atol=1e-4)
+    assert s_on["accuracy"] == s_off["accuracy"]
+    for a, b in zip(m_on, m_off, strict=True):  # per epoch: train loss and accuracy, internal-split accuracy
+        assert abs(float(a[2]) - float(b[2])) < 1e-3 and a[3] == b[3] and a[5] == b[5]
