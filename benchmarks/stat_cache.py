@@ -6,12 +6,13 @@ internal-split accuracy (flip TTA; a check that the two paths train the same mod
 the runs are short).
 
     python benchmarks/stat_cache.py --data data/unibuc-deepfake --epochs 2 \\
-        --out benchmarks/results/stat_cache-cpu-2core-statmlp_v6_h2.json
+        --out benchmarks/results/stat_cache-cpu-2core-avx2-statmlp_v6_h2.json
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import tempfile
@@ -44,7 +45,8 @@ def main() -> None:
             out = Path(tmp) / mode
             summary = train(args.data, cfg, out)
             run = json.loads((out / "run.json").read_text())
-            epochs = [float(line.split(",")[9]) for line in (out / "metrics.csv").read_text().splitlines()[1:]]
+            with open(out / "metrics.csv", newline="") as f:
+                epochs = [float(row["epoch_time_s"]) for row in csv.DictReader(f)]
             median = statistics.median(epochs)
             result["runs"][mode] = {
                 "train_images": run["train_images"], "statistics_time_s": round(run["statistics_time_s"], 2),

@@ -3,6 +3,7 @@ where the augmentation would change the statistics, and the same evaluation figu
 
 from __future__ import annotations
 
+import csv
 import json
 
 import numpy as np
@@ -85,7 +86,7 @@ def test_training_on_the_statistics_once_is_training_on_the_images(tiny_train_on
         summary = train(tiny_train_only, load_config(None, SMALL | {"stat_cache": mode}), out)
         runs[mode] = (summary, load_checkpoint(out / "last")[0].state_dict(),
                       json.loads((out / "run.json").read_text()),
-                      [line.split(",") for line in (out / "metrics.csv").read_text().splitlines()[1:]])
+                      list(csv.DictReader((out / "metrics.csv").open(newline=""))))
     (s_on, w_on, info_on, m_on), (s_off, w_off, info_off, m_off) = runs["on"], runs["off"]
     assert info_on["stat_cache"] is True and info_off["stat_cache"] is False
     assert info_on["statistics_time_s"] > 0 and info_off["statistics_time_s"] == 0
@@ -94,4 +95,5 @@ def test_training_on_the_statistics_once_is_training_on_the_images(tiny_train_on
         torch.testing.assert_close(w_on[k], w_off[k], rtol=1e-3, atol=1e-4)
     assert s_on["accuracy"] == s_off["accuracy"]
     for a, b in zip(m_on, m_off, strict=True):  # per epoch: train loss and accuracy, internal-split accuracy
-        assert abs(float(a[2]) - float(b[2])) < 1e-3 and a[3] == b[3] and a[5] == b[5]
+        assert abs(float(a["train_loss"]) - float(b["train_loss"])) < 1e-3
+        assert a["train_acc"] == b["train_acc"] and a["val_acc"] == b["val_acc"]

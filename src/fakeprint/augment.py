@@ -26,6 +26,12 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 
 
+def draw_hflips(n: int, cfg: dict, g: torch.Generator, device) -> torch.Tensor | None:
+    """Which of ``n`` samples are mirrored (None when ``hflip`` is off): ``augment``'s first draw from ``g``, and
+    the one ``statcache`` makes for statistics computed once, so both paths keep the same random stream."""
+    return torch.rand(n, generator=g, device=device) < 0.5 if cfg.get("hflip") else None
+
+
 def augment(x: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
     """Augment a float N x 3 x H x W batch in [0, 1] with the config's switches:
     ``hflip``, ``vflip``, ``rot90``, ``rotation`` (degrees, ``rotation_interp``; ``rotation_prob``: the share of
@@ -35,7 +41,7 @@ def augment(x: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
     When the batch goes through the affine resampling (rotation or translation) anyway, the flips are
     folded into each sample's sampling matrix instead of being applied as separate passes."""
     n, dev = x.shape[0], x.device
-    hflip = torch.rand(n, generator=g, device=dev) < 0.5 if cfg.get("hflip") else None
+    hflip = draw_hflips(n, cfg, g, dev)
     vflip = torch.rand(n, generator=g, device=dev) < 0.5 if cfg.get("vflip") else None
     k90 = torch.randint(0, 4, (n,), generator=g, device=dev).view(n, 1, 1, 1) if cfg.get("rot90") else None
     rot = float(cfg.get("rotation") or 0.0)

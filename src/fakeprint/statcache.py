@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from .augment import draw_hflips
 from .errors import FakeprintError
 from .models.hybrid import StatHead
 from .preprocess import normalize, to_float, tta_mode
@@ -83,13 +84,12 @@ class OnStatistics(nn.Module):
 
 
 def training_views(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
-    """One row per sample of N x 2 x D statistics: the mirror's where a horizontal flip is drawn, drawn from ``g``
-    exactly as ``augment.augment`` draws its flips (so a run keeps its random stream)."""
-    n = rows.shape[0]
-    if not cfg.get("hflip"):
+    """One row per sample of N x 2 x D statistics: the mirror's where a horizontal flip is drawn, with
+    ``augment.draw_hflips`` (the draw the image path makes, so a run keeps its random stream)."""
+    flip = draw_hflips(rows.shape[0], cfg, g, rows.device)
+    if flip is None:
         return rows[:, 0]
-    flip = torch.rand(n, generator=g, device=rows.device) < 0.5
-    return torch.where(flip.view(n, 1), rows[:, 1], rows[:, 0])
+    return torch.where(flip.view(-1, 1), rows[:, 1], rows[:, 0])
 
 
 @torch.no_grad()
