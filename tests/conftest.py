@@ -15,6 +15,14 @@ from fakeprint.data.demo import make_demo_dataset
 
 os.environ.setdefault("FAKEPRINT_COMMIT", "test")
 
+# pytest-xdist (pyproject's addopts: one worker per core) shares the cores between its workers: each worker and the
+# CLI processes it starts (torch reads OMP_NUM_THREADS when it starts) get their share of threads, not all of them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_SHARE))
+    torch.set_num_threads(_SHARE)
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _restore_torch_threads():

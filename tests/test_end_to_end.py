@@ -73,11 +73,12 @@ def test_internal_split_is_seeded_stratified_and_recorded(cli, tiny_train_only, 
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["n"] == 20
 
 
-def test_ensemble_trains_from_two_frozen_base_checkpoints(tiny_data, tmp_path):
+def test_ensemble_trains_from_two_frozen_base_checkpoints(tmp_path):
     import torch
 
     from fakeprint.checkpoint import load_checkpoint, save_checkpoint
     from fakeprint.config import load_config
+    from fakeprint.data.demo import make_demo_dataset
     from fakeprint.models import create_model
     from fakeprint.train import train
 
@@ -85,9 +86,11 @@ def test_ensemble_trains_from_two_frozen_base_checkpoints(tiny_data, tmp_path):
     for name in ("skipconcnn", "threecnn"):
         torch.manual_seed(len(bases))
         bases.append(save_checkpoint(tmp_path / name / "best", create_model(name), {"model": name, "num_classes": 5}))
-    cfg = load_config("ensemblecnn", {"epochs": 1, "progress": False, "batch_size": 50,
-                                      "base_checkpoints": [str(b) for b in bases], "threads": 1})
-    train(tiny_data, cfg, tmp_path / "ens")
+    # SkipConCNN costs 13.6 G multiply-adds an image: the fewest images that still make a split of five classes
+    data = make_demo_dataset(tmp_path / "data", n_train=20, n_val=10, n_test=0, seed=1)
+    cfg = load_config("ensemblecnn", {"epochs": 1, "progress": False, "batch_size": 10,
+                                      "base_checkpoints": [str(b) for b in bases]})
+    train(data, cfg, tmp_path / "ens")
     ens, meta = load_checkpoint(tmp_path / "ens" / "best")
     assert meta["trainable_parameters"] == 727 and meta["parameters"] == 9_387_553
     three, _ = load_checkpoint(bases[1])
