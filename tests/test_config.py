@@ -32,6 +32,17 @@ def test_overrides_are_parsed_as_yaml_values():
     assert cfg["model_args"] == {"c3": 64} and cfg["base_checkpoints"] == ["a", "b"]
 
 
+def test_one_model_argument_is_set_and_the_presets_others_are_kept():
+    preset = load_config("statmlp_v6_h2")["model_args"]
+    cfg = load_config("statmlp_v6_h2", ["model_args.dropout=0.5", "model_args.width_new=3"])
+    assert cfg["model_args"] == {**preset, "dropout": 0.5, "width_new": 3} and preset["dropout"] == 0.3
+    # the whole mapping still replaces it, and a later single argument applies on top
+    assert load_config("statmlp_v6_h2", ["model_args={hidden: 8}", "model_args.layers=1"])["model_args"] == {
+        "hidden": 8, "layers": 1}
+    with pytest.raises(FakeprintError, match="model_args.NAME=VALUE"):
+        load_config("statmlp_v6_h2", ["model_args.=1"])
+
+
 def test_a_path_to_a_yaml_file_works(tmp_path):
     p = tmp_path / "mine.yaml"
     p.write_text("model: fpnet_tiny\nepochs: 3\n")

@@ -178,6 +178,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
 
 def _merge(cfg: dict[str, Any], data: dict[str, Any], source: str) -> None:
     for key, value in data.items():
+        head, dot, arg = key.partition(".")
+        if dot and head == "model_args":  # model_args.NAME=VALUE: one model argument, the others kept
+            if not arg or not isinstance(cfg["model_args"], dict):
+                raise FakeprintError(f"{source}: {key!r}: expected model_args.NAME=VALUE on a model_args mapping")
+            cfg["model_args"] = {**cfg["model_args"], arg: value}
+            continue
         if key not in DEFAULTS:
             raise FakeprintError(f"{source}: unknown config key {key!r} (known: {', '.join(sorted(DEFAULTS))})")
         default = DEFAULTS[key]
