@@ -1,0 +1,59 @@
+"""tools/stat_recipe_cv.py: recipes of the statistics head cross-validated on the training part only."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import make_train_only
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _cv(data: Path, tmp_path: Path, *extra: str) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(ROOT / "tools" / "stat_recipe_cv.py"), "--data", str(data), "--folds", "3",
+           "--features", str(tmp_path / "stats.pt"), "--save-probs", str(tmp_path / "probs"),
+           "--out", str(tmp_path / "cv.json"), *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def test_cv_scores_every_training_part_image_once_and_never_the_internal_split(tmp_path):
+    data = make_train_only(tmp_path / "data", n_train=100, seed=3)
+    tiny = ["--set", "epochs=2", "--set", "batch_size=20", "--set", "model_args.hidden=16",
+            "--set", "model_args.feature_set=v1"]
+    proc = _cv(data, tmp_path, *tiny, "--variant", "base", "--variant", "mixup", "mixup=0.4")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "cv.json").read_text())
+    # 10% of the 100 images is the internal split: only the other 90 are computed, split into 3 folds of 30
+    assert result["training_part_images"] == 90 and result["folds_run"] == 3
+    assert "internal split not loaded" in result["split"] and "last epoch" in result["split"]
+    for name in ("base", "mixup"):
+        v = result["variants"][name]
+        assert len(v["fold_accuracy"]) == 3 and all(0 <= a <= 1 for a in v["fold_accuracy"])
+        saved = torch.load(tmp_path / "probs" / f"{name}.pt", weights_only=True)
+        assert sorted(saved["index"].tolist()) == list(range(90))  # every image scored once, out of fold
+        assert torch.allclose(saved["probs"].sum(1), torch.ones(90), atol=1e-5)
+    assert result["variants"]["mixup"]["overrides"][-1] == "mixup=0.4"
+    # mixing statistic rows changes the training: the two variants' probabilities differ
+    a, b = (torch.load(tmp_path / "probs" / f"{n}.pt", weights_only=True)["probs"] for n in ("base", "mixup"))
+    assert not torch.allclose(a, b)
+    assert "all_variants_averaged_accuracy" in result
+
+    # the statistics are kept: a second call reads them (and refuses nothing)
+    again = _cv(data, tmp_path, *tiny, "--variant", "base", "--run-folds", "1")
+    assert again.returncode == 0, again.stderr
+    assert "statistics read from" in again.stderr
+    assert json.loads((tmp_path / "cv.json").read_text())["folds_run"] == 1
+    # a variant cannot change what the statistics are: they are computed once for all of them
+    wrong = _cv(data, tmp_path, *tiny, "--variant", "v2", "model_args.feature_set=v2")
+    assert wrong.returncode != 0 and "feature set" in wrong.stderr and "--set" in wrong.stderr
+    assert "Traceback" not in wrong.stderr
+    for args, named in ((["--variant", "x", "lrr=1"], "lrr"),
+                        (["--data", str(tmp_path / "nowhere"), "--features", ""], "nowhere")):
+        bad = _cv(data, tmp_path, *args)
+        assert bad.returncode != 0 and "error:" in bad.stderr and named in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr

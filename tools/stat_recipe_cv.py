@@ -1,0 +1,176 @@
+"""Cross-validation of a statistics-only recipe (``statmlp``) on the internal split's training part.
+
+``tools/feature_probe.py`` compares feature sets with a fixed head; this compares recipes of the head itself, trained
+as ``fakeprint train`` trains a statistics-only preset. The internal split (``val_fraction``, ``split_seed`` of the
+config) is never loaded: its images are left out before anything is computed, so a recipe can be chosen here and then
+scored once on the internal split. The statistics of every training-part image and of its mirror are computed once
+(``fakeprint.statcache``) and optionally kept in ``--features`` (a derived copy of the images: keep it out of the
+repository). Each fold trains the config's head as ``stat_cache`` does (AdamW, the warm-up/linear schedule, label
+smoothing, EMA; one row per sample, the mirror's on a drawn flip) and scores the held-out fold at the last epoch with
+flip TTA. ``--variant NAME KEY=VALUE ...`` adds a recipe (config overrides, as ``--set``; the feature set and the
+split are shared by all variants: change them with ``--set``); ``mixup`` on a statistics model mixes statistic rows
+here (only here: ``fakeprint train`` refuses it with stat_cache). Prints one JSON object: per variant and fold the
+accuracy and class-4 recall, their means, and the accuracy of all variants' out-of-fold probabilities averaged.
+
+    python tools/stat_recipe_cv.py --data data/unibuc-deepfake --folds 5 --run-folds 3 --features /tmp/v6.pt \
+        --variant base --variant hdrop5 model_args.dropout=0.5 --variant mixup02 mixup=0.2 \
+        --out benchmarks/results/stat_recipe_cv-cpu-2core-avx2.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import StratifiedKFold
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+from _common import DEFAULT_DATA, emit, environment, log  # noqa: E402
+from fakeprint import statcache
+from fakeprint.config import load_config
+from fakeprint.data.cache import load_split
+from fakeprint.data.dataset import stratified_split
+from fakeprint.errors import FakeprintError
+from fakeprint.losses import make_loss
+from fakeprint.train import EMA, build_model, build_optimizer, build_scheduler
+
+
+def training_part_statistics(data: str, cfg: dict, features: str | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """N x 2 x D statistics and labels of the training part (the internal split left out), cached in ``features``."""
+    key = {"feature_set": cfg["model_args"].get("feature_set"), "val_fraction": float(cfg["val_fraction"]),
+           "split_seed": int(cfg["split_seed"]), "normalize": cfg["normalize"]}
+    if features and Path(features).exists():
+        saved = torch.load(features, weights_only=True)
+        if {k: saved["key"][k] for k in key} == key:
+            log(f"statistics read from {features}")
+            return saved["rows"], saved["labels"], {"statistics_time_s": None, "from": features}
+        log(f"{features} holds other statistics ({saved['key']}): computing them again")
+    full = load_split(Path(data), "train", progress=False)
+    tr, _ = stratified_split(full.labels, float(cfg["val_fraction"]), int(cfg["split_seed"]))
+    images = torch.from_numpy(full.images[tr])
+    labels = torch.from_numpy(np.asarray(full.labels)[tr]).long()
+    head = build_model(cfg, 5)
+    t0 = time.perf_counter()
+    rows = statcache.statistics(head, images, cfg["normalize"], progress=True)
+    seconds = time.perf_counter() - t0
+    if features:
+        torch.save({"key": key, "rows": rows, "labels": labels}, features)
+    return rows, labels, {"statistics_time_s": round(seconds, 1)}
+
+
+def train_fold(cfg: dict, rows: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:
+    """The head trained on ``rows`` (N x 2 x D) for the config's epochs; the EMA model when the config has one."""
+    torch.manual_seed(seed)
+    head = build_model(cfg, 5)
+    model = statcache.OnStatistics(head)
+    bs = int(cfg["batch_size"])
+    steps = len(labels) // bs  # the last partial batch dropped, as fakeprint train does
+    opt = build_optimizer(cfg, model)
+    sched, per_step = build_scheduler(cfg, opt, steps)
+    ema = EMA(model, float(cfg["ema"])) if float(cfg["ema"]) > 0 else None
+    loss_fn = make_loss(cfg, labels, 5, rows.device)
+    g = torch.Generator().manual_seed(seed)
+    alpha = float(cfg.get("mixup") or 0)
+    for _ in range(int(cfg["epochs"])):
+        model.train()
+        order = torch.randperm(len(labels), generator=g)
+        for s in range(steps):
+            idx = order[s * bs:(s + 1) * bs]
+            x, y = statcache.training_views(rows[idx], cfg, g), labels[idx]
+            if alpha > 0:  # mixup of statistic rows (after standardisation would be the same up to the BN moments)
+                lam = float(torch.distributions.Beta(alpha, alpha).sample())
+                perm = torch.randperm(len(y), generator=g)
+                logits = model(lam * x + (1 - lam) * x[perm])
+                loss = lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y[perm])
+            else:
+                loss = loss_fn(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if per_step:
+                sched.step()
+            if ema is not None:
+                ema.update(model)
+    return (ema.model if ema is not None else model).head
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--config", default="statmlp_v6_h2")
+    ap.add_argument("--folds", type=int, default=5)
+    ap.add_argument("--run-folds", type=int, default=0, help="train only the first N folds (0: all)")
+    ap.add_argument("--fold-seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (fold k uses seed + k)")
+    ap.add_argument("--features", help="a .pt file to keep the statistics in between runs (outside the repository)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a config override for every variant, the statistics' feature set included (repeatable)")
+    ap.add_argument("--variant", nargs="+", action="append", metavar=("NAME", "KEY=VALUE"),
+                    help="a recipe: a name and config overrides (repeatable; default: the config as it is)")
+    ap.add_argument("--save-probs", help="a folder for each variant's out-of-fold probabilities (<name>.pt)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--out")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = args.variant or [["base"]]
+    base = load_config(args.config, args.set)
+    fixed = {"feature set": lambda c: c["model_args"].get("feature_set"), "normalize": lambda c: c["normalize"],
+             "val_fraction": lambda c: c["val_fraction"], "split_seed": lambda c: c["split_seed"]}
+    for name, *overrides in variants:
+        cfg = load_config(args.config, [*args.set, *overrides])
+        for what, get in fixed.items():
+            if get(cfg) != get(base):
+                raise SystemExit(f"error: variant {name!r} changes the {what} ({get(base)} -> {get(cfg)}): the "
+                                 "statistics and the internal split are shared by all variants; use --set")
+    rows, labels, stat_info = training_part_statistics(args.data, base, args.features)
+    skf = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.fold_seed)
+    folds = list(skf.split(np.zeros(len(labels)), labels.numpy()))
+    if args.run_folds:
+        folds = folds[:args.run_folds]
+    result = {"environment": environment(torch.device("cpu")), "config": args.config, "data": args.data,
+              "split": "the internal split's training part only (the internal split not loaded), "
+                       f"{args.folds}-fold stratified CV (fold seed {args.fold_seed}); last epoch, flip TTA",
+              "training_part_images": len(labels), "set": args.set, **stat_info, "folds_run": len(folds), "variants": {}}
+    probs = {}
+    for name, *overrides in variants:
+        cfg = load_config(args.config, [*args.set, *overrides])
+        accs, rec4, times = [], [], []
+        p = torch.zeros(len(labels), 5)
+        for k, (tr, va) in enumerate(folds):
+            t0 = time.perf_counter()
+            head = train_fold(cfg, rows[tr], labels[tr], args.seed + k)
+            z = statcache.logits(head, rows[va], cfg.get("tta", True))
+            times.append(time.perf_counter() - t0)
+            p[va] = F.softmax(z, 1)
+            pred = z.argmax(1)
+            accs.append(float((pred == labels[va]).float().mean()))
+            rec4.append(float((pred[labels[va] == 4] == 4).float().mean()))
+            log(f"{name} fold {k}: {100 * accs[-1]:.2f}% class-4 recall {rec4[-1]:.3f} ({times[-1]:.0f} s)")
+        probs[name] = p
+        if args.save_probs:
+            Path(args.save_probs).mkdir(parents=True, exist_ok=True)
+            done = torch.from_numpy(np.concatenate([va for _, va in folds]))
+            torch.save({"index": done, "probs": p[done], "labels": labels[done]}, Path(args.save_probs) / f"{name}.pt")
+        result["variants"][name] = {"overrides": overrides, "fold_accuracy": [round(a, 4) for a in accs],
+                                    "mean_accuracy": round(float(np.mean(accs)), 4),
+                                    "fold_class4_recall": [round(r, 4) for r in rec4],
+                                    "mean_class4_recall": round(float(np.mean(rec4)), 4),
+                                    "seconds_per_fold": round(float(np.mean(times)), 1)}
+    if len(probs) > 1:
+        idx = np.concatenate([va for _, va in folds])
+        mean = torch.stack(list(probs.values())).mean(0)[idx]
+        result["all_variants_averaged_accuracy"] = round(float((mean.argmax(1) == labels[idx]).float().mean()), 4)
+    emit(result, args.out)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except FakeprintError as e:  # a user's mistake (a missing dataset, a bad override): one line, no traceback
+        raise SystemExit(f"error: {e}") from None
