@@ -19,7 +19,8 @@ os.environ.setdefault("FAKEPRINT_COMMIT", "test")
 # CLI processes it starts (torch reads OMP_NUM_THREADS when it starts) get their share of threads, not all of them
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    _SHARE = max(1, (os.cpu_count() or 1) // _WORKERS)
+    _CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    _SHARE = max(1, _CORES // _WORKERS)
     os.environ.setdefault("OMP_NUM_THREADS", str(_SHARE))
     torch.set_num_threads(_SHARE)
 

@@ -25,7 +25,7 @@ def test_cv_scores_every_training_part_image_once_and_never_the_internal_split(t
     data = make_train_only(tmp_path / "data", n_train=100, seed=3)
     tiny = ["--set", "epochs=2", "--set", "batch_size=20", "--set", "model_args.hidden=16",
             "--set", "model_args.feature_set=v1"]
-    proc = _cv(data, tmp_path, *tiny, "--variant", "base", "--variant", "mixup", "mixup=0.4")
+    proc = _cv(data, tmp_path, *tiny, "--variant", "base", "--variant", "mixup", "stat_mixup=0.4")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "cv.json").read_text())
     # 10% of the 100 images is the internal split: only the other 90 are computed, split into 3 folds of 30
@@ -37,7 +37,7 @@ def test_cv_scores_every_training_part_image_once_and_never_the_internal_split(t
         saved = torch.load(tmp_path / "probs" / f"{name}.pt", weights_only=True)
         assert sorted(saved["index"].tolist()) == list(range(90))  # every image scored once, out of fold
         assert torch.allclose(saved["probs"].sum(1), torch.ones(90), atol=1e-5)
-    assert result["variants"]["mixup"]["overrides"][-1] == "mixup=0.4"
+    assert result["variants"]["mixup"]["overrides"][-1] == "stat_mixup=0.4"
     # mixing statistic rows changes the training: the two variants' probabilities differ
     a, b = (torch.load(tmp_path / "probs" / f"{n}.pt", weights_only=True)["probs"] for n in ("base", "mixup"))
     assert not torch.allclose(a, b)
@@ -52,7 +52,7 @@ def test_cv_scores_every_training_part_image_once_and_never_the_internal_split(t
     wrong = _cv(data, tmp_path, *tiny, "--variant", "v2", "model_args.feature_set=v2")
     assert wrong.returncode != 0 and "feature set" in wrong.stderr and "--set" in wrong.stderr
     assert "Traceback" not in wrong.stderr
-    for args, named in ((["--variant", "x", "lrr=1"], "lrr"),
+    for args, named in ((["--variant", "x", "lrr=1"], "lrr"), (["--variant", "img", "mixup=0.2"], "mixup"),
                         (["--data", str(tmp_path / "nowhere"), "--features", ""], "nowhere")):
         bad = _cv(data, tmp_path, *args)
         assert bad.returncode != 0 and "error:" in bad.stderr and named in bad.stderr, bad.stderr

@@ -97,3 +97,37 @@ def test_training_on_the_statistics_once_is_training_on_the_images(tiny_train_on
     for a, b in zip(m_on, m_off, strict=True):  # per epoch: train loss and accuracy, internal-split accuracy
         assert abs(float(a["train_loss"]) - float(b["train_loss"])) < 1e-3
         assert a["train_acc"] == b["train_acc"] and a["val_acc"] == b["val_acc"]
+
+
+def test_stat_mixup_blends_rows_and_targets_with_one_coefficient_per_batch():
+    rows = torch.arange(12.0).view(6, 2)
+    same, perm, lam = statcache.mix_rows(rows, {"stat_mixup": 0.0}, torch.Generator().manual_seed(0))
+    assert same is rows and perm is None and lam == 1.0
+    mixed, perm, lam = statcache.mix_rows(rows, {"stat_mixup": 0.4}, torch.Generator().manual_seed(0))
+    assert 0.0 < lam < 1.0 and sorted(perm.tolist()) == list(range(6))
+    torch.testing.assert_close(mixed, lam * rows + (1 - lam) * rows[perm])
+    # mix_prob 0: no batch is mixed
+    assert statcache.mix_rows(rows, {"stat_mixup": 0.4, "mix_prob": 0.0}, torch.Generator())[1] is None
+
+
+def test_stat_mixup_needs_the_statistics_computed_once_and_a_sign():
+    model = create_model("statmlp", feature_set="v2", hidden=16)
+    cfg = load_config(None, SMALL | {"stat_mixup": 0.2})
+    assert statcache.enabled(cfg, model)
+    for change, named in (({"stat_cache": "off"}, "stat_cache is off"), ({"rotation": 15}, "rotation")):
+        with pytest.raises(FakeprintError, match=f"stat_mixup.*{named}"):
+            statcache.enabled(load_config(None, SMALL | {"stat_mixup": 0.2} | change), model)
+    with pytest.raises(FakeprintError, match="stat_mixup.*not a statistics-only model"):
+        statcache.enabled(cfg | {"model": "hybrid"}, create_model("hybrid", feature_set="v2"))
+    with pytest.raises(FakeprintError, match="stat_mixup is a Beta alpha"):
+        load_config(None, SMALL | {"stat_mixup": -1})
+
+
+def test_a_run_with_stat_mixup_trains_differently_and_records_it(tiny_train_only, tmp_path):
+    rows = {}
+    for alpha in (0.0, 0.4):
+        out = tmp_path / str(alpha)
+        train(tiny_train_only, load_config(None, SMALL | {"stat_mixup": alpha}), out)
+        assert load_config(out / "config.yaml")["stat_mixup"] == alpha
+        rows[alpha] = list(csv.DictReader((out / "metrics.csv").open(newline="")))
+    assert [r["train_loss"] for r in rows[0.0]] != [r["train_loss"] for r in rows[0.4]]

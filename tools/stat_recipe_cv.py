@@ -8,12 +8,13 @@ scored once on the internal split. The statistics of every training-part image a
 repository). Each fold trains the config's head as ``stat_cache`` does (AdamW, the warm-up/linear schedule, label
 smoothing, EMA; one row per sample, the mirror's on a drawn flip) and scores the held-out fold at the last epoch with
 flip TTA. ``--variant NAME KEY=VALUE ...`` adds a recipe (config overrides, as ``--set``; the feature set and the
-split are shared by all variants: change them with ``--set``); ``mixup`` on a statistics model mixes statistic rows
-here (only here: ``fakeprint train`` refuses it with stat_cache). Prints one JSON object: per variant and fold the
-accuracy and class-4 recall, their means, and the accuracy of all variants' out-of-fold probabilities averaged.
+split are shared by all variants: change them with ``--set``); ``stat_mixup`` mixes statistic rows as ``fakeprint
+train`` does; a recipe that cannot train on statistics computed once (image augmentation beyond the flip) is refused.
+Prints one JSON object: per variant and fold the accuracy and class-4 recall, their means, and the accuracy of all
+variants' out-of-fold probabilities averaged.
 
     python tools/stat_recipe_cv.py --data data/unibuc-deepfake --folds 5 --run-folds 3 --features /tmp/v6.pt \
-        --variant base --variant hdrop5 model_args.dropout=0.5 --variant mixup02 mixup=0.2 \
+        --variant base --variant hdrop5 model_args.dropout=0.5 --variant mixup02 stat_mixup=0.2 \
         --out benchmarks/results/stat_recipe_cv-cpu-2core-avx2.json
 """
 
@@ -75,20 +76,17 @@ def train_fold(cfg: dict, rows: torch.Tensor, labels: torch.Tensor, seed: int) -
     ema = EMA(model, float(cfg["ema"])) if float(cfg["ema"]) > 0 else None
     loss_fn = make_loss(cfg, labels, 5, rows.device)
     g = torch.Generator().manual_seed(seed)
-    alpha = float(cfg.get("mixup") or 0)
     for _ in range(int(cfg["epochs"])):
         model.train()
         order = torch.randperm(len(labels), generator=g)
         for s in range(steps):
             idx = order[s * bs:(s + 1) * bs]
             x, y = statcache.training_views(rows[idx], cfg, g), labels[idx]
-            if alpha > 0:  # mixup of statistic rows (after standardisation would be the same up to the BN moments)
-                lam = float(torch.distributions.Beta(alpha, alpha).sample())
-                perm = torch.randperm(len(y), generator=g)
-                logits = model(lam * x + (1 - lam) * x[perm])
-                loss = lam * loss_fn(logits, y) + (1 - lam) * loss_fn(logits, y[perm])
-            else:
-                loss = loss_fn(model(x), y)
+            x, perm, lam = statcache.mix_rows(x, cfg, g)  # stat_mixup, as fakeprint train mixes the rows
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            if perm is not None:
+                loss = lam * loss + (1 - lam) * loss_fn(logits, y[perm])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -124,6 +122,9 @@ def main() -> None:
              "val_fraction": lambda c: c["val_fraction"], "split_seed": lambda c: c["split_seed"]}
     for name, *overrides in variants:
         cfg = load_config(args.config, [*args.set, *overrides])
+        reason = statcache.unusable_reason(cfg, build_model(cfg, 5))
+        if reason:
+            raise SystemExit(f"error: variant {name!r} cannot be trained on statistics computed once: {reason}")
         for what, get in fixed.items():
             if get(cfg) != get(base):
                 raise SystemExit(f"error: variant {name!r} changes the {what} ({get(base)} -> {get(cfg)}): the "

@@ -84,6 +84,7 @@ DEFAULTS: dict[str, Any] = {
     "channels_last": "auto",      # auto (on GPU; on CPU where safe, see train._channels_last) | on | off
     "compile": False,
     "stat_cache": "auto",         # statmlp with flips only: its statistics computed once, not every epoch (statcache)
+    "stat_mixup": 0.0,            # MixUp Beta(alpha, alpha) of statistic rows, not of images (needs stat_cache; 0: off)
     "deterministic": False,       # deterministic algorithms (for exact reproducibility on CPU)
     "threads": 0,                 # CPU threads for torch (0: leave torch's default)
     "workers": 0,                 # processes for decoding images into the cache (0: all cores)
@@ -219,6 +220,9 @@ def validate(cfg: dict[str, Any]) -> None:
         raise FakeprintError(f"config: selection_fraction must be at least 0 and below 1, got {cfg['selection_fraction']}")
     if not 0.0 <= float(cfg["rotation_prob"]) <= 1.0:
         raise FakeprintError(f"config: rotation_prob must be between 0 and 1, got {cfg['rotation_prob']}")
+    for key in ("mixup", "cutmix", "stat_mixup"):
+        if float(cfg[key]) < 0:
+            raise FakeprintError(f"config: {key} is a Beta alpha: 0 (off) or more, got {cfg[key]}")
     if not 0.0 < float(cfg["val_fraction"]) < 1.0:
         raise FakeprintError(f"config: val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     if not isinstance(cfg["model_args"], dict):

@@ -11,6 +11,10 @@ the two rows' logits); the final report is measured on the images, as every cons
 
 The config's ``stat_cache``: ``auto`` (when the model and the augmentation allow it), ``on`` (refuse a config
 that does not allow it, with the reason) or ``off``.
+
+``stat_mixup`` (Beta alpha, 0: off) mixes the statistic rows of a batch, as MixUp mixes images (``mix_rows``): not
+the same thing as image MixUp (the statistics of a blended image are not the blend of the statistics), so it is its
+own key and needs the statistics computed once; chosen by cross-validation (``tools/stat_recipe_cv.py``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .augment import draw_hflips
+from .augment import draw_hflips, mix_batch
 from .errors import FakeprintError
 from .models.hybrid import StatHead
 from .preprocess import normalize, to_float, tta_mode
@@ -44,11 +48,13 @@ def unusable_reason(cfg: dict, model: nn.Module) -> str | None:
 
 
 def enabled(cfg: dict, model: nn.Module) -> bool:
-    """Whether to train on statistics computed once; ``stat_cache: on`` with an unusable config is an error."""
+    """Whether to train on statistics computed once; ``stat_cache: on`` with an unusable config is an error, and
+    so is ``stat_mixup`` without the statistics computed once."""
     mode = str(cfg.get("stat_cache", "auto"))
-    if mode == "off":
-        return False
-    reason = unusable_reason(cfg, model)
+    reason = "stat_cache is off" if mode == "off" else unusable_reason(cfg, model)
+    if reason and float(cfg.get("stat_mixup") or 0) > 0:
+        raise FakeprintError(f"config: stat_mixup mixes statistics computed once, and they cannot be here: {reason}; "
+                             "set stat_mixup: 0 (or mixup, which mixes images)")
     if reason and mode == "on":
         raise FakeprintError(f"config: stat_cache is on but the statistics cannot be computed once: {reason}; "
                              "use stat_cache: auto or off")
@@ -90,6 +96,16 @@ def training_views(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.T
     if flip is None:
         return rows[:, 0]
     return torch.where(flip.view(-1, 1), rows[:, 1], rows[:, 0])
+
+
+def mix_rows(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
+    """``stat_mixup``: the batch's statistic rows (N x D) blended with a shuffled copy, one Beta(alpha, alpha)
+    coefficient per batch (``mix_prob`` of the batches), drawn as ``augment.mix_batch`` draws image MixUp.
+    Returns ``(rows, perm, lam)``: the targets are ``lam * y + (1 - lam) * y[perm]``."""
+    alpha = float(cfg.get("stat_mixup") or 0)
+    if alpha <= 0:
+        return rows, None, 1.0
+    return mix_batch(rows, {"mixup": alpha, "cutmix": 0.0, "mix_prob": cfg.get("mix_prob", 1.0)}, g)
 
 
 @torch.no_grad()

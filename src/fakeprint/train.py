@@ -282,8 +282,8 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
                dynamic_ncols=True)
     micro = int(cfg["micro_batch"])
     for i, (xb, yb, *soft) in enumerate(bar):
-        if on_statistics:  # the image's or its mirror's row, drawn as augment draws its flips; nothing else to do
-            x, perm, lam = statcache.training_views(xb, cfg, gen), None, 1.0
+        if on_statistics:  # the image's or its mirror's row, drawn as augment draws its flips; stat_mixup, if on
+            x, perm, lam = statcache.mix_rows(statcache.training_views(xb, cfg, gen), cfg, gen)
         else:
             x, perm, lam = mix_batch(augment(to_float(xb), cfg, gen), cfg, gen)
             x = normalize(x, cfg["normalize"])
