@@ -14,7 +14,8 @@ that does not allow it, with the reason) or ``off``.
 
 ``stat_mixup`` (Beta alpha, 0: off) mixes the statistic rows of a batch, as MixUp mixes images (``mix_rows``): not
 the same thing as image MixUp (the statistics of a blended image are not the blend of the statistics), so it is its
-own key and needs the statistics computed once; chosen by cross-validation (``tools/stat_recipe_cv.py``).
+own key and needs the statistics computed once; measured by cross-validation with ``tools/stat_recipe_cv.py``
+(docs/results.md, round 16).
 """
 
 from __future__ import annotations
