@@ -30,6 +30,7 @@ def test_cv_scores_every_training_part_image_once_and_never_the_internal_split(t
     result = json.loads((tmp_path / "cv.json").read_text())
     # 10% of the 100 images is the internal split: only the other 90 are computed, split into 3 folds of 30
     assert result["training_part_images"] == 90 and result["folds_run"] == 3
+    assert result["data"]["name"] == "data" and str(tmp_path) not in (tmp_path / "cv.json").read_text()
     assert "internal split not loaded" in result["split"] and "last epoch" in result["split"]
     for name in ("base", "mixup"):
         v = result["variants"][name]
@@ -48,6 +49,7 @@ def test_cv_scores_every_training_part_image_once_and_never_the_internal_split(t
     assert again.returncode == 0, again.stderr
     assert "statistics read from" in again.stderr
     assert json.loads((tmp_path / "cv.json").read_text())["folds_run"] == 1
+    assert str(tmp_path) not in (tmp_path / "cv.json").read_text()  # the kept statistics named by file name only
     # a variant cannot change what the statistics are: they are computed once for all of them
     wrong = _cv(data, tmp_path, *tiny, "--variant", "v2", "model_args.feature_set=v2")
     assert wrong.returncode != 0 and "feature set" in wrong.stderr and "--set" in wrong.stderr

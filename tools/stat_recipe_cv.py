@@ -35,7 +35,7 @@ from _common import DEFAULT_DATA, emit, environment, log  # noqa: E402
 from fakeprint import statcache
 from fakeprint.config import load_config
 from fakeprint.data.cache import load_split
-from fakeprint.data.dataset import stratified_split
+from fakeprint.data.dataset import dataset_identity, stratified_split
 from fakeprint.errors import FakeprintError
 from fakeprint.losses import make_loss
 from fakeprint.train import EMA, build_model, build_optimizer, build_scheduler
@@ -49,7 +49,7 @@ def training_part_statistics(data: str, cfg: dict, features: str | None) -> tupl
         saved = torch.load(features, weights_only=True)
         if {k: saved["key"][k] for k in key} == key:
             log(f"statistics read from {features}")
-            return saved["rows"], saved["labels"], {"statistics_time_s": None, "from": features}
+            return saved["rows"], saved["labels"], {"statistics_time_s": None, "from": Path(features).name}
         log(f"{features} holds other statistics ({saved['key']}): computing them again")
     full = load_split(Path(data), "train", progress=False)
     tr, _ = stratified_split(full.labels, float(cfg["val_fraction"]), int(cfg["split_seed"]))
@@ -134,7 +134,8 @@ def main() -> None:
     folds = list(skf.split(np.zeros(len(labels)), labels.numpy()))
     if args.run_folds:
         folds = folds[:args.run_folds]
-    result = {"environment": environment(torch.device("cpu")), "config": args.config, "data": args.data,
+    result = {"environment": environment(torch.device("cpu")), "config": args.config,
+              "data": dataset_identity(args.data),
               "split": "the internal split's training part only (the internal split not loaded), "
                        f"{args.folds}-fold stratified CV (fold seed {args.fold_seed}); last epoch, flip TTA",
               "training_part_images": len(labels), "set": args.set, **stat_info, "folds_run": len(folds), "variants": {}}
