@@ -50,6 +50,10 @@ def test_cv_scores_every_training_part_image_once_and_never_the_internal_split(t
     assert "statistics read from" in again.stderr
     assert json.loads((tmp_path / "cv.json").read_text())["folds_run"] == 1
     assert str(tmp_path) not in (tmp_path / "cv.json").read_text()  # the kept statistics named by file name only
+    # another dataset with the same statistics file: computed again, not read
+    other = make_train_only(tmp_path / "other", n_train=100, seed=4)
+    fresh = _cv(other, tmp_path, *tiny, "--variant", "base", "--run-folds", "1")
+    assert fresh.returncode == 0 and "holds other statistics" in fresh.stderr, fresh.stderr
     # a variant cannot change what the statistics are: they are computed once for all of them
     wrong = _cv(data, tmp_path, *tiny, "--variant", "v2", "model_args.feature_set=v2")
     assert wrong.returncode != 0 and "feature set" in wrong.stderr and "--set" in wrong.stderr

@@ -44,10 +44,11 @@ from fakeprint.train import EMA, build_model, build_optimizer, build_scheduler
 def training_part_statistics(data: str, cfg: dict, features: str | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """N x 2 x D statistics and labels of the training part (the internal split left out), cached in ``features``."""
     key = {"feature_set": cfg["model_args"].get("feature_set"), "val_fraction": float(cfg["val_fraction"]),
-           "split_seed": int(cfg["split_seed"]), "normalize": cfg["normalize"]}
+           "split_seed": int(cfg["split_seed"]), "normalize": cfg["normalize"],
+           "dataset": dataset_identity(data)}  # another dataset in the same file: computed again, not reused
     if features and Path(features).exists():
         saved = torch.load(features, weights_only=True)
-        if {k: saved["key"][k] for k in key} == key:
+        if {k: saved["key"].get(k) for k in key} == key:
             log(f"statistics read from {features}")
             return saved["rows"], saved["labels"], {"statistics_time_s": None, "from": Path(features).name}
         log(f"{features} holds other statistics ({saved['key']}): computing them again")
