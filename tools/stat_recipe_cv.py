@@ -74,7 +74,7 @@ def train_fold(cfg: dict, rows: torch.Tensor, labels: torch.Tensor, seed: int) -
     steps = len(labels) // bs  # the last partial batch dropped, as fakeprint train does
     opt = build_optimizer(cfg, model)
     sched, per_step = build_scheduler(cfg, opt, steps)
-    ema = EMA(model, float(cfg["ema"])) if float(cfg["ema"]) > 0 else None
+    ema = EMA(model, float(cfg["ema"]), bool(cfg["ema_warmup"])) if float(cfg["ema"]) > 0 else None
     loss_fn = make_loss(cfg, labels, 5, rows.device)
     g = torch.Generator().manual_seed(seed)
     for _ in range(int(cfg["epochs"])):
@@ -121,8 +121,11 @@ def main() -> None:
     base = load_config(args.config, args.set)
     fixed = {"feature set": lambda c: c["model_args"].get("feature_set"), "normalize": lambda c: c["normalize"],
              "val_fraction": lambda c: c["val_fraction"], "split_seed": lambda c: c["split_seed"]}
-    for name, *overrides in variants:
-        cfg = load_config(args.config, [*args.set, *overrides])
+    names = [name for name, *_ in variants]
+    if len(set(names)) < len(names):
+        raise SystemExit(f"error: variant names must differ: {', '.join(names)}")
+    cfgs = {name: load_config(args.config, [*args.set, *overrides]) for name, *overrides in variants}
+    for name, cfg in cfgs.items():
         reason = statcache.unusable_reason(cfg, build_model(cfg, 5))
         if reason:
             raise SystemExit(f"error: variant {name!r} cannot be trained on statistics computed once: {reason}")
@@ -142,7 +145,7 @@ def main() -> None:
               "training_part_images": len(labels), "set": args.set, **stat_info, "folds_run": len(folds), "variants": {}}
     probs = {}
     for name, *overrides in variants:
-        cfg = load_config(args.config, [*args.set, *overrides])
+        cfg = cfgs[name]
         accs, rec4, times = [], [], []
         p = torch.zeros(len(labels), 5)
         for k, (tr, va) in enumerate(folds):
