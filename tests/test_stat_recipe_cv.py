@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 
 from conftest import make_train_only
+from fakeprint import statcache
+from fakeprint.checkpoint import load_checkpoint
+from fakeprint.config import load_config
+from fakeprint.data.cache import load_split
+from fakeprint.models import create_model
+from fakeprint.train import train
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,3 +72,32 @@ def test_cv_scores_every_training_part_image_once_and_never_the_internal_split(t
         bad = _cv(data, tmp_path, *args)
         assert bad.returncode != 0 and "error:" in bad.stderr and named in bad.stderr, bad.stderr
         assert "Traceback" not in bad.stderr
+
+
+def _tool():
+    spec = importlib.util.spec_from_file_location("stat_recipe_cv", ROOT / "tools" / "stat_recipe_cv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("lossless", [{}, {"vflip": True, "rot90": True, "tta": "dihedral"}], ids=["flips", "dihedral"])
+def test_a_fold_is_trained_as_fakeprint_train_trains(tmp_path, lossless):
+    """train_fold on the statistics of a dataset's images ends with the weights fakeprint train reaches on those
+    images with the same seed (train_on_all: the same images in the same order)."""
+    data = make_train_only(tmp_path / "data", n_train=60, seed=5)
+    cfg = load_config(None, {"model": "statmlp", "model_args": {"feature_set": "v1", "hidden": 16, "layers": 2},
+                             "epochs": 2, "batch_size": 16, "progress": False, "ema": 0.9, "amp": "off",
+                             "rotation": 0, "scheduler": "warmup_linear", "early_stop": 0, "train_on_all": True,
+                             "seed": 3} | lossless)
+    train(data, cfg, tmp_path / "run")
+    full = load_split(data, "train", progress=False)
+    head = create_model(cfg["model"], **cfg["model_args"])
+    rows = statcache.statistics(head, torch.from_numpy(np.array(full.images)), cfg["normalize"], views=statcache.views(cfg))
+    trained = _tool().train_fold(cfg, rows, torch.from_numpy(np.asarray(full.labels)).long(), seed=3)
+    want = load_checkpoint(tmp_path / "run" / "last")[0].state_dict()
+    assert trained.state_dict().keys() == want.keys()
+    for k, w in want.items():
+        torch.testing.assert_close(trained.state_dict()[k], w, rtol=1e-3, atol=1e-4)
+    other = _tool().train_fold(cfg, rows, torch.from_numpy(np.asarray(full.labels)).long(), seed=4)
+    assert not torch.allclose(other.state_dict()["mlp.1.weight"], want["mlp.1.weight"])  # the seed matters

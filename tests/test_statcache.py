@@ -11,11 +11,13 @@ import pytest
 import torch
 
 from fakeprint import statcache
+from fakeprint.augment import augment
 from fakeprint.checkpoint import load_checkpoint
 from fakeprint.config import load_config
 from fakeprint.errors import FakeprintError
 from fakeprint.inference import predict_logits
 from fakeprint.models import count_parameters, create_model
+from fakeprint.preprocess import normalize, to_float
 from fakeprint.train import train
 
 # small and quick: the v2 statistics, a two-layer head
@@ -33,10 +35,10 @@ def test_the_preset_is_the_cross_validated_head_on_feature_set_v6():
     assert statcache.enabled(cfg, create_model(cfg["model"], **cfg["model_args"]))
 
 
-@pytest.mark.parametrize("change, named", [({"rotation": 15}, "rotation"), ({"vflip": True}, "vflip"),
+@pytest.mark.parametrize("change, named", [({"rotation": 15}, "rotation"), ({"color_jitter": 0.1}, "color_jitter"),
                                            ({"mixup": 0.2}, "mixup"), ({"translate": 4}, "translate"),
-                                           ({"tta": "dihedral"}, "dihedral")])
-def test_an_augmentation_beyond_flips_turns_it_off_or_is_refused_with_the_reason(change, named):
+                                           ({"cutmix": 1.0}, "cutmix")])
+def test_an_augmentation_beyond_flips_and_turns_turns_it_off_or_is_refused_with_the_reason(change, named):
     cfg = load_config(None, SMALL | change)
     model = create_model(cfg["model"], **cfg["model_args"])
     assert named in statcache.unusable_reason(cfg, model)
@@ -45,6 +47,15 @@ def test_an_augmentation_beyond_flips_turns_it_off_or_is_refused_with_the_reason
         statcache.enabled(cfg | {"stat_cache": "on"}, model)
     assert statcache.unusable_reason(load_config(None, SMALL), model) is None
     assert statcache.unusable_reason(load_config(None, SMALL | {"rotation": 15, "rotation_prob": 0.0}), model) is None
+
+
+@pytest.mark.parametrize("change, views", [({}, "flip"), ({"vflip": True}, "dihedral"), ({"rot90": True}, "dihedral"),
+                                          ({"tta": "dihedral"}, "dihedral"), ({"tta": "none"}, "flip")])
+def test_flips_and_quarter_turns_are_lossless_and_ask_for_the_views_they_need(change, views):
+    cfg = load_config(None, SMALL | change)
+    model = create_model(cfg["model"], **cfg["model_args"])
+    assert statcache.unusable_reason(cfg, model) is None and statcache.enabled(cfg | {"stat_cache": "on"}, model)
+    assert statcache.views(cfg) == views
 
 
 def test_only_a_statistics_only_model_qualifies():
@@ -60,10 +71,14 @@ def test_logits_from_the_statistics_are_those_of_the_images():
     with torch.no_grad():
         head.mlp[0].running_var.fill_(4.0)  # not the identity: the standardisation must be applied the same way
     rows = statcache.statistics(head, torch.from_numpy(images), "imagenet", batch_size=4)
-    assert rows.shape == (10, 2, head.stats.dim)
-    for tta in ("none", "flip"):
+    rows8 = statcache.statistics(head, torch.from_numpy(images), "imagenet", batch_size=4, views="dihedral")
+    assert rows.shape == (10, 2, head.stats.dim) and rows8.shape == (10, 8, head.stats.dim)
+    torch.testing.assert_close(rows8[:, :2], rows)  # the flip pair comes first in both layouts
+    for tta in ("none", "flip", "dihedral"):
         want = predict_logits(head, images, torch.device("cpu"), tta=tta)
-        torch.testing.assert_close(statcache.logits(head, rows, tta), want, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(statcache.logits(head, rows8, tta), want, rtol=1e-4, atol=1e-4)
+        if tta != "dihedral":
+            torch.testing.assert_close(statcache.logits(head, rows, tta), want, rtol=1e-4, atol=1e-4)
     with pytest.raises(FakeprintError, match="dihedral"):
         statcache.logits(head, rows, "dihedral")
 
@@ -75,15 +90,34 @@ def test_a_flip_picks_the_mirror_row_with_the_draw_augment_makes():
     flips = torch.rand(64, generator=g2) < 0.5  # augment.augment's first draw
     assert torch.equal(picked[:, 0] == 1, flips) and 0 < int(flips.sum()) < 64
     assert torch.equal(statcache.training_views(rows, {"hflip": False}, g1), rows[:, 0])
+    with pytest.raises(FakeprintError, match="8"):  # quarter turns drawn, only the flip pair computed
+        statcache.training_views(rows, {"hflip": True, "rot90": True}, g1)
 
 
-def test_training_on_the_statistics_once_is_training_on_the_images(tiny_train_only, tmp_path):
+def test_each_drawn_flip_and_turn_picks_the_row_of_the_view_augment_makes():
+    """The statistics of the augmented images are the picked rows: every one of the 16 draws (mirror, upside
+    down, 0-3 quarter turns) lands on the row of the view it makes, with augment's random stream."""
+    rng = np.random.default_rng(1)
+    images = torch.from_numpy(rng.integers(0, 256, (48, 100, 100, 3), dtype=np.uint8))
+    head = create_model("statmlp", feature_set="v2", hidden=16).eval()
+    rows = statcache.statistics(head, images, "imagenet", views="dihedral")
+    assert len({tuple(rows[0, i].tolist()) for i in range(8)}) == 8  # the eight views' statistics all differ
+    cfg = {"hflip": True, "vflip": True, "rot90": True}
+    picked = statcache.training_views(rows, cfg, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = head.stats(normalize(augment(to_float(images), cfg, torch.Generator().manual_seed(7)), "imagenet"))
+    torch.testing.assert_close(picked, want, rtol=1e-4, atol=1e-4)
+    assert len({int(r) for r in statcache._ROW_OF_VIEW.flatten()}) == 8
+
+
+@pytest.mark.parametrize("lossless", [{}, {"vflip": True, "rot90": True, "tta": "dihedral"}], ids=["flips", "dihedral"])
+def test_training_on_the_statistics_once_is_training_on_the_images(tiny_train_only, tmp_path, lossless):
     """The same seed, the same recipe: the cached path ends with the weights and figures of the image path (up to
     float rounding), records that it ran, and reports from the images."""
     runs = {}
     for mode in ("on", "off"):
         out = tmp_path / mode
-        summary = train(tiny_train_only, load_config(None, SMALL | {"stat_cache": mode}), out)
+        summary = train(tiny_train_only, load_config(None, SMALL | lossless | {"stat_cache": mode}), out)
         runs[mode] = (summary, load_checkpoint(out / "last")[0].state_dict(),
                       json.loads((out / "run.json").read_text()),
                       list(csv.DictReader((out / "metrics.csv").open(newline=""))))

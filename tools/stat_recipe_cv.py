@@ -3,15 +3,16 @@
 ``tools/feature_probe.py`` compares feature sets with a fixed head; this compares recipes of the head itself, trained
 as ``fakeprint train`` trains a statistics-only preset. The internal split (``val_fraction``, ``split_seed`` of the
 config) is never loaded: its images are left out before anything is computed, so a recipe can be chosen here and then
-scored once on the internal split. The statistics of every training-part image and of its mirror are computed once
-(``fakeprint.statcache``) and optionally kept in ``--features`` (a derived copy of the images: keep it out of the
-repository). Each fold trains the config's head as ``stat_cache`` does (AdamW, the warm-up/linear schedule, label
-smoothing, EMA; one row per sample, the mirror's on a drawn flip) and scores the held-out fold at the last epoch with
-flip TTA. ``--variant NAME KEY=VALUE ...`` adds a recipe (config overrides, as ``--set``; the feature set and the
-split are shared by all variants: change them with ``--set``); ``stat_mixup`` mixes statistic rows as ``fakeprint
-train`` does; a recipe that cannot train on statistics computed once (image augmentation beyond the flip) is refused.
-Prints one JSON object: per variant and fold the accuracy and class-4 recall, their means, and the accuracy of all
-variants' out-of-fold probabilities averaged.
+scored once on the internal split. The statistics of every training-part image's views (its mirror; all eight flips
+and quarter turns when a variant trains or tests on them) are computed once (``fakeprint.statcache``) and optionally
+kept in ``--features`` (a derived copy of the images: keep it out of the repository). Each fold trains the config's
+head with ``train.train_one_epoch`` as ``fakeprint train`` does with ``stat_cache`` and the fold's seed (the same
+batches, view draws, ``stat_mixup``, optimiser, schedule and EMA) and scores the held-out fold at the last epoch with
+the variant's TTA. ``--variant NAME KEY=VALUE ...`` adds a recipe (config overrides, as ``--set``; the feature set
+and the split are shared by all variants: change them with ``--set``); a recipe that cannot train on statistics
+computed once (image augmentation beyond flips and quarter turns) is refused. Prints one JSON object: per variant and
+fold the accuracy and class-4 recall, their means, and the accuracy of all variants' out-of-fold probabilities
+averaged.
 
     python tools/stat_recipe_cv.py --data data/unibuc-deepfake --folds 5 --run-folds 3 --features /tmp/v6.pt \
         --variant base --variant hdrop5 model_args.dropout=0.5 --variant mixup02 stat_mixup=0.2 \
@@ -36,21 +37,35 @@ from fakeprint import statcache
 from fakeprint.config import load_config
 from fakeprint.data.cache import load_split
 from fakeprint.data.dataset import dataset_identity, stratified_split
+from fakeprint.data.loader import DeviceBatches
 from fakeprint.errors import FakeprintError
+from fakeprint.inference import autocast_dtype
 from fakeprint.losses import make_loss
-from fakeprint.train import EMA, build_model, build_optimizer, build_scheduler
+from fakeprint.train import (
+    EMA,
+    Dist,
+    build_model,
+    build_optimizer,
+    build_scheduler,
+    epoch_generator,
+    train_one_epoch,
+)
 
 
-def training_part_statistics(data: str, cfg: dict, features: str | None) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """N x 2 x D statistics and labels of the training part (the internal split left out), cached in ``features``."""
+def training_part_statistics(data: str, cfg: dict, features: str | None, views: str = "flip"
+                             ) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """N x V x D statistics (``statcache.statistics``' views) and labels of the training part (the internal split
+    left out), cached in ``features``; kept eight-view statistics serve a two-view request (their first two rows)."""
     key = {"feature_set": cfg["model_args"].get("feature_set"), "val_fraction": float(cfg["val_fraction"]),
            "split_seed": int(cfg["split_seed"]), "normalize": cfg["normalize"],
            "dataset": dataset_identity(data)}  # another dataset in the same file: computed again, not reused
     if features and Path(features).exists():
         saved = torch.load(features, weights_only=True)
-        if {k: saved["key"].get(k) for k in key} == key:
+        saved_views = saved["key"].get("views", "flip")
+        if {k: saved["key"].get(k) for k in key} == key and (saved_views == views or saved_views == "dihedral"):
             log(f"statistics read from {features}")
-            return saved["rows"], saved["labels"], {"statistics_time_s": None, "from": Path(features).name}
+            rows = saved["rows"] if saved_views == views else saved["rows"][:, :2]
+            return rows, saved["labels"], {"statistics_time_s": None, "from": Path(features).name}
         log(f"{features} holds other statistics ({saved['key']}): computing them again")
     full = load_split(Path(data), "train", progress=False)
     tr, _ = stratified_split(full.labels, float(cfg["val_fraction"]), int(cfg["split_seed"]))
@@ -58,43 +73,37 @@ def training_part_statistics(data: str, cfg: dict, features: str | None) -> tupl
     labels = torch.from_numpy(np.asarray(full.labels)[tr]).long()
     head = build_model(cfg, 5)
     t0 = time.perf_counter()
-    rows = statcache.statistics(head, images, cfg["normalize"], progress=True)
+    rows = statcache.statistics(head, images, cfg["normalize"], views=views, progress=True)
     seconds = time.perf_counter() - t0
     if features:
-        torch.save({"key": key, "rows": rows, "labels": labels}, features)
+        torch.save({"key": key | {"views": views}, "rows": rows, "labels": labels}, features)
     return rows, labels, {"statistics_time_s": round(seconds, 1)}
 
 
 def train_fold(cfg: dict, rows: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.nn.Module:
-    """The head trained on ``rows`` (N x 2 x D) for the config's epochs; the EMA model when the config has one."""
+    """The head trained on ``rows`` (N x V x D) as ``fakeprint train`` trains it with ``stat_cache`` and this seed
+    (the same batches, draws, step and schedule: ``train.train_one_epoch``); the EMA model when the config has one."""
+    cfg = cfg | {"seed": seed, "progress": False}
     torch.manual_seed(seed)
+    device, d = torch.device("cpu"), Dist()
     head = build_model(cfg, 5)
     model = statcache.OnStatistics(head)
-    bs = int(cfg["batch_size"])
-    steps = len(labels) // bs  # the last partial batch dropped, as fakeprint train does
+    batches = DeviceBatches(rows, labels, int(cfg["batch_size"]), sampler=cfg["sampler"], drop_last=True, seed=seed)
+    if len(batches) == 0:
+        raise FakeprintError(f"batch_size {cfg['batch_size']} is larger than a fold's training part ({len(labels)})")
     opt = build_optimizer(cfg, model)
-    sched, per_step = build_scheduler(cfg, opt, steps)
+    sched, per_step = build_scheduler(cfg, opt, len(batches))
+    loss_fn = make_loss(cfg, labels, 5, device)
+    if sched is not None and not per_step:
+        raise FakeprintError(f"scheduler {cfg['scheduler']!r} steps on a held-out figure; the folds need a fixed "
+                             "schedule (warmup_linear, cosine or none)")
     ema = EMA(model, float(cfg["ema"]), bool(cfg["ema_warmup"])) if float(cfg["ema"]) > 0 else None
-    loss_fn = make_loss(cfg, labels, 5, rows.device)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(int(cfg["epochs"])):
-        model.train()
-        order = torch.randperm(len(labels), generator=g)
-        for s in range(steps):
-            idx = order[s * bs:(s + 1) * bs]
-            x, y = statcache.training_views(rows[idx], cfg, g), labels[idx]
-            x, perm, lam = statcache.mix_rows(x, cfg, g)  # stat_mixup, as fakeprint train mixes the rows
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            if perm is not None:
-                loss = lam * loss + (1 - lam) * loss_fn(logits, y[perm])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if per_step:
-                sched.step()
-            if ema is not None:
-                ema.update(model)
+    amp_dtype = autocast_dtype(device, cfg["amp"])
+    for epoch in range(int(cfg["epochs"])):
+        batches.set_epoch(epoch)
+        gen = epoch_generator(cfg, epoch, d, device)
+        train_one_epoch(model, batches, opt, sched, per_step, loss_fn, cfg, device, amp_dtype, None, ema, gen, d,
+                        desc="", on_statistics=True)
     return (ema.model if ema is not None else model).head
 
 
@@ -133,7 +142,8 @@ def main() -> None:
             if get(cfg) != get(base):
                 raise SystemExit(f"error: variant {name!r} changes the {what} ({get(base)} -> {get(cfg)}): the "
                                  "statistics and the internal split are shared by all variants; use --set")
-    rows, labels, stat_info = training_part_statistics(args.data, base, args.features)
+    views = "dihedral" if any(statcache.views(c) == "dihedral" for c in cfgs.values()) else "flip"
+    rows, labels, stat_info = training_part_statistics(args.data, base, args.features, views)
     skf = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.fold_seed)
     folds = list(skf.split(np.zeros(len(labels)), labels.numpy()))
     if args.run_folds:
@@ -141,7 +151,7 @@ def main() -> None:
     result = {"environment": environment(torch.device("cpu")), "config": args.config,
               "data": dataset_identity(args.data),
               "split": "the internal split's training part only (the internal split not loaded), "
-                       f"{args.folds}-fold stratified CV (fold seed {args.fold_seed}); last epoch, flip TTA",
+                       f"{args.folds}-fold stratified CV (fold seed {args.fold_seed}); last epoch, each variant's TTA",
               "training_part_images": len(labels), "set": args.set, **stat_info, "folds_run": len(folds), "variants": {}}
     probs = {}
     for name, *overrides in variants:
@@ -150,8 +160,9 @@ def main() -> None:
         p = torch.zeros(len(labels), 5)
         for k, (tr, va) in enumerate(folds):
             t0 = time.perf_counter()
-            head = train_fold(cfg, rows[tr], labels[tr], args.seed + k)
-            z = statcache.logits(head, rows[va], cfg.get("tta", True))
+            own = rows if statcache.views(cfg) == views else rows[:, :2]  # a flip-only variant: its two rows
+            head = train_fold(cfg, own[tr], labels[tr], args.seed + k)
+            z = statcache.logits(head, own[va], cfg["tta"])
             times.append(time.perf_counter() - t0)
             p[va] = F.softmax(z, 1)
             pred = z.argmax(1)
@@ -163,7 +174,8 @@ def main() -> None:
             Path(args.save_probs).mkdir(parents=True, exist_ok=True)
             done = torch.from_numpy(np.concatenate([va for _, va in folds]))
             torch.save({"index": done, "probs": p[done], "labels": labels[done]}, Path(args.save_probs) / f"{name}.pt")
-        result["variants"][name] = {"overrides": overrides, "fold_accuracy": [round(a, 4) for a in accs],
+        result["variants"][name] = {"overrides": overrides, "tta": statcache.tta_mode(cfg["tta"]),
+                                    "fold_accuracy": [round(a, 4) for a in accs],
                                     "mean_accuracy": round(float(np.mean(accs)), 4),
                                     "fold_class4_recall": [round(r, 4) for r in rec4],
                                     "mean_class4_recall": round(float(np.mean(rec4)), 4),

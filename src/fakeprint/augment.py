@@ -26,10 +26,16 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.
     return torch.rand(n, generator=g, device=device) * (hi - lo) + lo
 
 
-def draw_hflips(n: int, cfg: dict, g: torch.Generator, device) -> torch.Tensor | None:
-    """Which of ``n`` samples are mirrored (None when ``hflip`` is off): ``augment``'s first draw from ``g``, and
-    the one ``statcache`` makes for statistics computed once, so both paths keep the same random stream."""
-    return torch.rand(n, generator=g, device=device) < 0.5 if cfg.get("hflip") else None
+def draw_lossless(n: int, cfg: dict, g: torch.Generator, device
+                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The lossless part of ``augment``'s draw for ``n`` samples, its first draws from ``g``: which are mirrored
+    (``hflip``), which flipped upside down (``vflip``), and how many quarter turns each gets (``rot90``: 0-3),
+    None for a switch that is off. ``statcache`` makes the same draw to pick precomputed statistics, so both paths
+    keep the same random stream."""
+    hflip = torch.rand(n, generator=g, device=device) < 0.5 if cfg.get("hflip") else None
+    vflip = torch.rand(n, generator=g, device=device) < 0.5 if cfg.get("vflip") else None
+    k90 = torch.randint(0, 4, (n,), generator=g, device=device) if cfg.get("rot90") else None
+    return hflip, vflip, k90
 
 
 def augment(x: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
@@ -41,9 +47,9 @@ def augment(x: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
     When the batch goes through the affine resampling (rotation or translation) anyway, the flips are
     folded into each sample's sampling matrix instead of being applied as separate passes."""
     n, dev = x.shape[0], x.device
-    hflip = draw_hflips(n, cfg, g, dev)
-    vflip = torch.rand(n, generator=g, device=dev) < 0.5 if cfg.get("vflip") else None
-    k90 = torch.randint(0, 4, (n,), generator=g, device=dev).view(n, 1, 1, 1) if cfg.get("rot90") else None
+    hflip, vflip, k90 = draw_lossless(n, cfg, g, dev)
+    if k90 is not None:
+        k90 = k90.view(n, 1, 1, 1)
     rot = float(cfg.get("rotation") or 0.0)
     shift = int(cfg.get("translate") or 0)
     affine = rot > 0 or shift > 0

@@ -2,12 +2,17 @@
 
 ``statmlp`` is ``StatFeatures`` (no parameters) followed by a small MLP. Trained the ordinary way, every epoch
 recomputes thousands of statistics for every training image, and that is nearly all of its training time. When
-the recipe's only augmentation is the horizontal flip, every view the MLP can ever see is known in advance: the
-statistics of each image and of its mirror image. So they are computed once (``StatFeatures.forward_and_mirror``,
-the same numbers as ``forward(x.flip(3))`` up to float rounding) and each step picks one of the two rows per
-sample, with the same random draw ``augment.augment`` makes for its flips: the same training, up to rounding, in
-a fraction of the time. Per-epoch figures use the internal split's statistics the same way (flip TTA: the mean of
-the two rows' logits); the final report is measured on the images, as every consumer computes it.
+the recipe's only augmentation is lossless (horizontal flips, and optionally vertical flips and quarter turns), every
+view the MLP can ever see is known in advance: the statistics of each image and of its mirror image, or of its
+eight dihedral views. So they are computed once (``StatFeatures.forward_and_mirror`` on each quarter turn, the same
+numbers as ``forward`` on each view up to float rounding) and each step picks one row per sample, with the same
+random draw ``augment.augment`` makes for its flips and turns: the same training, up to rounding, in a fraction of
+the time. Per-epoch figures use the internal split's statistics the same way (flip TTA: the mean of the image's and
+the mirror's logits; dihedral TTA: of all eight); the final report is measured on the images, as every consumer
+computes it.
+
+Rows are laid out as ``tta_views`` pairs them: row ``2j + m`` holds the statistics of the image turned ``j`` quarter
+turns (``rot90(j, (2, 3))``) and then mirrored if ``m``; with flips only there are just rows 0 and 1.
 
 The config's ``stat_cache``: ``auto`` (when the model and the augmentation allow it), ``on`` (refuse a config
 that does not allow it, with the reason) or ``off``.
@@ -24,14 +29,41 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .augment import draw_hflips, mix_batch
+from .augment import draw_lossless, mix_batch
 from .errors import FakeprintError
 from .models.hybrid import StatHead
 from .preprocess import normalize, to_float, tta_mode
 
-# augmentation switches that change an image beyond a horizontal flip: with any of them on, the statistics of a
-# training view are not known in advance
-_OTHER_AUGMENTATION = ("vflip", "rot90", "rotation", "translate", "color_jitter", "mixup", "cutmix")
+# augmentation switches that change an image beyond flips and quarter turns: with any of them on, the statistics
+# of a training view are not known in advance
+_OTHER_AUGMENTATION = ("rotation", "translate", "color_jitter", "mixup", "cutmix")
+
+
+def _dihedral_rows() -> torch.Tensor:
+    """``table[h, v, k]``: the row (``2j + m``, see the module's docstring) of the view ``augment`` makes with
+    mirror ``h``, upside-down flip ``v`` and ``k`` quarter turns, applied in that order. Found by applying both
+    to a 2 x 2 image of four distinct values, on which the eight dihedral views all differ."""
+    base = torch.arange(4.0).view(1, 1, 2, 2)
+    layout = [base.rot90(j, (2, 3)).flip(3) if m else base.rot90(j, (2, 3)) for j in range(4) for m in range(2)]
+    table = torch.empty(2, 2, 4, dtype=torch.long)
+    for h in range(2):
+        for v in range(2):
+            for k in range(4):
+                y = base.flip(3) if h else base
+                y = (y.flip(2) if v else y).rot90(k, (2, 3))
+                table[h, v, k] = next(i for i, view in enumerate(layout) if torch.equal(view, y))
+    return table
+
+
+_ROW_OF_VIEW = _dihedral_rows()
+
+
+def views(cfg: dict) -> str:
+    """Which views' statistics a config needs: ``"flip"`` (the image and its mirror) or ``"dihedral"`` (all eight,
+    for vertical flips, quarter turns or dihedral TTA)."""
+    if cfg.get("vflip") or cfg.get("rot90") or tta_mode(cfg.get("tta")) == "dihedral":
+        return "dihedral"
+    return "flip"
 
 
 def unusable_reason(cfg: dict, model: nn.Module) -> str | None:
@@ -42,9 +74,7 @@ def unusable_reason(cfg: dict, model: nn.Module) -> str | None:
     if "rotation" in on and float(cfg.get("rotation_prob", 1.0)) == 0.0:
         on.remove("rotation")
     if on:
-        return f"its augmentation changes the images beyond a horizontal flip ({', '.join(on)})"
-    if tta_mode(cfg.get("tta")) == "dihedral":
-        return "its test-time augmentation (dihedral) needs views other than the image and its mirror"
+        return f"its augmentation changes the images beyond flips and quarter turns ({', '.join(on)})"
     return None
 
 
@@ -63,18 +93,20 @@ def enabled(cfg: dict, model: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def statistics(head: StatHead, images: torch.Tensor, norm: str, batch_size: int = 128,
+def statistics(head: StatHead, images: torch.Tensor, norm: str, batch_size: int = 128, views: str = "flip",
                progress: bool = False, desc: str = "statistics") -> torch.Tensor:
-    """N x 2 x D float32: the statistics of each uint8 N x H x W x 3 image (row 0) and of its mirror (row 1),
-    on the images' device."""
+    """N x V x D float32 on the images' device: the statistics of each uint8 N x H x W x 3 image's views, V = 2
+    (``views="flip"``: the image, its mirror) or 8 (``"dihedral"``: rows laid out as the module's docstring says)."""
+    if views not in ("flip", "dihedral"):
+        raise ValueError(f"views must be flip or dihedral, got {views!r}")
+    turns = 4 if views == "dihedral" else 1
     out = []
     for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, unit="batch", leave=False,
                       disable=not progress, dynamic_ncols=True):
         x = normalize(to_float(images[start:start + batch_size]), norm)
-        f, f_m = head.stats.forward_and_mirror(x)
-        out.append(torch.stack([f, f_m], 1))
+        out.append(torch.stack([f for j in range(turns) for f in head.stats.forward_and_mirror(x.rot90(j, (2, 3)))], 1))
     if not out:
-        return torch.zeros(0, 2, head.stats.dim, device=images.device)
+        return torch.zeros(0, 2 * turns, head.stats.dim, device=images.device)
     return torch.cat(out)
 
 
@@ -91,12 +123,17 @@ class OnStatistics(nn.Module):
 
 
 def training_views(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
-    """One row per sample of N x 2 x D statistics: the mirror's where a horizontal flip is drawn, with
-    ``augment.draw_hflips`` (the draw the image path makes, so a run keeps its random stream)."""
-    flip = draw_hflips(rows.shape[0], cfg, g, rows.device)
-    if flip is None:
+    """One row per sample of N x V x D statistics: the row of the view ``augment`` would make, with
+    ``augment.draw_lossless`` (the draw the image path makes, so a run keeps its random stream)."""
+    h, v, k = draw_lossless(rows.shape[0], cfg, g, rows.device)
+    if h is None and v is None and k is None:
         return rows[:, 0]
-    return torch.where(flip.view(-1, 1), rows[:, 1], rows[:, 0])
+    zero = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    row = _ROW_OF_VIEW.to(rows.device)[zero if h is None else h.long(), zero if v is None else v.long(),
+                                       zero if k is None else k]
+    if int(row.max()) >= rows.shape[1]:
+        raise FakeprintError(f"the statistics computed once hold {rows.shape[1]} views; this augmentation needs 8")
+    return rows[torch.arange(rows.shape[0], device=rows.device), row]
 
 
 def mix_rows(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
@@ -111,19 +148,19 @@ def mix_rows(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> tuple[torch.T
 
 @torch.no_grad()
 def logits(head: StatHead, rows: torch.Tensor, tta: bool | str, batch_size: int = 1024) -> torch.Tensor:
-    """Evaluation logits (float32) from N x 2 x D statistics: the image's, or with flip TTA the mean of the
-    image's and the mirror's (what ``inference.predict_logits`` gives on the images, up to rounding)."""
+    """Evaluation logits (float32) from N x V x D statistics: the image's, or with TTA the mean of its views' (flip:
+    the image's and the mirror's; dihedral: all eight), what ``inference.predict_logits`` gives on the images, up
+    to rounding."""
     mode = tta_mode(tta)
-    if mode not in ("none", "flip"):
-        raise FakeprintError(f"the statistics computed once hold the image and its mirror only: TTA {mode!r} "
-                             "needs the images (stat_cache: off)")
+    if mode == "dihedral" and rows.shape[1] < 8:
+        raise FakeprintError("the statistics computed once hold the image and its mirror only: dihedral TTA needs "
+                             "all eight views (statistics(..., views='dihedral'))")
+    used = {"none": 1, "flip": 2, "dihedral": 8}[mode]
     was_training = head.training
     head.eval()
     out = []
     for chunk in rows.split(batch_size):
-        z = head.classify(chunk[:, 0])
-        if mode == "flip":
-            z = (z + head.classify(chunk[:, 1])) / 2
+        z = sum(head.classify(chunk[:, i]) for i in range(used)) / used
         out.append(z.float())
     head.train(was_training)
     return torch.cat(out) if out else torch.zeros(0, 0)

@@ -269,6 +269,13 @@ class EMA:
 
 # ----------------------------------------------------------------------------------------- epoch steps
 
+def epoch_generator(cfg: dict, epoch: int, d: Dist, device: torch.device) -> torch.Generator:
+    """Seed the global RNG (dropout etc.) and return the augmentation generator for ``epoch``: both functions of
+    the seed, the epoch and the rank only, so a resumed run draws what an unbroken one would."""
+    torch.manual_seed(cfg["seed"] * 7919 + epoch * 104729 + d.rank)
+    return torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch * 9973 + d.rank)
+
+
 def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, loss_fn, cfg: dict,
                     device: torch.device, amp_dtype, scaler, ema: EMA | None, gen: torch.Generator,
                     d: Dist, desc: str, on_statistics: bool = False) -> dict[str, float]:
@@ -564,22 +571,26 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
                   f"{len(train_split)} training images (each over the views it was trained on)", file=sys.stderr)
         soft = teacher_logits(cfg["distill_from"], x_train, device, cfg, cache=out / "teacher_logits.safetensors",
                               write_cache=d.main, progress=bool(cfg["progress"]) and d.main)
-    # statmlp with flips only: the statistics of every image and its mirror, once, instead of every epoch
+    # statmlp with lossless augmentation only: the statistics of every view of every image, once, not every epoch
     on_stats = statcache.enabled(cfg, model)
     train_inputs, val_inputs, sel_inputs, stats_time = x_train, None, None, 0.0
     if on_stats:
         t_stats = time.perf_counter()
-        show = bool(cfg["progress"]) and d.main
-        train_inputs = statcache.statistics(model, x_train, cfg["normalize"], progress=show, desc="statistics (train)")
+        show, views = bool(cfg["progress"]) and d.main, statcache.views(cfg)
+        train_inputs = statcache.statistics(model, x_train, cfg["normalize"], views=views, progress=show,
+                                            desc="statistics (train)")
         if held_out:
-            val_inputs = statcache.statistics(model, x_val, cfg["normalize"], progress=show, desc="statistics (val)")
+            val_inputs = statcache.statistics(model, x_val, cfg["normalize"], views=views, progress=show,
+                                              desc="statistics (val)")
         if sel_split is not None:
-            sel_inputs = statcache.statistics(model, x_sel, cfg["normalize"], progress=show, desc="statistics (sel)")
+            sel_inputs = statcache.statistics(model, x_sel, cfg["normalize"], views=views, progress=show,
+                                              desc="statistics (sel)")
         stats_time = time.perf_counter() - t_stats
         if d.main:
+            what = "their mirror images" if views == "flip" else "their seven other flips and quarter turns"
             print(f"statistics computed once (stat_cache): {train_inputs.shape[2]:,} for each of {len(x_train)} "
-                  f"training images and their mirror images in {stats_time:.1f}s; each step takes the image's or "
-                  "its mirror's", file=sys.stderr)
+                  f"training images and {what} in {stats_time:.1f}s; each step takes the row of the view it draws",
+                  file=sys.stderr)
     batches = DeviceBatches(train_inputs, y_train, int(cfg["batch_size"]), sampler=cfg["sampler"], drop_last=True,
                             seed=cfg["seed"], rank=d.rank, world_size=d.world_size, targets=soft)
     if len(batches) == 0:
@@ -642,8 +653,7 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     limit_s = float(cfg["max_minutes"]) * 60.0
     for epoch in range(start_epoch, int(cfg["epochs"])):
         batches.set_epoch(epoch)
-        torch.manual_seed(cfg["seed"] * 7919 + epoch * 104729 + d.rank)  # dropout etc.: a function of the epoch
-        gen = torch.Generator(device=device).manual_seed(cfg["seed"] * 1_000_003 + epoch * 9973 + d.rank)
+        gen = epoch_generator(cfg, epoch, d, device)
         t0 = time.perf_counter()
         tr = train_one_epoch(train_model, batches, opt, sched, per_step, loss_fn, cfg, device, amp_dtype, scaler,
                              ema, gen, d, desc=f"epoch {epoch + 1}/{cfg['epochs']}", on_statistics=on_stats)
