@@ -48,7 +48,8 @@ def main() -> None:
     same = [len(set(pred_all[:, i].tolist())) == 1 for i in every]
     report = {
         "split": "internal split (the runs' split.csv)", "n": int(len(y)),
-        "commit": git_commit(), "models": {str(c): float((p == y).mean()) for c, p in zip(ckpts, labels, strict=True)},
+        "commit": git_commit(),  # each model as named on the command line (a shipped name, a run folder): no machine paths
+        "models": {str(r): float((p == y).mean()) for r, p in zip(args.runs, labels, strict=True)},
         "images_wrong_by_k_models": np.bincount(n_wrong, minlength=len(ckpts) + 1).tolist(),
         "wrong_by_every_model": int(len(every)),
         "wrong_by_every_model_per_class": np.bincount(y[every], minlength=5).tolist(),
@@ -67,4 +68,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fakeprint.errors import FakeprintError
+
+    try:
+        main()
+    except FakeprintError as e:  # a user's mistake (a missing run, another split): one line, no traceback
+        raise SystemExit(f"error: {e}") from None
