@@ -83,7 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "amp": "auto",                # auto (bf16 on GPUs and CPUs with native bf16) | bf16 | fp16 | off
     "channels_last": "auto",      # auto (on GPU; on CPU where safe, see train._channels_last) | on | off
     "compile": False,
-    "stat_cache": "auto",         # statmlp with flips only: its statistics computed once, not every epoch (statcache)
+    "stat_cache": "auto",         # statmlp, flips/quarter turns only: statistics computed once, not every epoch
     "stat_mixup": 0.0,            # MixUp Beta(alpha, alpha) of statistic rows, not of images (needs stat_cache; 0: off)
     "deterministic": False,       # deterministic algorithms (for exact reproducibility on CPU)
     "threads": 0,                 # CPU threads for torch (0: leave torch's default)
