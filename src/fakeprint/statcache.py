@@ -11,8 +11,9 @@ the time. Per-epoch figures use the internal split's statistics the same way (fl
 the mirror's logits; dihedral TTA: of all eight); the final report is measured on the images, as every consumer
 computes it.
 
-Rows are laid out as ``tta_views`` pairs them: row ``2j + m`` holds the statistics of the image turned ``j`` quarter
-turns (``rot90(j, (2, 3))``) and then mirrored if ``m``; with flips only there are just rows 0 and 1.
+Rows: row ``2j + m`` holds the statistics of the image turned ``j`` quarter turns (``rot90(j, (2, 3))``) and then
+mirrored (``flip(3)``) if ``m``: ``tta_views``' eight views, ordered so that rows 0 and 1 are always the image and its
+mirror; with flips only there are just those two.
 
 The config's ``stat_cache``: ``auto`` (when the model and the augmentation allow it), ``on`` (refuse a config
 that does not allow it, with the reason) or ``off``.
