@@ -288,3 +288,32 @@ def test_long_predictions_show_images_per_second_and_equal_one_call(tmp_path, ca
     assert "testing" in err and "img/s" in err  # a bar whose rate is in images per second
     quiet = predict_with_progress(clf, images, "quiet", progress=False, chunk=3)
     assert "quiet" not in capsys.readouterr().err and len(quiet) == 7
+
+
+def test_several_checkpoints_are_an_ensemble_in_the_api_and_the_cli(run, clf, images, tmp_path, capsys):
+    """load([a, b]) and `predict a b IMAGE` average the members' probabilities (each with its own TTA), as
+    `fakeprint evaluate a b` does; no uncertain flag (the average is not calibrated); one member is that member."""
+    other = make_checkpoint(tmp_path / "other", sharpen=2.0, seed=11)
+    ens = fakeprint.load([run, other])
+    assert isinstance(ens, predict_mod.EnsembleClassifier) and len(ens.members) == 2 and "fpnet_tiny" in repr(ens)
+    second = fakeprint.load(other)
+    want = (clf.predict(images).probs + second.predict(images).probs) / 2
+    assert not np.allclose(clf.predict(images).probs, second.predict(images).probs)  # two different members
+    got = ens.predict(images)
+    np.testing.assert_allclose(got.probs, want, atol=1e-6)
+    assert got.labels.tolist() == want.argmax(1).tolist() and got.uncertain is None
+    np.testing.assert_allclose(ens(images).probs, got.probs)
+    assert isinstance(fakeprint.load([run]), predict_mod.Classifier)
+    with pytest.raises(FakeprintError, match="at least one"):
+        fakeprint.load([])
+    paths = []
+    for i, im in enumerate(images[:3]):
+        paths.append(tmp_path / f"e{i}.png")
+        paths[-1].write_bytes(encode(im))
+    for argv in (["predict", str(run), str(other)], ["predict", "--model", str(run), "--model", str(other)]):
+        assert main([*argv, *map(str, paths), "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert [o["image"] for o in out] == [str(p) for p in paths]  # the checkpoints were not taken for images
+        for o, row in zip(out, ens.predict(paths).probs, strict=True):
+            np.testing.assert_allclose([o["probabilities"][c] for c in CLASSES], row, atol=1e-6)
+            assert o["uncertain"] is None

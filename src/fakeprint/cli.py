@@ -122,9 +122,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from .onnx_backend import load_backend
 
     items = list(args.items)
-    ckpt = args.model
-    if ckpt is None and items and _is_checkpoint(items[0]):
-        ckpt = items.pop(0)
+    ckpts = list(args.model or [])
+    while not args.model and items and _is_checkpoint(items[0]):
+        ckpts.append(items.pop(0))  # leading checkpoints: one model, or several as an ensemble
     if args.data is None and args.split is not None:
         raise FakeprintError("--split applies with --data (a dataset split); image files need no split")
     if args.data is not None and args.json:
@@ -134,8 +134,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise FakeprintError("--out is the submission file of --data; for image files use --json or --probs FILE")
     if args.top_k is not None and args.top_k < 1:
         raise FakeprintError(f"--top-k must be at least 1, got {args.top_k}")
-    clf = load_backend(ckpt, args.backend, args.device)
-    from .predict import predict_with_progress
+    from .predict import EnsembleClassifier, predict_with_progress
+
+    members = [load_backend(c, args.backend, args.device) for c in ckpts or [None]]
+    clf = members[0] if len(members) == 1 else EnsembleClassifier(members)
 
     if args.data:
         from .checkpoint import atomic_write
@@ -176,8 +178,9 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             order = pr.argsort()[::-1][:k] if args.top_k else range(len(clf.classes))
             probs = " ".join(f"{clf.classes[c]}:{pr[c]:.3f}" for c in order)
             print(f"{path}\t{clf.classes[lab]}\t{probs}" + ("\tuncertain" if unc else ""))
-        backend = getattr(clf, "backend", "torch")
-        print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({clf.path}, {backend}, TTA {clf.tta})",
+        backend = "+".join(sorted({getattr(m, "backend", "torch") for m in members}))
+        where = clf.path if clf.path is not None else ", ".join(str(m.path) for m in getattr(clf, "members", []))
+        print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({where}, {backend}, TTA {clf.tta})",
               file=sys.stderr)
     return 0
 
@@ -343,10 +346,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_evaluate)
 
     s = sub.add_parser("predict", help="classify image files, or write a submission for a dataset split")
-    s.add_argument("items", nargs="*", metavar="[CKPT] IMAGE",
-                   help="a checkpoint (optional: a run folder, NAME.safetensors, MODEL.onnx, or a shipped model: "
-                        "'default', 'accurate' or 'fast'), then image files or folders of images")
-    s.add_argument("--model", default=None, help="checkpoint (default: the first argument, or the shipped model)")
+    s.add_argument("items", nargs="*", metavar="[CKPT ...] IMAGE",
+                   help="checkpoints (optional: run folders, NAME.safetensors, MODEL.onnx, or shipped models: "
+                        "'default', 'accurate', 'fast'; several: an ensemble), then image files or folders of images")
+    s.add_argument("--model", action="append", default=None,
+                   help="checkpoint (default: the leading arguments that are checkpoints, or the shipped model); "
+                        "repeat it, or give several leading checkpoints, for an ensemble (their averaged "
+                        "probabilities, each with its own TTA; no 'uncertain' flag: the average is not calibrated)")
     s.add_argument("--data", default=None, help="a dataset folder: predict one of its splits into a submission file")
     s.add_argument("--split", default=None, choices=("test", "validation", "train"),
                    help="with --data: the split to predict (default test)")

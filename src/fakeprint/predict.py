@@ -182,6 +182,13 @@ class EnsembleClassifier:
     def name(self) -> str:
         return "ensemble(" + ", ".join(m.name for m in self.members) + ")"
 
+    def __repr__(self) -> str:
+        return f"EnsembleClassifier({', '.join(repr(m) for m in self.members)})"
+
+    def __call__(self, images: Any, **kwargs: Any) -> Predictions:
+        """``ens(images)`` is ``ens.predict(images)``, as for one ``Classifier``."""
+        return self.predict(images, **kwargs)
+
     def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
         """Mean of the members' probabilities; ``tta`` None: each member's own test-time augmentation."""
         arr = self.members[0].to_array(images)
@@ -210,8 +217,12 @@ def predict_with_progress(clf: Any, images: Any, desc: str = "predicting", progr
                        parts[0].classes, flags)
 
 
-def load(path: str | Path | None = None, device: str = "cpu") -> Classifier:
-    """Load a checkpoint (a run folder, ``NAME.safetensors`` or its stem); no path: the shipped default model."""
+def load(path: str | Path | list | tuple | None = None, device: str = "cpu") -> Classifier | EnsembleClassifier:
+    """Load a checkpoint (a run folder, ``NAME.safetensors`` or its stem, a shipped model's name); no path: the
+    shipped default model; a list of several: their ensemble (``EnsembleClassifier``, averaged probabilities)."""
+    if isinstance(path, (list, tuple)):
+        members = [load(p, device) for p in path]
+        return members[0] if len(members) == 1 else EnsembleClassifier(members)
     if path is None:
         path = default_model_path()
         if path is None:
