@@ -1,14 +1,15 @@
 """Batched CPU inference throughput of a model (default: the one shipped in the package).
 
-    python benchmarks/cpu_inference.py [--checkpoint RUN|default|accurate] [--backend torch|torch-plain|onnx] [--tta]
-        [--images 2048] [--batch-size 256] [--micro-batch N] [--threads 2]
+    python benchmarks/cpu_inference.py [--checkpoint RUN|default|accurate ...] [--backend torch|torch-plain|onnx]
+        [--tta] [--images 2048] [--batch-size 256] [--micro-batch N] [--threads 2]
 
 Times ``Classifier.predict`` on uint8 images already in memory (decoding excluded; that is the data
 path's job), after one warm-up batch, and prints one JSON object (environment header, images/s).
 ``torch`` is what every command runs (``Classifier.inference_model``: BatchNorms folded, channels-last,
 ``--batch-size`` images at a time through the network in slices that fit the CPU's cache,
 ``inference.cpu_micro_batch``; ``--micro-batch 0``: whole batches, as before the slicing); ``torch-plain`` the
-network as trained, in NCHW, whole batches (what fakeprint ran before the fusion), for comparison.
+network as trained, in NCHW, whole batches (what fakeprint ran before the fusion), for comparison. Several
+``--checkpoint``: their ensemble as ``fakeprint predict A B C`` runs it (``torch`` only).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from fakeprint.data.dataset import portable_path  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", default=None, help="default: the shipped model")
+    ap.add_argument("--checkpoint", action="append", default=None,
+                    help="default: the shipped model; repeat it for an ensemble (torch backend)")
     ap.add_argument("--images", type=int, default=2048)
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -44,13 +46,17 @@ def main() -> int:
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    ckpts = args.checkpoint or [None]
+    if len(ckpts) > 1 and args.backend != "torch":
+        ap.error("an ensemble (several --checkpoint) is measured with --backend torch only")
     if args.backend == "onnx":
         from fakeprint.onnx_backend import load_backend
 
-        clf = load_backend(args.checkpoint or "default", "onnx", "cpu")
+        clf = load_backend(ckpts[0] or "default", "onnx", "cpu")
     else:
-        clf = fakeprint.load(args.checkpoint)
-        clf.micro_batch = args.micro_batch
+        clf = fakeprint.load(ckpts if len(ckpts) > 1 else ckpts[0])
+        for member in getattr(clf, "members", [clf]):
+            member.micro_batch = args.micro_batch
         if args.backend == "torch-plain":
             from fakeprint.inference import predict_logits
 
@@ -64,7 +70,8 @@ def main() -> int:
         clf.predict(x, batch_size=args.batch_size, tta=args.tta)
         rates.append(args.images / (time.perf_counter() - t0))
     result = {"benchmark": "cpu_inference", "environment": environment(torch.device("cpu")),
-              "model": clf.name, "checkpoint": portable_path(clf.path) if clf.path else args.checkpoint,
+              "model": clf.name, "checkpoint": portable_path(clf.path) if clf.path else
+              ckpts[0] if len(ckpts) == 1 else ckpts,
               "backend": args.backend, "images": args.images, "batch_size": args.batch_size,
               "micro_batch": None if args.backend == "onnx" else
               0 if args.backend == "torch-plain" else args.micro_batch if args.micro_batch is not None else "auto",

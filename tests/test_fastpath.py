@@ -383,3 +383,20 @@ def test_cpu_inference_benchmark_smoke(tmp_path, backend, micro):
     result = json.loads(proc.stdout)
     assert result["model"] == "fpnet_tiny" and result["images"] == 6 and result["tta"] is True
     assert result["micro_batch"] == (2 if backend == "torch" else 0) and result["images_per_s"]["median"] > 0
+
+
+def test_cpu_inference_benchmark_measures_an_ensemble(tmp_path):
+    from conftest_service import make_checkpoint
+
+    runs = [make_checkpoint(tmp_path / "a"), make_checkpoint(tmp_path / "b", seed=1)]
+    cmd = [sys.executable, str(REPO / "benchmarks" / "cpu_inference.py"), "--images", "6", "--batch-size", "4",
+           "--repeats", "1", "--tta"]
+    for r in runs:
+        cmd += ["--checkpoint", str(r)]
+    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert result["model"] == "ensemble(fpnet_tiny, fpnet_tiny)" and len(result["checkpoint"]) == 2
+    onnx = subprocess.run(cmd + ["--backend", "onnx"], capture_output=True, text=True, timeout=180, env=env)
+    assert onnx.returncode != 0 and "torch only" in onnx.stderr and "Traceback" not in onnx.stderr
