@@ -64,8 +64,7 @@ def training_part_statistics(data: str, cfg: dict, features: str | None, views: 
         saved_views = saved["key"].get("views", "flip")
         if {k: saved["key"].get(k) for k in key} == key and (saved_views == views or saved_views == "dihedral"):
             log(f"statistics read from {features}")
-            rows = saved["rows"] if saved_views == views else saved["rows"][:, :2]
-            return rows, saved["labels"], {"statistics_time_s": None, "from": Path(features).name}
+            return statcache.select_views(saved["rows"], views), saved["labels"], {"statistics_time_s": None, "from": Path(features).name}
         log(f"{features} holds other statistics ({saved['key']}): computing them again")
     full = load_split(Path(data), "train", progress=False)
     tr, _ = stratified_split(full.labels, float(cfg["val_fraction"]), int(cfg["split_seed"]))
@@ -158,9 +157,9 @@ def main() -> None:
         cfg = cfgs[name]
         accs, rec4, times = [], [], []
         p = torch.zeros(len(labels), 5)
+        own = statcache.select_views(rows, statcache.views(cfg))  # a flip-only variant: its two rows
         for k, (tr, va) in enumerate(folds):
             t0 = time.perf_counter()
-            own = rows if statcache.views(cfg) == views else rows[:, :2]  # a flip-only variant: its two rows
             head = train_fold(cfg, own[tr], labels[tr], args.seed + k)
             z = statcache.logits(head, own[va], cfg["tta"])
             times.append(time.perf_counter() - t0)

@@ -93,6 +93,15 @@ def enabled(cfg: dict, model: nn.Module) -> bool:
     return reason is None
 
 
+def select_views(rows: torch.Tensor, views: str) -> torch.Tensor:
+    """The rows of ``statistics(..., views=views)`` taken from N x V x D statistics holding at least those views
+    (the image and its mirror are rows 0 and 1 in both layouts)."""
+    want = {"flip": 2, "dihedral": 8}[views]
+    if rows.shape[1] < want:
+        raise FakeprintError(f"the statistics computed once hold {rows.shape[1]} views; {views!r} needs {want}")
+    return rows[:, :want]
+
+
 @torch.no_grad()
 def statistics(head: StatHead, images: torch.Tensor, norm: str, batch_size: int = 128, views: str = "flip",
                progress: bool = False, desc: str = "statistics") -> torch.Tensor:
@@ -153,10 +162,8 @@ def logits(head: StatHead, rows: torch.Tensor, tta: bool | str, batch_size: int 
     the image's and the mirror's; dihedral: all eight), what ``inference.predict_logits`` gives on the images, up
     to rounding."""
     mode = tta_mode(tta)
-    if mode == "dihedral" and rows.shape[1] < 8:
-        raise FakeprintError("the statistics computed once hold the image and its mirror only: dihedral TTA needs "
-                             "all eight views (statistics(..., views='dihedral'))")
-    used = {"none": 1, "flip": 2, "dihedral": 8}[mode]
+    rows = rows[:, :1] if mode == "none" else select_views(rows, mode)  # dihedral TTA needs all eight views
+    used = rows.shape[1]
     was_training = head.training
     head.eval()
     out = []
