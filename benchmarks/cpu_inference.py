@@ -54,7 +54,7 @@ def main() -> int:
 
         clf = load_backend(ckpts[0] or "default", "onnx", "cpu")
     else:
-        clf = fakeprint.load(ckpts if len(ckpts) > 1 else ckpts[0])
+        clf = fakeprint.load(ckpts)  # one checkpoint (None: the shipped model) or several: their ensemble
         for member in getattr(clf, "members", [clf]):
             member.micro_batch = args.micro_batch
         if args.backend == "torch-plain":

@@ -134,10 +134,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         raise FakeprintError("--out is the submission file of --data; for image files use --json or --probs FILE")
     if args.top_k is not None and args.top_k < 1:
         raise FakeprintError(f"--top-k must be at least 1, got {args.top_k}")
-    from .predict import EnsembleClassifier, predict_with_progress
+    from .predict import combine, predict_with_progress
 
     members = [load_backend(c, args.backend, args.device) for c in ckpts or [None]]
-    clf = members[0] if len(members) == 1 else EnsembleClassifier(members)
+    clf = combine(members)
 
     if args.data:
         from .checkpoint import atomic_write
@@ -179,7 +179,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
             probs = " ".join(f"{clf.classes[c]}:{pr[c]:.3f}" for c in order)
             print(f"{path}\t{clf.classes[lab]}\t{probs}" + ("\tuncertain" if unc else ""))
         backend = "+".join(sorted({getattr(m, "backend", "torch") for m in members}))
-        where = clf.path if clf.path is not None else ", ".join(str(m.path) for m in getattr(clf, "members", []))
+        where = ", ".join(str(m.path) for m in members)
         print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({where}, {backend}, TTA {clf.tta})",
               file=sys.stderr)
     return 0

@@ -12,7 +12,7 @@ from .checkpoint import resolve_checkpoint
 from .data.cache import SplitData, load_split
 from .errors import FakeprintError
 from .metrics import confusion_text, report_text, write_report
-from .predict import Classifier, EnsembleClassifier
+from .predict import Classifier, EnsembleClassifier, combine
 from .preprocess import tta_mode
 
 
@@ -113,7 +113,7 @@ def evaluate_checkpoint(checkpoint: str | Path | list, data: str | Path, split: 
     from .onnx_backend import load_backend
 
     members = [load_backend(p, "auto", device) for p in paths]
-    clf = members[0] if len(members) == 1 else EnsembleClassifier(members)
+    clf = combine(members)
     ds = load_eval_split(Path(data), split, paths[0], others=tuple(paths[1:]))
     return evaluate(clf, ds, Path(out_dir) if out_dir else None, tta=tta)
 

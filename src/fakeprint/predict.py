@@ -197,6 +197,11 @@ class EnsembleClassifier:
         return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
 
 
+def combine(members: list) -> Any:
+    """One loaded classifier as it is, several as their ``EnsembleClassifier`` (none: an error)."""
+    return members[0] if len(members) == 1 else EnsembleClassifier(members)
+
+
 def predict_with_progress(clf: Any, images: Any, desc: str = "predicting", progress: bool | None = None,
                           chunk: int = 1024, **kwargs: Any) -> Predictions:
     """``clf.predict(images, **kwargs)`` (any backend) in chunks, with a progress bar on stderr that shows
@@ -221,8 +226,7 @@ def load(path: str | Path | list | tuple | None = None, device: str = "cpu") -> 
     """Load a checkpoint (a run folder, ``NAME.safetensors`` or its stem, a shipped model's name); no path: the
     shipped default model; a list of several: their ensemble (``EnsembleClassifier``, averaged probabilities)."""
     if isinstance(path, (list, tuple)):
-        members = [load(p, device) for p in path]
-        return members[0] if len(members) == 1 else EnsembleClassifier(members)
+        return combine([load(p, device) for p in path])
     if path is None:
         path = default_model_path()
         if path is None:
