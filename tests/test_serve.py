@@ -294,7 +294,33 @@ def test_openapi_docs(client):
 
 def test_serve_binds_to_loopback_by_default():
     args = build_parser().parse_args(["serve"])
-    assert args.host == "127.0.0.1" and args.port == 8000 and args.backend == "auto" and args.checkpoint is None
+    assert args.host == "127.0.0.1" and args.port == 8000 and args.backend == "auto" and args.checkpoint == []
+    assert build_parser().parse_args(["serve", "a", "b"]).checkpoint == ["a", "b"]
+
+
+def test_an_ensemble_is_served_as_fakeprint_predict_scores_it(run, onnx_file, tmp_path):
+    """Several models: the members' mean probabilities (the Python API's ensemble), no Grad-CAM (400 when
+    asked), no ``uncertain`` flag, and ``/v1/model`` names each member with its own held-out figure, not
+    as the ensemble's. An ONNX member mixes with a PyTorch one as in ``fakeprint predict``."""
+    other = make_checkpoint(tmp_path, seed=3, sharpen=8.0, held_out={"accuracy": 0.8, "split": "internal split"})
+    service = build_service([str(run), str(other), str(onnx_file)])
+    assert service.cam is None and "ensemble of 3" in service.cam_note and service.backend == "onnx+torch"
+    assert service.source == f"m/best.safetensors + m/best.safetensors + {onnx_file.parent.name}/model.onnx"
+    images = random_images(3, seed=31)
+    with running_server(create_app(service, LIMITS)) as base, httpx.Client(base_url=base, timeout=30) as c:
+        info = c.get("/v1/model").json()
+        assert info["name"] == "ensemble(fpnet_tiny, fpnet_tiny, fpnet_tiny)" and info["held_out"] is None
+        assert info["calibration"] is None and info["metrics"] == {} and info["gradcam"]["available"] is False
+        assert [m["held_out"] for m in info["members"]] == [None, {"accuracy": 0.8, "split": "internal split"}, None]
+        r = c.post("/v1/predict", files=files(*[(f"{i}.png", encode(a)) for i, a in enumerate(images)]))
+        assert r.status_code == 200, r.text
+        got = np.array([[res["probabilities"][k] for k in CLASSES] for res in r.json()["results"]])
+        # the ONNX member is `run` exported, so the three members' mean is (2 x run + other) / 3
+        np.testing.assert_allclose(got, (2 * fakeprint.load(run).predict(images).probs + fakeprint.load(other)
+                                         .predict(images).probs) / 3, atol=1e-5)
+        assert all("uncertain" not in res for res in r.json()["results"])
+        assert_error(c.post("/v1/predict?cam=1", files=files(("a.png", encode(images[0])))), 400,
+                     "cam_unavailable", "ensemble of 3")
 
 
 def test_the_serve_command_serves_on_loopback(run):

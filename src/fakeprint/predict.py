@@ -177,6 +177,8 @@ class EnsembleClassifier:
         self.path = Path(str(members[0].path)) if len(members) == 1 else None
         modes = {m.tta for m in members}
         self.tta = modes.pop() if len(modes) == 1 else "mixed"
+        norms = {m.normalize for m in members}
+        self.normalize = norms.pop() if len(norms) == 1 else "per member"
 
     @property
     def name(self) -> str:

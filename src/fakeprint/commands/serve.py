@@ -35,7 +35,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    service = build_service(args.checkpoint, args.backend, args.device, args.threads, cam=not args.no_cam)
+    service = build_service(args.checkpoint or None, args.backend, args.device, args.threads, cam=not args.no_cam)
     limits = Limits(max_file_bytes=int(args.max_file_mb * 1024 * 1024),
                     max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                     max_files=args.max_files, max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
@@ -57,10 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="POST /v1/predict (multipart field 'files'), GET /v1/model, GET /healthz, "
                                    "the web page at /, OpenAPI docs at /docs. Binding beyond loopback needs an "
                                    "API token in the environment variable FAKEPRINT_API_TOKEN.")
-    s.add_argument("checkpoint", nargs="?", default=None,
+    s.add_argument("checkpoint", nargs="*", default=None,
                    help="a run folder, NAME.safetensors, MODEL.onnx or a shipped model's name (default: the shipped "
                         "model 'default'; 'accurate': 0.8 points more accurate, weaker on class 4; 'fast': twice as fast, "
-                        "less accurate)")
+                        "less accurate); several: their ensemble (averaged probabilities, no Grad-CAM, no "
+                        "'uncertain' flag), e.g. 'accurate default fast'")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",

@@ -34,7 +34,7 @@ from ..data.dataset import IMAGE_SIZE
 from ..errors import FakeprintError
 from ..gradcam import GradCAM, to_png_data_url
 from ..onnx_backend import OnnxClassifier, is_onnx_path, load_onnx, onnx_from_classifier, resolve_backend
-from ..predict import Classifier
+from ..predict import Classifier, EnsembleClassifier
 from .uploads import (
     FILES_FIELD,
     ApiError,
@@ -60,22 +60,28 @@ class Service:
     """A loaded model behind the API: the classifier (either backend) and, when a PyTorch model is at hand,
     the Grad-CAM explainer."""
 
-    classifier: Classifier | OnnxClassifier
+    classifier: Classifier | OnnxClassifier | EnsembleClassifier
     backend: str
     source: str
     cam: GradCAM | None = None
     cam_note: str = ""
 
 
-def build_service(path: str | Path | None, backend: str = "auto", device: str = "cpu",
+def build_service(path: str | Path | list | tuple | None, backend: str = "auto", device: str = "cpu",
                   threads: int | None = None, cam: bool = True) -> Service:
     """Load ``path`` (None: the shipped default model) for the service on ``backend`` (auto, torch or onnx).
+    A list of several models serves their ensemble (averaged probabilities, as ``fakeprint predict A B C``).
 
     Grad-CAM needs the PyTorch model: with an ``.onnx`` file it comes from the source checkpoint named in the
-    ONNX metadata, used only if it is still there with the same SHA-256.
+    ONNX metadata, used only if it is still there with the same SHA-256. An ensemble has none: its members'
+    maps explain different networks, and no one of them explains the averaged prediction.
     """
     from ..predict import load
 
+    if isinstance(path, (list, tuple)):
+        if len(path) > 1:
+            return _ensemble_service(list(path), backend, device, threads)
+        path = path[0] if path else None
     backend = resolve_backend(path, backend)  # the same choice as predict and evaluate
     torch_model, note = None, ""
     if is_onnx_path(path):
@@ -94,6 +100,17 @@ def build_service(path: str | Path | None, backend: str = "auto", device: str = 
         except ValueError as e:  # a model without convolutions (statmlp): no map to show, said so on the page
             note = str(e)
     return Service(clf, backend, _source_name(path, clf), explainer, note)
+
+
+def _ensemble_service(paths: list, backend: str, device: str, threads: int | None) -> Service:
+    from ..onnx_backend import load_backend
+    from ..predict import combine
+
+    members = [load_backend(p, backend, device, threads) for p in paths]
+    backends = sorted({resolve_backend(p, backend) for p in paths})
+    source = " + ".join(_source_name(p, m) for p, m in zip(paths, members, strict=True))
+    return Service(combine(members), "+".join(backends), source, None,
+                   f"an ensemble of {len(members)} models has no single Grad-CAM map")
 
 
 def _source_name(path: str | Path | None, clf: Classifier | OnnxClassifier) -> str:
@@ -181,6 +198,9 @@ class ModelInfo(BaseModel):
     input_size: dict[str, int]
     normalization: str
     gradcam: dict[str, Any]
+    members: list[dict[str, Any]] | None = Field(
+        default=None, description="for an ensemble: each member's name, backend, TTA and its own held-out figure "
+                                  "(the ensemble's probabilities are their mean, uncalibrated); null for one model")
     limits: dict[str, int | float]
     version: str
 
@@ -308,6 +328,10 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
                  "note": service.cam_note},
         limits=limits.as_dict(), version=__version__,
     )
+
+    if isinstance(clf, EnsembleClassifier):
+        info.members = [{"name": m.name, "tta": m.tta, "held_out": m.meta.get("held_out") or None,
+                         "calibrated": bool(m.meta.get("calibration"))} for m in clf.members]
 
     @app.get("/v1/model", response_model=ModelInfo, summary="the model behind the service")
     async def model_info() -> ModelInfo:

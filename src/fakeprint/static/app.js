@@ -47,7 +47,15 @@
       box.append(el("span", { className: "chip strong" }, m.name));
       box.append(el("span", { className: "chip" }, `${m.backend} backend`));
       const h = m.held_out;
-      if (h && typeof h.accuracy === "number") {
+      if (m.members) {  // an ensemble: its own figure is not stored; each member's is, and says so
+        const chip = el("span", { className: "chip" }, `ensemble of ${m.members.length}: mean probabilities`);
+        chip.title = m.members.map((x) => {
+          const a = x.held_out && typeof x.held_out.accuracy === "number"
+            ? `${(x.held_out.accuracy * 100).toFixed(1)}% alone (${x.held_out.split})` : "no held-out figure";
+          return `${x.name}: ${a}`;
+        }).join("\n");
+        box.append(chip);
+      } else if (h && typeof h.accuracy === "number") {
         const chip = el("span", { className: "chip" }, `held-out accuracy ${(h.accuracy * 100).toFixed(1)}%`);
         chip.title = `${h.split}; ${h.how}; ${h.selection}; test-time augmentation ${h.tta}`;
         box.append(chip);
