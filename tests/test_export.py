@@ -155,10 +155,10 @@ def test_every_registered_model_exports_with_parity(name):
 
 
 def test_the_newest_statistics_export_with_parity():
-    """The hybrid's default feature set is v2; the shipped models use v4 and v5, the newest preset v6 (v5 and
-    lbp_pairs: a table lookup of the patterns' codes)."""
+    """The hybrid's default feature set is v2; the shipped models use v4 and v5, the newest preset v7 (v6's table
+    lookup of the patterns' codes; v7's joint histograms, grid and wavelet)."""
     torch.manual_seed(0)
-    model = create_model("hybrid", feature_set="v6", hidden=512, stat_layers=2).eval()
+    model = create_model("hybrid", feature_set="v7", hidden=512, stat_layers=2).eval()
     images = export_mod.parity_images(3, seed=6)
     session = export_mod.onnx_session(export_mod.export_bytes(model))
     assert export_mod.check_parity(model, session, "imagenet", images) < 1e-4

@@ -214,6 +214,72 @@ def test_pairs_of_texture_patterns_of_feature_set_v6():
     assert torch.equal(g[:, :, 88], torch.ones(3, 2)) and g.sum() == 6
 
 
+
+def _haar_np(plane: np.ndarray) -> list[np.ndarray]:
+    """Three levels of a Haar decomposition of N x H x W values: the detail bands (rows, columns, both) of each."""
+    bands, a = [], plane
+    for _ in range(3):
+        a = a[:, :a.shape[1] // 2 * 2, :a.shape[2] // 2 * 2]
+        p, q, r, s = a[:, 0::2, 0::2], a[:, 0::2, 1::2], a[:, 1::2, 0::2], a[:, 1::2, 1::2]
+        bands += [(p - q + r - s) / 2, (p + q - r - s) / 2, (p - q - r + s) / 2]
+        a = (p + q + r + s) / 2
+    return bands
+
+
+def test_palette_layout_and_wavelet_statistics_of_feature_set_v7():
+    """colour_joint: the joint 8 x 8 x 8 histogram of R, G, B; hsv_joint: hue (12) x saturation (4) x value (4);
+    layout: mean and std of R, G, B in a 4 x 4 grid; wavelet: log mean |d|, log mean d^2 and log kurtosis of the
+    Haar detail bands of grey, R - G, B - G at three levels; histograms as square roots of fractions. Written out with
+    numpy in exact integers here (the hue's sectors checked against the standard library's colorsys)."""
+    import colorsys
+
+    m = StatFeatures("v7", input_norm="none")
+    assert m.dim == 5573 + 512 + 192 + 96 + 81 == 6454
+    for imgs in (_images(3, seed=13), _images(2, seed=14)[:, :, :90]):  # and a width that the levels do not halve
+        x = to_float(torch.from_numpy(np.ascontiguousarray(imgs)))
+        f = m(x).numpy().astype(np.float64)
+        torch.testing.assert_close(torch.from_numpy(f[:, :5573]).float(), StatFeatures("v6", input_norm="none")(x),
+                                   rtol=0, atol=0)
+        k = imgs.astype(np.int64)
+        n = k.shape[1] * k.shape[2]
+        q = k // 32
+        joint = np.stack([np.bincount((q[i, ..., 0] * 64 + q[i, ..., 1] * 8 + q[i, ..., 2]).ravel(), minlength=512)
+                          for i in range(len(k))]) / n
+        np.testing.assert_allclose(f[:, 5573:6085], np.sqrt(joint), atol=1e-6)
+        r, g, b = k[..., 0], k[..., 1], k[..., 2]
+        mx, mn = k.max(-1), k.min(-1)
+        d = np.maximum(mx - mn, 1)  # twice the hue in sixths of the circle, floored, in exact integers
+        h2 = np.where(mx == r, (2 * (g - b) + 12 * d) // d % 12,
+                      np.where(mx == g, (2 * (b - r) + 4 * d) // d, (2 * (r - g) + 8 * d) // d))
+        h2 = np.where(mx > mn, h2, 0)
+        code = h2 * 16 + np.minimum(4 * (mx - mn) // np.maximum(mx, 1), 3) * 4 + mx // 64
+        hsv = np.stack([np.bincount(c.ravel(), minlength=192) for c in code]) / n
+        for i, j in ((0, 0), (1, 7), (len(k) - 1, 5000)):  # three pixels against the standard library's HSV
+            px = k[i].reshape(-1, 3)[j]
+            hh, ss, vv = colorsys.rgb_to_hsv(*(px / 255))
+            assert abs(code[i].ravel()[j] - (int(hh * 12 + 1e-9) % 12 * 16 + min(int(ss * 4 + 1e-9), 3) * 4
+                                             + min(int(vv * 4), 3))) == 0
+        np.testing.assert_allclose(f[:, 6085:6277], np.sqrt(hsv), atol=1e-6)
+        h, w = k.shape[1:3]
+        cells = [[imgs[:, (h * i) // 4:-(-h * (i + 1) // 4), (w * j) // 4:-(-w * (j + 1) // 4)] / 255
+                  for j in range(4)] for i in range(4)]
+        mean = np.stack([np.stack([c.mean((1, 2)) for c in row], -1) for row in cells], -2)  # N x 3 x 4 x 4
+        std = np.stack([np.stack([c.std((1, 2)) for c in row], -1) for row in cells], -2)
+        np.testing.assert_allclose(f[:, 6277:6373], np.concatenate([mean.reshape(len(k), -1),
+                                                                     std.reshape(len(k), -1)], 1), atol=1e-5)
+        planes = (k.mean(-1), k[..., 0] - k[..., 1], k[..., 2] - k[..., 1])
+        want = []
+        for plane in planes:
+            for d in _haar_np(plane.astype(np.float64)):
+                d = d.reshape(len(k), -1)
+                m2, m4 = (d ** 2).mean(1), (d ** 4).mean(1)
+                want += [np.log(np.abs(d).mean(1) + 1e-3), np.log(m2 + 1e-3), np.log(m4 / (m2 ** 2 + 1e-6) + 1e-3)]
+        np.testing.assert_allclose(f[:, 6373:], np.stack(want, 1), atol=2e-4)
+    grey = np.repeat(_images(2, seed=15)[..., :1], 3, -1)  # no colour: hue and saturation 0, R - G's bands all 0
+    g = m(to_float(torch.from_numpy(grey)))
+    assert torch.equal(g[:, 6085:6277].reshape(2, 12, 4, 4)[:, 1:].sum((1, 2, 3)), torch.zeros(2))
+    assert torch.allclose(g[:, 6373 + 27:6373 + 54:3], torch.full((2, 9), float(np.log(1e-3))))
+
 def test_residual_kernels_as_shifted_sums_are_the_convolutions():
     from fakeprint.models.stats import SRM_KERNELS, _correlate
 
@@ -271,7 +337,7 @@ def test_hybrid_slices_itself_on_the_cpu_without_changing_its_outputs(monkeypatc
     torch.testing.assert_close(sliced, one_by_one, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("feature_set", ["v3", "v4", "v5", "v6"])
+@pytest.mark.parametrize("feature_set", ["v3", "v4", "v5", "v6", "v7"])
 @pytest.mark.parametrize("width", [100, 95])  # 95: odd, computed twice
 def test_the_mirror_images_statistics_are_made_from_the_images(width, feature_set):
     """forward_and_mirror (flip TTA) gives forward(x) and, from it, forward(x.flip(3)): every group, every place."""

@@ -35,6 +35,13 @@ def test_the_preset_is_the_cross_validated_head_on_feature_set_v6():
     assert statcache.enabled(cfg, create_model(cfg["model"], **cfg["model_args"]))
 
 
+def test_the_v7_preset_is_the_v6_preset_with_feature_set_v7():
+    v6, v7 = load_config("statmlp_v6_h2"), load_config("statmlp_v7_h2")
+    assert v7 == {**v6, "model_args": {**v6["model_args"], "feature_set": "v7"}}
+    assert count_parameters(create_model(v7["model"], **v7["model_args"])) == \
+        count_parameters(create_model(v6["model"], **v6["model_args"])) + (6454 - 5573) * 512
+
+
 @pytest.mark.parametrize("change, named", [({"rotation": 15}, "rotation"), ({"color_jitter": 0.1}, "color_jitter"),
                                            ({"mixup": 0.2}, "mixup"), ({"translate": 4}, "translate"),
                                            ({"cutmix": 1.0}, "cutmix")])

@@ -251,7 +251,7 @@ def main() -> None:
     ap.add_argument("--blend", nargs="*", default=[],
                     help="checkpoints or shipped names to blend with; A,B,C: the ensemble of those (mean probabilities)")
     ap.add_argument("--groups", action="store_true", help="also one model per feature group, and all but one")
-    ap.add_argument("--feature-set", choices=("v1", "v2", "v3", "v4", "v5", "v6"), default="v1",
+    ap.add_argument("--feature-set", choices=("v1", "v2", "v3", "v4", "v5", "v6", "v7"), default="v1",
                     help="v1: the 539 statistics of the first probe; v2: v1 and per-channel co-occurrences, chroma, "
                          "half-resolution co-occurrences, gradients; v3: v2 and rich-model residual co-occurrences; "
                          "v4: v3 and colour-noise co-occurrences; v5: v4, the grey-level and colour-difference residuals "

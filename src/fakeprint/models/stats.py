@@ -5,7 +5,7 @@ A model that saw only these numbers (no convolution) scored 88.80% on the intern
 and got right 26 of the 54 images that every CNN of rounds 3-6 got wrong (docs/results.md, round 7): the
 statistics see the generators through other eyes than the CNNs. Groups, in order (feature set v1: the
 first four, 539 numbers per image; v2: the first eight, 1,330; v3: nine, 2,580; v4: eleven, 3,705; v5: thirteen,
-4,973; v6: all, 5,573):
+4,973; v6: fourteen, 5,573; v7: all, 6,454):
 
 - ``colour``: for R, G, B, saturation, max and grey: mean, std, 7 percentiles, a 16-bin histogram;
 - ``residual``: per channel, the image minus its 3x3 box mean: std, mean absolute value, log kurtosis;
@@ -37,8 +37,16 @@ first four, 539 numbers per image; v2: the first eight, 1,330; v3: nine, 2,580; 
 - ``lbp_pairs`` (v6): each pattern of ``lbp`` as its rotation-invariant uniform code (10 values: the number of
   neighbours set where the 8 bits change at most twice around the ring, else 9), and the co-occurrence of the codes
   of two neighbouring pixels, along rows and along columns (3 x 2 x 100): how texture patterns sit side by side.
+- ``colour_joint`` (v7): the joint histogram of R, G and B at 8 levels each (512 bins), as the square root of each
+  bin's fraction: the palette, which the per-channel statistics of ``colour`` cannot see;
+- ``hsv_joint`` (v7): the joint histogram of hue (12 bins; 0 where the pixel is grey), saturation and value (4 bins
+  each) of HSV (192 bins), square roots of fractions as ``colour_joint``;
+- ``layout`` (v7): the mean and standard deviation of R, G and B in each cell of a 4 x 4 grid (96 numbers): where
+  in the picture the colours are (composition);
+- ``wavelet`` (v7): a three-level Haar decomposition of the grey level, R - G and B - G; for each level's three
+  detail bands the log mean absolute value, log mean square and log kurtosis (81 numbers).
 ``srm_ycc`` and ``lbp`` were chosen by the same cross-validation (docs/results.md, round 12), ``lbp_pairs`` too
-(round 13).
+(round 13); the four groups of v7 together in round 20.
 
 The input is the model's input (normalised as ``input_norm`` says); it is mapped back to [0, 1] and snapped
 to the 1/255 grid, so the numbers are those of the uint8 image whatever the device or dtype. Computed in
@@ -63,10 +71,16 @@ GROUPS_V3 = GROUPS_V2 + ("srm",)
 GROUPS_V4 = GROUPS_V3 + ("srm_rgb", "srm_chroma")
 GROUPS_V5 = GROUPS_V4 + ("srm_ycc", "lbp")
 GROUPS_V6 = GROUPS_V5 + ("lbp_pairs",)
-FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2, "v3": GROUPS_V3, "v4": GROUPS_V4, "v5": GROUPS_V5, "v6": GROUPS_V6}
+GROUPS_V7 = GROUPS_V6 + ("colour_joint", "hsv_joint", "layout", "wavelet")
+FEATURE_SETS = {"v1": GROUPS_V1, "v2": GROUPS_V2, "v3": GROUPS_V3, "v4": GROUPS_V4, "v5": GROUPS_V5, "v6": GROUPS_V6,
+                "v7": GROUPS_V7}
 SIZES = {"colour": 150, "residual": 9, "cooccurrence": 180, "spectrum": 200, "chroma": 51,
          "cooccurrence_rgb": 540, "multiscale": 180, "gradient": 20, "srm": 1250, "srm_rgb": 625, "srm_chroma": 500,
-         "srm_ycc": 500, "lbp": 768, "lbp_pairs": 600}
+         "srm_ycc": 500, "lbp": 768, "lbp_pairs": 600, "colour_joint": 512, "hsv_joint": 192, "layout": 96,
+         "wavelet": 81}
+# groups whose mirror image's statistics forward_and_mirror computes again (cheap, and not a permutation of the
+# image's: the gradient's percentiles; the layout's cells and the wavelet's last level on widths not divisible by 8)
+RECOMPUTED_ON_MIRROR = ("gradient", "layout", "wavelet")
 # steganalysis-style residuals of the grey level (rich models): name, kernel (integers), quantisation step
 SRM_KERNELS = (
     ("2nd", ((1, -2, 1),), 2),
@@ -265,7 +279,8 @@ class StatFeatures(nn.Module):
         """The statistics of ``x`` and of its mirror image ``x.flip(3)`` (what flip TTA asks for), the second
         mostly from the first: colour, residual and chroma statistics do not change when an image is mirrored,
         the co-occurrences only change places (a horizontal difference changes sign and a pair its order), the
-        spectrum blocks come from the mirrored power spectrum; only the gradient group is computed again. The same
+        spectrum blocks come from the mirrored power spectrum; only the small groups of RECOMPUTED_ON_MIRROR are
+        computed again. The same
         numbers as ``forward(x.flip(3))`` up to float rounding (tested); 1.6x (v3) to 2x (v2) faster than computing
         both on 2 CPU cores."""
         with torch.autocast(device_type=x.device.type, enabled=False):
@@ -287,9 +302,9 @@ class StatFeatures(nn.Module):
                     power = shared["power"][:, :, (-torch.arange(w, device=x.device)) % w]  # frequency v -> -v
                     blocks = F.avg_pool2d((power + 1e-8).log().unsqueeze(1), (h // 10, w // 10)).reshape(len(x), -1)
                     mirrored.append(torch.cat([p[:, :RINGS], blocks, p[:, RINGS + blocks.shape[1]:]], 1))
-                elif g == "gradient":
-                    mirrored.append(self._gradient(x.flip(3), {}))
-                else:  # colour, residual, chroma
+                elif g in RECOMPUTED_ON_MIRROR:
+                    mirrored.append(getattr(self, "_" + g)(x.flip(3), {}))
+                else:  # colour, residual, chroma, colour_joint, hsv_joint
                     mirrored.append(p)
             return torch.cat(parts, 1), torch.cat(mirrored, 1)
 
@@ -577,6 +592,49 @@ class StatFeatures(nn.Module):
         # each histogram a fraction of its own pairs (on a non-square image rows and columns have different counts)
         return _scatter_counts(rows, 600) / (rows.shape[1] // 3) + _scatter_counts(cols, 600) / (cols.shape[1] // 3)
 
+    # ----------------------------------------------------------------------------------------- groups (v7)
+    def _colour_joint(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        q = torch.div(self._levels_of(x, shared), 32, rounding_mode="floor")  # 8 levels a channel
+        idx = (q[:, 0] * 64 + q[:, 1] * 8 + q[:, 2]).reshape(x.shape[0], -1).long()
+        return (_scatter_counts(idx, 512) / idx.shape[1]).sqrt()
+
+    def _hsv_joint(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        k = self._levels_of(x, shared)
+        r, g, b = k[:, 0], k[:, 1], k[:, 2]
+        mx, mn = k.amax(1), k.amin(1)
+        d = mx - mn
+        dd = d.clamp_min(1)
+        # hue in sixths of the circle, 0 <= h < 6: the max channel decides the sector (R first, then G), grey pixels 0
+        h = torch.where(mx == r, (g - b) / dd, torch.where(mx == g, (b - r) / dd + 2, (r - g) / dd + 4))
+        h = torch.where(h < 0, h + 6, h)
+        h = torch.where(d > 0, h, torch.zeros_like(h))
+        hq = (h * 2).floor().clamp(0, 11)
+        sq = (d * 4 / mx.clamp_min(1)).floor().clamp(0, 3)  # saturation (max - min) / max, 0 for black
+        vq = torch.div(mx, 64, rounding_mode="floor")  # value: 4 bins of 64 levels
+        idx = (hq * 16 + sq * 4 + vq).reshape(x.shape[0], -1).long()
+        return (_scatter_counts(idx, 192) / idx.shape[1]).sqrt()
+
+    def _layout(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        m = F.adaptive_avg_pool2d(x, 4)
+        sd = (F.adaptive_avg_pool2d(x * x, 4) - m * m).clamp_min(0).sqrt()
+        return torch.cat([m.reshape(x.shape[0], -1), sd.reshape(x.shape[0], -1)], 1)
+
+    def _wavelet(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
+        scale = torch.tensor([1 / 3, 1.0, 1.0], device=x.device).view(1, 3, 1, 1)
+        a = self._ycc_of(x, shared) * scale  # the mean of R, G, B (0-255), R - G and B - G (-255..255)
+        b, out = x.shape[0], []
+        for _level in range(3):
+            a = a[:, :, :int(a.shape[2]) // 2 * 2, :int(a.shape[3]) // 2 * 2]  # an odd row or column is left out
+            p, q, r, s = a[:, :, 0::2, 0::2], a[:, :, 0::2, 1::2], a[:, :, 1::2, 0::2], a[:, :, 1::2, 1::2]
+            for band in ((p - q + r - s) / 2, (p + q - r - s) / 2, (p - q - r + s) / 2):  # along rows, columns, both
+                v = band.reshape(b, 3, -1)
+                m2 = (v * v).mean(2)
+                out += [(v.abs().mean(2) + 1e-3).log(), (m2 + 1e-3).log(), ((v ** 4).mean(2) / (m2 * m2 + 1e-6)
+                                                                            + 1e-3).log()]
+            a = (p + q + r + s) / 2
+        return torch.stack(out, 2).reshape(b, -1)  # channel-major: grey's 27, then R - G's, then B - G's
+
+
 
 def _is_antisymmetric(rows: tuple[tuple[int, ...], ...]) -> bool:
     """A 1-D kernel that changes sign when reversed (odd orders): a mirrored image's residual is negated."""
@@ -623,4 +681,3 @@ def _triples(r: torch.Tensor, axis: int) -> torch.Tensor:
         a, b, c = r[:, :-2], r[:, 1:-1], r[:, 2:]
     idx = ((a * n + b) * n + c).reshape(r.shape[0], -1).long()
     return _counts(idx, n ** 3)
-
