@@ -101,3 +101,25 @@ def test_a_fold_is_trained_as_fakeprint_train_trains(tmp_path, lossless):
         torch.testing.assert_close(trained.state_dict()[k], w, rtol=1e-3, atol=1e-4)
     other = _tool().train_fold(cfg, rows, torch.from_numpy(np.asarray(full.labels)).long(), seed=4)
     assert not torch.allclose(other.state_dict()["mlp.1.weight"], want["mlp.1.weight"])  # the seed matters
+
+
+def test_a_crop_variant_trains_on_crops_scores_the_whole_images_and_folds_can_be_picked(tmp_path):
+    """stat_crops: the crops' statistics are computed once for every variant and only the variants that ask for
+    them train on them; each fold is scored on the whole images; --only-folds trains just those folds."""
+    data = make_train_only(tmp_path / "data", n_train=100, seed=6)
+    tiny = ["--set", "epochs=2", "--set", "batch_size=20", "--set", "model_args.hidden=16",
+            "--set", "model_args.feature_set=v1"]
+    proc = _cv(data, tmp_path, *tiny, "--only-folds", "2,0", "--variant", "base", "--variant", "crops",
+               "stat_crops=2")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((tmp_path / "cv.json").read_text())
+    assert result["fold_numbers"] == [0, 2] and result["folds_run"] == 2
+    kept = torch.load(tmp_path / "stats.pt", weights_only=True)
+    assert kept["rows"].shape[:2] == (90, 2 + 4) and kept["key"]["crops"] == 2 and kept["key"]["crop_size"] == 90
+    a, b = (torch.load(tmp_path / "probs" / f"{n}.pt", weights_only=True) for n in ("base", "crops"))
+    assert len(a["index"]) == 60 and torch.equal(a["index"], b["index"])  # folds 0 and 2: 30 images each
+    assert not torch.allclose(a["probs"], b["probs"])  # the crops changed the training
+    for args, named in ((["--only-folds", "3"], "numbered 0 to 2"), (["--only-folds", "x"], "--only-folds"),
+                        (["--variant", "c", "stat_crops=1", "rot90=true"], "flip views")):
+        bad = _cv(data, tmp_path, *tiny, *args)
+        assert bad.returncode != 0 and named in bad.stderr and "Traceback" not in bad.stderr, bad.stderr

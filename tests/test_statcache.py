@@ -172,3 +172,72 @@ def test_a_run_with_stat_mixup_trains_differently_and_records_it(tiny_train_only
         assert load_config(out / "config.yaml")["stat_mixup"] == alpha
         rows[alpha] = list(csv.DictReader((out / "metrics.csv").open(newline="")))
     assert [r["train_loss"] for r in rows[0.0]] != [r["train_loss"] for r in rows[0.4]]
+
+
+def test_crops_add_the_statistics_of_each_images_own_crops_and_their_mirrors():
+    """stat_crops: after the image's two rows, the statistics of K crops at corners drawn from the seed alone
+    (the same crops however the images are batched) and of their mirrors."""
+    rng = np.random.default_rng(2)
+    images = torch.from_numpy(rng.integers(0, 256, (6, 100, 100, 3), dtype=np.uint8))
+    head = create_model("statmlp", feature_set="v2", hidden=16).eval()
+    plain = statcache.statistics(head, images, "imagenet")
+    rows = statcache.statistics(head, images, "imagenet", batch_size=4, crops=2, crop_size=90, crop_seed=3)
+    assert rows.shape == (6, 2 + 4, head.stats.dim)
+    torch.testing.assert_close(rows[:, :2], plain, rtol=0, atol=0)
+    corners = statcache.crop_offsets(6, 2, 90, 100, 100, seed=3)
+    assert corners.shape == (6, 2, 2) and int(corners.max()) <= 10 and len({tuple(c) for c in corners[:, 0].tolist()}) > 1
+    x = normalize(to_float(images), "imagenet")
+    with torch.no_grad():
+        for i in (0, 5):
+            for c in range(2):
+                (y, xx) = corners[i, c].tolist()
+                crop = x[i:i + 1, :, y:y + 90, xx:xx + 90]
+                torch.testing.assert_close(rows[i, 2 + 2 * c], head.stats(crop)[0], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(rows[i, 3 + 2 * c], head.stats(crop.flip(3))[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(rows[:, 2], rows[:, 0], atol=1e-3)  # a crop's statistics are not the image's
+    again = statcache.statistics(head, images, "imagenet", batch_size=5, crops=2, crop_size=90, crop_seed=3)
+    torch.testing.assert_close(again, rows)
+    with pytest.raises(FakeprintError, match="stat_crop_size 88 gives another number"):  # 11 x 11 spectrum blocks, not 10 x 10
+        statcache.statistics(head, images, "imagenet", crops=1, crop_size=88)
+    with pytest.raises(FakeprintError, match="larger than the images"):
+        statcache.statistics(head, images, "imagenet", crops=1, crop_size=120)
+
+
+def test_a_crop_is_drawn_for_its_share_of_samples_with_the_flip_drawn_first():
+    k, n = 3, 4000
+    rows = torch.arange(2 + 2 * k, dtype=torch.float32).view(1, -1, 1).expand(n, -1, 1)  # row r holds r
+    cfg = {"hflip": True, "stat_crops": k, "stat_crop_prob": 0.25}
+    picked = statcache.training_views(rows, cfg, torch.Generator().manual_seed(4))[:, 0].long()
+    flips = torch.rand(n, generator=torch.Generator().manual_seed(4)) < 0.5  # the same first draw as without crops
+    assert torch.equal(picked % 2 == 1, flips)  # odd rows: the mirror, of the image or of a crop
+    share = float((picked >= 2).float().mean())
+    assert 0.22 < share < 0.28  # a crop for a quarter of the samples
+    assert set((picked[picked >= 2] - 2).div(2, rounding_mode="floor").tolist()) == {0, 1, 2}  # every crop used
+    no_crops = statcache.training_views(rows[:, :2], {"hflip": True}, torch.Generator().manual_seed(4))
+    assert torch.equal(no_crops[:, 0].long(), flips.long())
+    with pytest.raises(FakeprintError, match="needs 8"):
+        statcache.training_views(rows[:, :6], cfg, torch.Generator())
+
+
+def test_stat_crops_needs_flip_views_the_statistics_computed_once_and_whole_numbers():
+    model = create_model("statmlp", feature_set="v2", hidden=16)
+    assert statcache.enabled(load_config(None, SMALL | {"stat_crops": 2}), model)
+    with pytest.raises(FakeprintError, match="stat_crops.*rotation"):
+        statcache.enabled(load_config(None, SMALL | {"stat_crops": 2, "rotation": 15}), model)
+    with pytest.raises(FakeprintError, match="stat_crops works with horizontal flips only"):
+        statcache.enabled(load_config(None, SMALL | {"stat_crops": 2, "rot90": True}), model)
+    for bad in ({"stat_crops": -1}, {"stat_crops": 1.5}, {"stat_crop_size": 0}, {"stat_crop_prob": 0},
+                {"stat_crop_prob": 1.5}):
+        with pytest.raises(FakeprintError, match=next(iter(bad))):
+            load_config(None, SMALL | bad)
+
+
+def test_a_run_with_stat_crops_trains_on_them_and_says_so(tiny_train_only, tmp_path, capsys):
+    runs = {}
+    for k in (0, 2):
+        out = tmp_path / f"crops{k}"
+        train(tiny_train_only, load_config(None, SMALL | {"stat_crops": k}), out)
+        runs[k] = load_checkpoint(out / "last")[0].state_dict()
+        assert load_config(out / "config.yaml")["stat_crops"] == k
+    assert "2 crops of 90 pixels and their mirrors" in capsys.readouterr().err
+    assert any(not torch.allclose(runs[0][n], runs[2][n]) for n in runs[0])  # the crops changed the training

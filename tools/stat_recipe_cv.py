@@ -10,9 +10,12 @@ head with ``train.train_one_epoch`` as ``fakeprint train`` does with ``stat_cach
 batches, view draws, ``stat_mixup``, optimiser, schedule and EMA) and scores the held-out fold at the last epoch with
 the variant's TTA. ``--variant NAME KEY=VALUE ...`` adds a recipe (config overrides, as ``--set``; the feature set
 and the split are shared by all variants: change them with ``--set``); a recipe that cannot train on statistics
-computed once (image augmentation beyond flips and quarter turns) is refused. Prints one JSON object: per variant and
-fold the accuracy and class-4 recall, their means, and the accuracy of all variants' out-of-fold probabilities
-averaged.
+computed once (image augmentation beyond flips and quarter turns) is refused. ``stat_crops=K`` in a variant: the
+statistics of K crops of each image (and their mirrors; positions drawn from seed 0) are computed once beside the
+views, and only the variants that ask for crops train on them (each on its own K); folds are always scored on the
+whole images. ``--only-folds 3,4`` trains just those folds (folds that a screening on the first three never saw).
+Prints one JSON object: per variant and fold the accuracy and class-4 recall, their means, and the accuracy of all
+variants' out-of-fold probabilities averaged.
 
     python tools/stat_recipe_cv.py --data data/unibuc-deepfake --folds 5 --run-folds 3 --features /tmp/v6.pt \
         --variant base --variant hdrop5 model_args.dropout=0.5 --variant mixup02 stat_mixup=0.2 \
@@ -52,17 +55,21 @@ from fakeprint.train import (
 )
 
 
-def training_part_statistics(data: str, cfg: dict, features: str | None, views: str = "flip"
+def training_part_statistics(data: str, cfg: dict, features: str | None, views: str = "flip", crops: int = 0
                              ) -> tuple[torch.Tensor, torch.Tensor, dict]:
-    """N x V x D statistics (``statcache.statistics``' views) and labels of the training part (the internal split
-    left out), cached in ``features``; kept eight-view statistics serve a two-view request (their first two rows)."""
+    """N x V x D statistics (``statcache.statistics``' views, then ``crops`` crops of ``cfg['stat_crop_size']``
+    pixels and their mirrors, positions drawn from seed 0) and labels of the training part (the internal split left
+    out), cached in ``features``; kept eight-view statistics serve a two-view request (their first two rows)."""
     key = {"feature_set": cfg["model_args"].get("feature_set"), "val_fraction": float(cfg["val_fraction"]),
            "split_seed": int(cfg["split_seed"]), "normalize": cfg["normalize"],
            "dataset": dataset_identity(data)}  # another dataset in the same file: computed again, not reused
+    if crops:
+        key |= {"crops": crops, "crop_size": int(cfg["stat_crop_size"])}
     if features and Path(features).exists():
         saved = torch.load(features, weights_only=True)
         saved_views = saved["key"].get("views", "flip")
-        if {k: saved["key"].get(k) for k in key} == key and (saved_views == views or saved_views == "dihedral"):
+        if {k: saved["key"].get(k) for k in key} == key and (saved_views == views or saved_views == "dihedral"
+                                                             and not crops):
             log(f"statistics read from {features}")
             return statcache.select_views(saved["rows"], views), saved["labels"], {"statistics_time_s": None, "from": Path(features).name}
         log(f"{features} holds other statistics ({saved['key']}): computing them again")
@@ -72,7 +79,8 @@ def training_part_statistics(data: str, cfg: dict, features: str | None, views: 
     labels = torch.from_numpy(np.asarray(full.labels)[tr]).long()
     head = build_model(cfg, 5)
     t0 = time.perf_counter()
-    rows = statcache.statistics(head, images, cfg["normalize"], views=views, progress=True)
+    rows = statcache.statistics(head, images, cfg["normalize"], views=views, progress=True, crops=crops,
+                                crop_size=int(cfg["stat_crop_size"]), crop_seed=0)
     seconds = time.perf_counter() - t0
     if features:
         torch.save({"key": key | {"views": views}, "rows": rows, "labels": labels}, features)
@@ -112,6 +120,8 @@ def main() -> None:
     ap.add_argument("--config", default="statmlp_v6_h2")
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--run-folds", type=int, default=0, help="train only the first N folds (0: all)")
+    ap.add_argument("--only-folds", help="train only these folds, by number from 0 (e.g. 3,4: folds a screening on "
+                                         "the first three never saw)")
     ap.add_argument("--fold-seed", type=int, default=0)
     ap.add_argument("--seed", type=int, default=0, help="training seed (fold k uses seed + k)")
     ap.add_argument("--features", help="a .pt file to keep the statistics in between runs (outside the repository)")
@@ -128,7 +138,8 @@ def main() -> None:
     variants = args.variant or [["base"]]
     base = load_config(args.config, args.set)
     fixed = {"feature set": lambda c: c["model_args"].get("feature_set"), "normalize": lambda c: c["normalize"],
-             "val_fraction": lambda c: c["val_fraction"], "split_seed": lambda c: c["split_seed"]}
+             "val_fraction": lambda c: c["val_fraction"], "split_seed": lambda c: c["split_seed"],
+             "crop size": lambda c: c["stat_crop_size"]}
     names = [name for name, *_ in variants]
     if len(set(names)) < len(names):
         raise SystemExit(f"error: variant names must differ: {', '.join(names)}")
@@ -142,23 +153,40 @@ def main() -> None:
                 raise SystemExit(f"error: variant {name!r} changes the {what} ({get(base)} -> {get(cfg)}): the "
                                  "statistics and the internal split are shared by all variants; use --set")
     views = "dihedral" if any(statcache.views(c) == "dihedral" for c in cfgs.values()) else "flip"
-    rows, labels, stat_info = training_part_statistics(args.data, base, args.features, views)
+    n_crops = max(statcache.crops(c) for c in cfgs.values())
+    if n_crops and views != "flip":
+        raise SystemExit("error: a variant with stat_crops needs every variant on flip views (no vflip, rot90 or "
+                         "dihedral TTA): the crops' rows follow the image's two")
+    rows, labels, stat_info = training_part_statistics(args.data, base, args.features, views, n_crops)
     skf = StratifiedKFold(n_splits=args.folds, shuffle=True, random_state=args.fold_seed)
     folds = list(skf.split(np.zeros(len(labels)), labels.numpy()))
-    if args.run_folds:
-        folds = folds[:args.run_folds]
+    numbers = list(range(len(folds)))
+    if args.only_folds:
+        try:
+            numbers = sorted({int(k) for k in args.only_folds.split(",")})
+        except ValueError:
+            raise SystemExit(f"error: --only-folds takes fold numbers separated by commas, got {args.only_folds!r}"
+                             ) from None
+        if not all(0 <= k < args.folds for k in numbers):
+            raise SystemExit(f"error: --only-folds: the folds are numbered 0 to {args.folds - 1}, got {args.only_folds}")
+    elif args.run_folds:
+        numbers = numbers[:args.run_folds]
+    folds = [folds[k] for k in numbers]
     result = {"environment": environment(torch.device("cpu")), "config": args.config,
               "data": dataset_identity(args.data),
               "split": "the internal split's training part only (the internal split not loaded), "
                        f"{args.folds}-fold stratified CV (fold seed {args.fold_seed}); last epoch, each variant's TTA",
-              "training_part_images": len(labels), "set": args.set, **stat_info, "folds_run": len(folds), "variants": {}}
+              "training_part_images": len(labels), "set": args.set, **stat_info, "folds_run": len(folds),
+              "fold_numbers": numbers, "variants": {}}
     probs = {}
     for name, *overrides in variants:
         cfg = cfgs[name]
         accs, rec4, times = [], [], []
         p = torch.zeros(len(labels), 5)
         own = statcache.select_views(rows, statcache.views(cfg))  # a flip-only variant: its two rows
-        for k, (tr, va) in enumerate(folds):
+        if statcache.crops(cfg):  # and its crops' rows
+            own = torch.cat([own, rows[:, 2:2 + 2 * statcache.crops(cfg)]], 1)
+        for k, (tr, va) in zip(numbers, folds, strict=True):
             t0 = time.perf_counter()
             head = train_fold(cfg, own[tr], labels[tr], args.seed + k)
             z = statcache.logits(head, own[va], cfg["tta"])

@@ -85,6 +85,9 @@ DEFAULTS: dict[str, Any] = {
     "compile": False,
     "stat_cache": "auto",         # statmlp, flips/quarter turns only: statistics computed once, not every epoch
     "stat_mixup": 0.0,            # MixUp Beta(alpha, alpha) of statistic rows, not of images (needs stat_cache; 0: off)
+    "stat_crops": 0,              # statistics of K random crops of each training image (and mirrors) as more views
+    "stat_crop_size": 90,         # their side in pixels (their statistics must number as many as the image's)
+    "stat_crop_prob": 0.5,        # the share of training draws that take a crop instead of the whole image
     "deterministic": False,       # deterministic algorithms (for exact reproducibility on CPU)
     "threads": 0,                 # CPU threads for torch (0: leave torch's default)
     "workers": 0,                 # processes for decoding images into the cache (0: all cores)
@@ -223,6 +226,12 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("mixup", "cutmix", "stat_mixup"):
         if float(cfg[key]) < 0:
             raise FakeprintError(f"config: {key} is a Beta alpha: 0 (off) or more, got {cfg[key]}")
+    for key in ("stat_crops", "stat_crop_size"):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < (0 if key == "stat_crops" else 1):
+            raise FakeprintError(f"config: {key} must be a whole number{' (0: off)' if key == 'stat_crops' else ' of pixels'}"
+                                 f", got {cfg[key]!r}")
+    if not 0.0 < float(cfg["stat_crop_prob"]) <= 1.0:
+        raise FakeprintError(f"config: stat_crop_prob must be above 0 and at most 1, got {cfg['stat_crop_prob']}")
     if not 0.0 < float(cfg["val_fraction"]) < 1.0:
         raise FakeprintError(f"config: val_fraction must be between 0 and 1, got {cfg['val_fraction']}")
     if not isinstance(cfg["model_args"], dict):

@@ -22,6 +22,14 @@ that does not allow it, with the reason) or ``off``.
 the same thing as image MixUp (the statistics of a blended image are not the blend of the statistics), so it is its
 own key and needs the statistics computed once; measured by cross-validation with ``tools/stat_recipe_cv.py``
 (docs/results.md, round 16).
+
+``stat_crops`` (K, 0: off) adds, after those rows, the statistics of K random ``stat_crop_size`` x
+``stat_crop_size`` crops of each training image and of their mirrors (row ``V + 2c + m`` for crop ``c``, mirrored if
+``m``, after the image's V views): other samples of the same generator's output. The crop positions are drawn once,
+from the run's seed, when the statistics are computed; each step then takes, for ``stat_crop_prob`` of the samples,
+one of the K crops (its mirror where the flip draw says so) instead of the whole image. Flips only (no quarter
+turns), statistics computed once only; scoring and prediction always use the whole image (docs/results.md, round
+21).
 """
 
 from __future__ import annotations
@@ -79,11 +87,23 @@ def unusable_reason(cfg: dict, model: nn.Module) -> str | None:
     return None
 
 
+def crops(cfg: dict) -> int:
+    """How many crops of each training image ``stat_crops`` asks for (0: none)."""
+    return int(cfg.get("stat_crops") or 0)
+
+
 def enabled(cfg: dict, model: nn.Module) -> bool:
     """Whether to train on statistics computed once; ``stat_cache: on`` with an unusable config is an error, and
-    so is ``stat_mixup`` without the statistics computed once."""
+    so are ``stat_mixup`` and ``stat_crops`` without the statistics computed once."""
     mode = str(cfg.get("stat_cache", "auto"))
     reason = "stat_cache is off" if mode == "off" else unusable_reason(cfg, model)
+    if crops(cfg):
+        if reason:
+            raise FakeprintError(f"config: stat_crops adds the statistics of crops computed once, and they cannot be "
+                                 f"here: {reason}; set stat_crops: 0")
+        if views(cfg) != "flip":
+            raise FakeprintError("config: stat_crops works with horizontal flips only (no vflip, rot90 or dihedral "
+                                 "TTA); set stat_crops: 0 or turn those off")
     if reason and float(cfg.get("stat_mixup") or 0) > 0:
         raise FakeprintError(f"config: stat_mixup mixes statistics computed once, and they cannot be here: {reason}; "
                              "set stat_mixup: 0 (or mixup, which mixes images)")
@@ -102,21 +122,57 @@ def select_views(rows: torch.Tensor, views: str) -> torch.Tensor:
     return rows[:, :want]
 
 
+def crop_offsets(n: int, k: int, size: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """N x K x 2 top-left corners (row, column) of each image's K crops, drawn from ``seed`` alone."""
+    if size > min(height, width):
+        raise FakeprintError(f"config: stat_crop_size {size} is larger than the images ({height} x {width})")
+    g = torch.Generator().manual_seed(int(seed))
+    return torch.stack([torch.randint(0, height - size + 1, (n, k), generator=g),
+                        torch.randint(0, width - size + 1, (n, k), generator=g)], 2)
+
+
+def _crop(x: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
+    """Each B x C x H x W image's ``size`` x ``size`` crop at its own corner (B x 2)."""
+    rows = (corners[:, :1] + torch.arange(size)).to(x.device)  # B x size
+    cols = (corners[:, 1:] + torch.arange(size)).to(x.device)
+    b = torch.arange(x.shape[0], device=x.device)[:, None, None]
+    return x.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
+
+
 @torch.no_grad()
 def statistics(head: StatHead, images: torch.Tensor, norm: str, batch_size: int = 128, views: str = "flip",
-               progress: bool = False, desc: str = "statistics") -> torch.Tensor:
-    """N x V x D float32 on the images' device: the statistics of each uint8 N x H x W x 3 image's views, V = 2
-    (``views="flip"``: the image, its mirror) or 8 (``"dihedral"``: rows laid out as the module's docstring says)."""
+               progress: bool = False, desc: str = "statistics", crops: int = 0, crop_size: int = 90,
+               crop_seed: int = 0) -> torch.Tensor:
+    """N x (V + 2K) x D float32 on the images' device: the statistics of each uint8 N x H x W x 3 image's views, V = 2
+    (``views="flip"``: the image, its mirror) or 8 (``"dihedral"``: rows laid out as the module's docstring says),
+    then those of its ``crops`` (K) random crops and their mirrors (``stat_crops``, flip views only)."""
     if views not in ("flip", "dihedral"):
         raise ValueError(f"views must be flip or dihedral, got {views!r}")
+    if crops and views != "flip":
+        raise ValueError("crops come with the flip views only")
     turns = 4 if views == "dihedral" else 1
+    corners = crop_offsets(images.shape[0], crops, crop_size, images.shape[1], images.shape[2], crop_seed) \
+        if crops else None
+    if crops:  # the statistics of a crop must be the same numbers as an image's (the spectrum's blocks are H // 10)
+        try:
+            probe = head.stats(torch.zeros(1, 3, crop_size, crop_size, device=images.device))
+            same = probe.shape == (1, head.stats.dim)
+        except RuntimeError:  # the module's last reshape refuses another number of statistics
+            same = False
+        if not same:
+            raise FakeprintError(f"config: stat_crop_size {crop_size} gives another number of statistics than the "
+                                 f"image's {head.stats.dim:,} (the spectrum is cut in blocks of a tenth of the side): "
+                                 "try 90 or 95")
     out = []
     for start in tqdm(range(0, images.shape[0], batch_size), desc=desc, unit="batch", leave=False,
                       disable=not progress, dynamic_ncols=True):
         x = normalize(to_float(images[start:start + batch_size]), norm)
-        out.append(torch.stack([f for j in range(turns) for f in head.stats.forward_and_mirror(x.rot90(j, (2, 3)))], 1))
+        rows = [f for j in range(turns) for f in head.stats.forward_and_mirror(x.rot90(j, (2, 3)))]
+        for c in range(crops):
+            rows += list(head.stats.forward_and_mirror(_crop(x, corners[start:start + batch_size, c], crop_size)))
+        out.append(torch.stack(rows, 1))
     if not out:
-        return torch.zeros(0, 2 * turns, head.stats.dim, device=images.device)
+        return torch.zeros(0, 2 * turns + 2 * crops, head.stats.dim, device=images.device)
     return torch.cat(out)
 
 
@@ -135,15 +191,24 @@ class OnStatistics(nn.Module):
 def training_views(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
     """One row per sample of N x V x D statistics: the row of the view ``augment`` would make, with
     ``augment.draw_lossless`` (the draw the image path makes, so a run keeps its random stream)."""
-    h, v, k = draw_lossless(rows.shape[0], cfg, g, rows.device)
-    if h is None and v is None and k is None:
+    n, k_crops = rows.shape[0], crops(cfg)
+    h, v, k = draw_lossless(n, cfg, g, rows.device)
+    if h is None and v is None and k is None and not k_crops:
         return rows[:, 0]
-    zero = torch.zeros(rows.shape[0], dtype=torch.long, device=rows.device)
+    zero = torch.zeros(n, dtype=torch.long, device=rows.device)
     row = _ROW_OF_VIEW.to(rows.device)[zero if h is None else h.long(), zero if v is None else v.long(),
                                        zero if k is None else k]
+    if k_crops:  # after the flip draw, so that a run without crops keeps its random stream
+        first = rows.shape[1] - 2 * k_crops  # the image's own views come first
+        if first < 2:
+            raise FakeprintError(f"the statistics computed once hold {rows.shape[1]} views; stat_crops "
+                                 f"{k_crops} needs {2 + 2 * k_crops}")
+        take = torch.rand(n, generator=g, device=rows.device) < float(cfg.get("stat_crop_prob", 0.5))
+        c = torch.randint(0, k_crops, (n,), generator=g, device=rows.device)
+        row = torch.where(take, first + 2 * c + row, row)
     if int(row.max()) >= rows.shape[1]:
         raise FakeprintError(f"the statistics computed once hold {rows.shape[1]} views; this augmentation needs 8")
-    return rows[torch.arange(rows.shape[0], device=rows.device), row]
+    return rows[torch.arange(n, device=rows.device), row]
 
 
 def mix_rows(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor | None, float]:
