@@ -153,7 +153,7 @@ def main() -> None:
                 raise SystemExit(f"error: variant {name!r} changes the {what} ({get(base)} -> {get(cfg)}): the "
                                  "statistics and the internal split are shared by all variants; use --set")
     views = "dihedral" if any(statcache.views(c) == "dihedral" for c in cfgs.values()) else "flip"
-    n_crops = max(statcache.crops(c) for c in cfgs.values())
+    n_crops = max(statcache.crop_count(c) for c in cfgs.values())
     if n_crops and views != "flip":
         raise SystemExit("error: a variant with stat_crops needs every variant on flip views (no vflip, rot90 or "
                          "dihedral TTA): the crops' rows follow the image's two")
@@ -184,8 +184,8 @@ def main() -> None:
         accs, rec4, times = [], [], []
         p = torch.zeros(len(labels), 5)
         own = statcache.select_views(rows, statcache.views(cfg))  # a flip-only variant: its two rows
-        if statcache.crops(cfg):  # and its crops' rows
-            own = torch.cat([own, rows[:, 2:2 + 2 * statcache.crops(cfg)]], 1)
+        if statcache.crop_count(cfg):  # and its crops' rows
+            own = torch.cat([own, rows[:, 2:2 + 2 * statcache.crop_count(cfg)]], 1)
         for k, (tr, va) in zip(numbers, folds, strict=True):
             t0 = time.perf_counter()
             head = train_fold(cfg, own[tr], labels[tr], args.seed + k)

@@ -226,10 +226,10 @@ def validate(cfg: dict[str, Any]) -> None:
     for key in ("mixup", "cutmix", "stat_mixup"):
         if float(cfg[key]) < 0:
             raise FakeprintError(f"config: {key} is a Beta alpha: 0 (off) or more, got {cfg[key]}")
-    for key in ("stat_crops", "stat_crop_size"):
-        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < (0 if key == "stat_crops" else 1):
-            raise FakeprintError(f"config: {key} must be a whole number{' (0: off)' if key == 'stat_crops' else ' of pixels'}"
-                                 f", got {cfg[key]!r}")
+    for key, least, what in (("stat_crops", 0, "a whole number (0: off)"),
+                             ("stat_crop_size", 1, "a whole number of pixels")):
+        if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < least:
+            raise FakeprintError(f"config: {key} must be {what}, got {cfg[key]!r}")
     if not 0.0 < float(cfg["stat_crop_prob"]) <= 1.0:
         raise FakeprintError(f"config: stat_crop_prob must be above 0 and at most 1, got {cfg['stat_crop_prob']}")
     if not 0.0 < float(cfg["val_fraction"]) < 1.0:

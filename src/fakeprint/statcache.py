@@ -87,7 +87,7 @@ def unusable_reason(cfg: dict, model: nn.Module) -> str | None:
     return None
 
 
-def crops(cfg: dict) -> int:
+def crop_count(cfg: dict) -> int:
     """How many crops of each training image ``stat_crops`` asks for (0: none)."""
     return int(cfg.get("stat_crops") or 0)
 
@@ -97,7 +97,7 @@ def enabled(cfg: dict, model: nn.Module) -> bool:
     so are ``stat_mixup`` and ``stat_crops`` without the statistics computed once."""
     mode = str(cfg.get("stat_cache", "auto"))
     reason = "stat_cache is off" if mode == "off" else unusable_reason(cfg, model)
-    if crops(cfg):
+    if crop_count(cfg):
         if reason:
             raise FakeprintError(f"config: stat_crops adds the statistics of crops computed once, and they cannot be "
                                  f"here: {reason}; set stat_crops: 0")
@@ -151,9 +151,8 @@ def statistics(head: StatHead, images: torch.Tensor, norm: str, batch_size: int 
     if crops and views != "flip":
         raise ValueError("crops come with the flip views only")
     turns = 4 if views == "dihedral" else 1
-    corners = crop_offsets(images.shape[0], crops, crop_size, images.shape[1], images.shape[2], crop_seed) \
-        if crops else None
     if crops:  # the statistics of a crop must be the same numbers as an image's (the spectrum's blocks are H // 10)
+        corners = crop_offsets(images.shape[0], crops, crop_size, images.shape[1], images.shape[2], crop_seed)
         try:
             probe = head.stats(torch.zeros(1, 3, crop_size, crop_size, device=images.device))
             same = probe.shape == (1, head.stats.dim)
@@ -191,7 +190,7 @@ class OnStatistics(nn.Module):
 def training_views(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
     """One row per sample of N x V x D statistics: the row of the view ``augment`` would make, with
     ``augment.draw_lossless`` (the draw the image path makes, so a run keeps its random stream)."""
-    n, k_crops = rows.shape[0], crops(cfg)
+    n, k_crops = rows.shape[0], crop_count(cfg)
     h, v, k = draw_lossless(n, cfg, g, rows.device)
     if h is None and v is None and k is None and not k_crops:
         return rows[:, 0]

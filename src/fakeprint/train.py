@@ -576,9 +576,9 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
     train_inputs, val_inputs, sel_inputs, stats_time = x_train, None, None, 0.0
     if on_stats:
         t_stats = time.perf_counter()
-        show, views = bool(cfg["progress"]) and d.main, statcache.views(cfg)
+        show, views, n_crops = bool(cfg["progress"]) and d.main, statcache.views(cfg), statcache.crop_count(cfg)
         train_inputs = statcache.statistics(model, x_train, cfg["normalize"], views=views, progress=show,
-                                            desc="statistics (train)", crops=statcache.crops(cfg),
+                                            desc="statistics (train)", crops=n_crops,
                                             crop_size=int(cfg["stat_crop_size"]), crop_seed=int(cfg["seed"]))
         if held_out:
             val_inputs = statcache.statistics(model, x_val, cfg["normalize"], views=views, progress=show,
@@ -589,8 +589,8 @@ def train(data_root: str | Path, cfg: dict, out: str | Path, resume: bool = Fals
         stats_time = time.perf_counter() - t_stats
         if d.main:
             what = "their mirror images" if views == "flip" else "their seven other flips and quarter turns"
-            if statcache.crops(cfg):
-                what += f", {statcache.crops(cfg)} crops of {cfg['stat_crop_size']} pixels and their mirrors"
+            if n_crops:
+                what += f", {n_crops} crops of {cfg['stat_crop_size']} pixels and their mirrors"
             print(f"statistics computed once (stat_cache): {train_inputs.shape[2]:,} for each of {len(x_train)} "
                   f"training images and {what} in {stats_time:.1f}s; each step takes the row of the view it draws",
                   file=sys.stderr)

@@ -280,9 +280,8 @@ class StatFeatures(nn.Module):
         mostly from the first: colour, residual and chroma statistics do not change when an image is mirrored,
         the co-occurrences only change places (a horizontal difference changes sign and a pair its order), the
         spectrum blocks come from the mirrored power spectrum; only the small groups of RECOMPUTED_ON_MIRROR are
-        computed again. The same
-        numbers as ``forward(x.flip(3))`` up to float rounding (tested); 1.6x (v3) to 2x (v2) faster than computing
-        both on 2 CPU cores."""
+        computed again. The same numbers as ``forward(x.flip(3))`` up to float rounding (tested); 1.6x (v3) to 2x
+        (v2) faster than computing both on 2 CPU cores."""
         with torch.autocast(device_type=x.device.type, enabled=False):
             if int(x.shape[3]) % 2:  # odd widths: half-resolution blocks and spectra do not mirror onto themselves
                 return self.forward(x), self.forward(x.flip(3))
@@ -633,7 +632,6 @@ class StatFeatures(nn.Module):
                                                                             + 1e-3).log()]
             a = (p + q + r + s) / 2
         return torch.stack(out, 2).reshape(b, -1)  # channel-major: grey's 27, then R - G's, then B - G's
-
 
 
 def _is_antisymmetric(rows: tuple[tuple[int, ...], ...]) -> bool:
