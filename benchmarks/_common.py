@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import fakeprint
-from fakeprint.train import setup_backends  # noqa: F401  (re-exported for the benchmarks)
+from fakeprint.engine.training.setup import setup_backends  # noqa: F401  (re-exported for the benchmarks)
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "data" / "unibuc-deepfake"
@@ -92,7 +92,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def pick(device: str) -> torch.device:
     """``auto`` -> cuda when available, else cpu; refuses cuda when there is none."""
-    from fakeprint.inference import pick_device
+    from fakeprint.engine.runtime import pick_device
 
     return pick_device(device)
 

@@ -50,7 +50,7 @@ def main() -> int:
     if len(ckpts) > 1 and args.backend != "torch":
         ap.error("an ensemble (several --checkpoint) is measured with --backend torch only")
     if args.backend == "onnx":
-        from fakeprint.onnx_backend import load_backend
+        from fakeprint.engine.onnx import load_backend
 
         clf = load_backend(ckpts[0] or "default", "onnx", "cpu")
     else:
@@ -58,7 +58,7 @@ def main() -> int:
         for member in getattr(clf, "members", [clf]):
             member.micro_batch = args.micro_batch
         if args.backend == "torch-plain":
-            from fakeprint.inference import predict_logits
+            from fakeprint.engine.runtime import predict_logits
 
             clf.logits = lambda images, tta, batch_size=256: predict_logits(  # the unfused network, NCHW, whole batches
                 clf.model, images, clf.device, batch_size=batch_size, norm=clf.normalize, tta=tta, micro_batch=0)

@@ -35,13 +35,15 @@ from _common import (
     setup_backends,
     sync,
 )
-from fakeprint.config import load_config, parse_overrides
 from fakeprint.data.dataset import NUM_CLASSES
 from fakeprint.data.loader import DeviceBatches
-from fakeprint.inference import autocast_dtype
-from fakeprint.losses import make_loss
+from fakeprint.engine.config import load_config, parse_overrides
+from fakeprint.engine.runtime import autocast_dtype
+from fakeprint.engine.training.ema import EMA
+from fakeprint.engine.training.loop import evaluate_model, train_one_epoch
+from fakeprint.engine.training.losses import make_loss
+from fakeprint.engine.training.setup import Dist, build_optimizer, use_channels_last
 from fakeprint.models import count_parameters, create_model
-from fakeprint.train import EMA, Dist, _channels_last, build_optimizer, evaluate_model, train_one_epoch
 
 PRESETS = ("threecnn", "threecnn_dilated", "skipconcnn", "ensemblecnn")
 GIB4 = 4 * 1024  # MiB
@@ -74,7 +76,7 @@ def measure(preset: str, args: argparse.Namespace) -> dict:
 
     torch.manual_seed(0)
     model = create_model(cfg["model"], NUM_CLASSES, **cfg["model_args"]).to(device)
-    channels_last = _channels_last(cfg, device, model)
+    channels_last = use_channels_last(cfg, device, model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     x = torch.randint(0, 256, (args.train_images, 100, 100, 3), dtype=torch.uint8, device=device)

@@ -24,10 +24,10 @@ REPORT = {"threecnn": 0.8978, "threecnn_dilated": 0.9303}  # the report's valida
 
 
 def row(name: str, run: Path, data: Path) -> dict[str, Any]:
+    from fakeprint.core.metrics import from_confusion, report_text, summary
     from fakeprint.data.dataset import dataset_identity, portable_path
-    from fakeprint.evaluate import load_eval_split
-    from fakeprint.metrics import from_confusion, report_text, summary
-    from fakeprint.predict import load
+    from fakeprint.engine.evaluate import load_eval_split
+    from fakeprint.engine.predict import load
 
     with open(run / "metrics.csv", newline="") as f:
         hist = list(csv.DictReader(f))
@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, required=True, help="writes OUT.json and OUT.md")
     ap.add_argument("runs", nargs="+", help="NAME=RUN_FOLDER")
     args = ap.parse_args()
-    from fakeprint.checkpoint import git_commit, versions
+    from fakeprint.core.versions import git_commit, versions
 
     rows = []
     for spec in args.runs:

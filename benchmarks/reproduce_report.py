@@ -20,10 +20,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit, environment, pick  # noqa: E402
-from fakeprint.config import load_config  # noqa: E402
-from fakeprint.evaluate import evaluate, load_eval_split  # noqa: E402
-from fakeprint.predict import load  # noqa: E402
-from fakeprint.train import train  # noqa: E402
+from fakeprint.engine.config import load_config  # noqa: E402
+from fakeprint.engine.evaluate import evaluate, load_eval_split  # noqa: E402
+from fakeprint.engine.predict import load  # noqa: E402
+from fakeprint.engine.training.train import train  # noqa: E402
 
 REPORT = {"threecnn": 0.8978, "threecnn_dilated": 0.9303, "skipconcnn": 0.9264, "ensemblecnn": 0.9344}
 

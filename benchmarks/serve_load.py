@@ -47,8 +47,8 @@ def versions() -> dict[str, str]:
 
 
 def make_random_checkpoint(folder: Path) -> Path:
-    from fakeprint.checkpoint import save_checkpoint
     from fakeprint.models import create_model
+    from fakeprint.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     save_checkpoint(folder / "best", create_model("fpnet_s"), {

@@ -1,6 +1,6 @@
 """Training time of a statistics-only preset with its statistics computed every epoch (``stat_cache=off``) and
-computed once (``stat_cache=on``, ``fakeprint.statcache``): the same recipe, seed and images, one run each, with
-``fakeprint.train.train`` itself. Prints one JSON object: the one-off statistics time, the median epoch time of
+computed once (``stat_cache=on``, ``fakeprint.engine.training.statcache``): the same recipe, seed and images, one run each, with
+``fakeprint.engine.training.train.train`` itself. Prints one JSON object: the one-off statistics time, the median epoch time of
 each path, both runs' totals, the preset's full schedule projected from them, and both runs' last-epoch
 internal-split accuracy (flip TTA; a check that the two paths train the same model, not a figure of the recipe:
 the runs are short).
@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from _common import DEFAULT_DATA, emit, environment, log
-from fakeprint.config import load_config
-from fakeprint.train import train
+from fakeprint.engine.config import load_config
+from fakeprint.engine.training.train import train
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Time to accuracy: train a preset with ``fakeprint.train.train`` and report, after every epoch, the
+"""Time to accuracy: train a preset with ``fakeprint.engine.training.train.train`` and report, after every epoch, the
 training time so far (training steps only: from the decoded cache, no decoding, no evaluation, no
 checkpoint writing) and the validation accuracy, and when ``--target`` was first reached.
 
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 from _common import DEFAULT_DATA, emit, environment, log, pick
-from fakeprint.config import load_config
 from fakeprint.data.cache import load_split
 from fakeprint.data.dataset import dataset_identity
-from fakeprint.train import train
+from fakeprint.engine.config import load_config
+from fakeprint.engine.training.train import train
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -5,7 +5,7 @@
     with plain tensor ops, since torchvision is not a dependency), a ``DataLoader`` with worker processes,
     pinned memory (on CUDA), batch 16, shuffle, drop_last; the model in fp32, as the report trained it.
 (b) fakeprint: the decoded uint8 cache -> one tensor on the device -> ``DeviceBatches`` -> ``augment`` ->
-    model, run by ``fakeprint.train.train_one_epoch`` itself with fakeprint's defaults for the device
+    model, run by ``fakeprint.engine.training.train.train_one_epoch`` itself with fakeprint's defaults for the device
     (on CUDA: bf16 autocast and channels_last).
 
 Same initial weights, same optimizer (Adam, lr 5e-4, weight decay 1e-4), same batch size. The paths are
@@ -53,15 +53,16 @@ from _common import (
     stratified_subset,
     sync,
 )
-from fakeprint.config import load_config, parse_overrides, preset_names
 from fakeprint.data.cache import load_split
 from fakeprint.data.dataset import NUM_CLASSES, dataset_identity, resolve_split
 from fakeprint.data.loader import DeviceBatches, to_device_tensor
-from fakeprint.inference import autocast_dtype
-from fakeprint.losses import make_loss
+from fakeprint.engine.config import load_config, parse_overrides, preset_names
+from fakeprint.engine.runtime import autocast_dtype
+from fakeprint.engine.training.loop import train_one_epoch
+from fakeprint.engine.training.losses import make_loss
+from fakeprint.engine.training.setup import Dist, build_optimizer, use_channels_last
+from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from fakeprint.models import create_model
-from fakeprint.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from fakeprint.train import Dist, _channels_last, build_optimizer, train_one_epoch
 
 # ------------------------------------------------------------------------ (a) the report's data path
 
@@ -223,7 +224,7 @@ def main(argv: list[str] | None = None) -> dict:
     base = create_model(cfg["model"], NUM_CLASSES, **cfg["model_args"])
     report_model = copy.deepcopy(base).to(device)
     fp_model = copy.deepcopy(base).to(device)
-    channels_last = _channels_last(cfg, device, fp_model)
+    channels_last = use_channels_last(cfg, device, fp_model)
     if channels_last:
         fp_model = fp_model.to(memory_format=torch.channels_last)
     report_opt, fp_opt = build_optimizer(cfg, report_model), build_optimizer(cfg, fp_model)

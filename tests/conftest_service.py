@@ -45,8 +45,8 @@ def make_checkpoint(root: Path, model: str = "fpnet_tiny", seed: int = 0, sharpe
                     tta: str | None = None, extra_meta: dict | None = None) -> Path:
     """A random-weight checkpoint ``root/m/best`` (returns the run folder ``root/m``). ``sharpen`` scales the
     last linear layer so that the random model gives confident, varied predictions."""
-    from fakeprint.checkpoint import save_checkpoint
     from fakeprint.models import create_model
+    from fakeprint.models.checkpoint import save_checkpoint
 
     torch.manual_seed(seed)
     net = create_model(model)

@@ -6,12 +6,13 @@ import shutil
 import numpy as np
 import pytest
 
-from fakeprint.analyze import analyze, calibration, confused_pairs, mean_log_spectrum
-from fakeprint.cli import main
-from fakeprint.config import load_config
+from fakeprint.core.metrics import reliability
 from fakeprint.data.demo import make_demo_dataset
-from fakeprint.study import SCALE_BASE
-from fakeprint.train import train
+from fakeprint.engine.config import load_config
+from fakeprint.engine.training.train import train
+from fakeprint.interfaces.cli import main
+from fakeprint.reports.analyze import analyze, confused_pairs, mean_log_spectrum
+from fakeprint.studies.grids import SCALE_BASE
 
 
 @pytest.fixture(scope="module")
@@ -78,10 +79,10 @@ def test_spectrum_finds_a_periodic_trace_and_ignores_the_mean():
 
 
 def test_calibration_hand_computed():
-    cal = calibration(np.array([0.95, 0.95, 0.55, 0.55]), np.array([1, 0, 1, 1]))
+    cal = reliability(np.array([0.95, 0.95, 0.55, 0.55]), np.array([1, 0, 1, 1]))
     assert [(b["low"], b["n"], b["accuracy"]) for b in cal["bins"]] == [(0.5, 2, 1.0), (0.9, 2, 0.5)]
     assert cal["ece"] == pytest.approx(0.5 * 0.45 + 0.5 * 0.45)
-    perfect = calibration(np.array([1.0, 1.0]), np.array([1, 1]))
+    perfect = reliability(np.array([1.0, 1.0]), np.array([1, 1]))
     assert perfect["ece"] == pytest.approx(0.0) and perfect["bins"][0]["high"] == 1.0
 
 

@@ -14,10 +14,10 @@ from PIL import Image
 
 import fakeprint
 from conftest_service import CLASSES, encode, make_checkpoint, one_thread, random_images  # noqa: F401
-from fakeprint import predict as predict_mod
-from fakeprint.cli import main
-from fakeprint.errors import DataError, FakeprintError
-from fakeprint.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from fakeprint.core.errors import DataError, FakeprintError
+from fakeprint.engine import predict as predict_mod
+from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD
+from fakeprint.interfaces.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,7 @@ def test_the_network_sees_cache_sized_slices_with_the_same_answers(run, images):
 
 
 def test_slice_size_follows_the_largest_activation_and_leaves_the_model_alone():
-    from fakeprint.inference import CPU_SLICE_BYTES, cpu_micro_batch
+    from fakeprint.models.memory import CPU_SLICE_BYTES, cpu_micro_batch
 
     def net(width: int) -> torch.nn.Module:
         return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3, padding=1), torch.nn.BatchNorm2d(width),
@@ -277,7 +277,7 @@ def test_read_only_inputs_give_no_numpy_warning(tmp_path):
 
 def test_long_predictions_show_images_per_second_and_equal_one_call(tmp_path, capsys):
     from conftest_service import make_checkpoint, random_images
-    from fakeprint.predict import predict_with_progress
+    from fakeprint.engine.predict import predict_with_progress
 
     clf = fakeprint.load(make_checkpoint(tmp_path))
     images = random_images(7)

@@ -9,9 +9,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from fakeprint.core.errors import DataError
 from fakeprint.data.cache import load_split
 from fakeprint.data.dataset import check_dataset, read_csv
-from fakeprint.errors import DataError
 
 
 def _dataset(root, images: dict, labels: dict | None = None, csv_text: str | None = None):
@@ -242,7 +242,7 @@ def bomb_png(tmp_path_factory):
 
 def test_decompression_bombs_are_a_one_line_error_everywhere(cli, bomb_png, tmp_path):
     import fakeprint
-    from fakeprint.errors import FakeprintError
+    from fakeprint.core.errors import FakeprintError
 
     proc = cli("predict", str(bomb_png))
     assert proc.returncode == 2 and "decompression bomb" in proc.stderr and str(bomb_png) in proc.stderr

@@ -24,8 +24,8 @@ from conftest_service import (  # noqa: F401
     running_server,
 )
 from fakeprint.data.demo import GENERATORS, render
-from fakeprint.gradcam import GradCAM
-from fakeprint.serve import build_service, create_app
+from fakeprint.interfaces.serve import build_service, create_app
+from fakeprint.reports.gradcam import GradCAM
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from fakeprint.checkpoint import load_checkpoint, load_resume_state, save_checkpoint
-from fakeprint.errors import CheckpointError
+from fakeprint.core.errors import CheckpointError
 from fakeprint.models import create_model
+from fakeprint.models.checkpoint import load_checkpoint, load_resume_state, save_checkpoint
 
 
 class Planted:
@@ -121,7 +121,7 @@ def test_checkpoint_metadata_is_checked_before_any_model_is_built(tmp_path, monk
     a model on the "meta" device, which allocates nothing, may be built to read its shapes)."""
     import json
 
-    import fakeprint.checkpoint as ck
+    import fakeprint.models.checkpoint as ck
     from conftest_service import make_checkpoint
 
     run = make_checkpoint(tmp_path)

@@ -91,8 +91,8 @@ def test_evaluate_a_missing_checkpoint(cli, tiny_data, tmp_path):
 
 
 def test_predict_a_file_that_is_not_an_image(cli, tmp_path):
-    from fakeprint.checkpoint import save_checkpoint
     from fakeprint.models import create_model
+    from fakeprint.models.checkpoint import save_checkpoint
 
     save_checkpoint(tmp_path / "run" / "best", create_model("fpnet_tiny"), {"model": "fpnet_tiny", "num_classes": 5})
     bad = tmp_path / "notes.png"

@@ -1,7 +1,7 @@
 import pytest
 
-from fakeprint.config import DEFAULTS, load_config, preset_names
-from fakeprint.errors import FakeprintError
+from fakeprint.core.errors import FakeprintError
+from fakeprint.engine.config import DEFAULTS, load_config, preset_names
 
 REPORT = {  # DESIGN.md section 1
     "skipconcnn": dict(batch_size=8, lr=5e-4, weight_decay=1e-4, label_smoothing=0.0, plateau_patience=5,
@@ -71,37 +71,24 @@ def test_unknown_preset_lists_the_presets():
 
 
 def test_the_fast_dilated_preset_is_the_recipe_that_was_measured():
-    """threecnn_dilated_fast is exactly what round 3 of the recipe study trained (tools/gpu_round3.py,
+    """threecnn_dilated_fast is exactly what round 3 of the recipe study trained (experiments/gpu_round3.py,
     dilated_fast_sK): the fpnet_cpu recipe on the report's dilated ThreeCNN and augmentation, 70 epochs."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    from gpu_round3 import RUNS
-
-    preset, over = RUNS["dilated_fast_s0"]
-    measured = load_config(preset, {k: v for k, v in over.items() if k not in ("fit_epochs", "seed", "epochs")}
-                           | {"epochs": 70})
-    assert load_config("threecnn_dilated_fast") == measured
-    assert "threecnn_dilated_fast" in preset_names()
+    round3 = {"model": "threecnn_dilated", "model_args": {}, "batch_size": 32, "hflip": True, "vflip": False,
+              "rot90": False, "rotation": 15.0, "epochs": 70}
+    assert load_config("threecnn_dilated_fast") == load_config("fpnet_cpu", round3)
+    assert "experiments/threecnn_dilated_fast" in preset_names(experiments=True)
 
 
-def test_the_width_32_preset_is_the_recipe_of_the_shipped_default():
-    """threecnn_dilated_w32 is exactly round 6's plain_w32_s0 (tools/gpu_round6.py, the run shipped as the default
-    model): threecnn_dilated_fast at width 32 (c3 128), 69 epochs, no distillation."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-    from gpu_round6 import runs
-
-    over = runs(Path("teachers"))["plain_w32_s0"]
-    assert not over.get("distill_from")
-    measured = load_config("threecnn_dilated_fast", {k: v for k, v in over.items() if k != "seed"} | {"epochs": 69})
-    assert load_config("threecnn_dilated_w32") == measured
-    assert load_config("threecnn_dilated_w32")["model_args"] == {"width": 32, "c3": 128}
+def test_the_width_32_preset_is_the_recipe_of_the_shipped_fast_model():
+    """fast (was threecnn_dilated_w32) is exactly round 6's plain_w32_s0 (experiments/gpu_round6.py, the run shipped
+    as the default model until round 10, now `fast`): threecnn_dilated_fast at width 32 (c3 128), 69 epochs, no
+    distillation."""
+    measured = load_config("threecnn_dilated_fast", {"model_args": {"width": 32, "c3": 128}, "epochs": 69})
+    assert load_config("fast") == measured
+    assert load_config("fast")["model_args"] == {"width": 32, "c3": 128}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["threecnn_dilated_fast", "threecnn_dilated_w32"])
 def test_the_fast_dilated_presets_train(cli, tiny_data, tmp_path, preset):
     import json

@@ -49,6 +49,7 @@ def needs_torchrun_and_gloo(test):
 
 
 @needs_torchrun_and_gloo
+@pytest.mark.slow
 def test_torchrun_two_processes_train_one_run(tmp_path):
     # micro_batch: each rank accumulates its slices and the gradients are reduced once per batch (no_sync)
     proc, run, logs = _train_two_ranks(tmp_path, "epochs=2", "micro_batch=3")
@@ -93,6 +94,7 @@ def test_torchrun_two_processes_train_one_run(tmp_path):
 
 
 @needs_torchrun_and_gloo
+@pytest.mark.slow
 def test_torchrun_ranks_stop_together_at_the_time_limit(tmp_path):
     """max_minutes under DDP: the ranks agree (all-reduced) on the epoch to stop at, so none waits for another."""
     proc, run, _ = _train_two_ranks(tmp_path, "epochs=3", "max_minutes=0.00001")

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 import fakeprint
-from fakeprint.checkpoint import SHIPPED_NAMES, shipped_model_path
-from fakeprint.predict import default_model_path
+from fakeprint.engine.predict import default_model_path
+from fakeprint.models.checkpoint import SHIPPED_NAMES, shipped_model_path
 
 pytestmark = pytest.mark.skipif(default_model_path() is None, reason="no default model shipped in this checkout")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
@@ -117,14 +117,14 @@ def test_the_shipped_models_by_name_on_the_command_line(cli, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
-SHIPPED_PRESETS = {"default": "hybrid_v4_h2_w32", "accurate": "hybrid_v5_h2_w32", "fast": "threecnn_dilated_w32"}
+SHIPPED_PRESETS = {"default": "default", "accurate": "accurate", "fast": "fast"}  # each recipe named for its model
 
 
 @pytest.mark.parametrize(("name", "preset"), SHIPPED_PRESETS.items())
 def test_shipped_models_were_trained_with_their_presets(name, preset):
     """The model card names a preset for each shipped model: its metadata's config is that preset (apart from
     settings that only say how the run was executed), and its figure is its own, on the held-out split."""
-    from fakeprint.config import DEFAULTS, load_config
+    from fakeprint.engine.config import DEFAULTS, load_config
 
     meta = fakeprint.load(name).meta
     execution = {"threads", "workers", "progress", "max_minutes", "device"}
@@ -141,7 +141,7 @@ def test_the_preset_list_names_the_shipped_models_recipes():
     defaults later)."""
     import re
 
-    from fakeprint.config import preset_names, preset_summary
+    from fakeprint.engine.config import preset_names, preset_summary
 
     for preset in preset_names():
         claims = set(re.findall(r"`?(\w+)`? model's recipe", preset_summary(preset)))
@@ -153,7 +153,7 @@ def test_the_model_list_calls_no_family_shipped_that_is_not():
     """``fakeprint models`` describes each registered model in one line; one that says "shipped" must be the
     family of a model shipped now (the list called ``fpnet_s2d`` "the shipped model" eight rounds after it was
     replaced)."""
-    from fakeprint.config import load_config
+    from fakeprint.engine.config import load_config
     from fakeprint.models.registry import describe, list_models
 
     families = {load_config(p)["model"] for p in SHIPPED_PRESETS.values()}

@@ -4,6 +4,7 @@ import csv
 import json
 
 import numpy as np
+import pytest
 import yaml
 
 from conftest import FAST_TRAIN
@@ -76,11 +77,11 @@ def test_internal_split_is_seeded_stratified_and_recorded(cli, tiny_train_only, 
 def test_ensemble_trains_from_two_frozen_base_checkpoints(tmp_path):
     import torch
 
-    from fakeprint.checkpoint import load_checkpoint, save_checkpoint
-    from fakeprint.config import load_config
     from fakeprint.data.demo import make_demo_dataset
+    from fakeprint.engine.config import load_config
+    from fakeprint.engine.training.train import train
     from fakeprint.models import create_model
-    from fakeprint.train import train
+    from fakeprint.models.checkpoint import load_checkpoint, save_checkpoint
 
     bases = []
     for name in ("skipconcnn", "threecnn"):
@@ -98,6 +99,7 @@ def test_ensemble_trains_from_two_frozen_base_checkpoints(tmp_path):
         assert torch.equal(ens.members[1].state_dict()[k], v), k
 
 
+@pytest.mark.slow
 def test_train_on_all_uses_every_image_and_claims_no_held_out_figure(cli, tiny_train_only, tmp_path):
     run = tmp_path / "run"
     proc = cli("train", "--data", str(tiny_train_only), *FAST_TRAIN, "--set", "train_on_all=true", "--out", str(run))

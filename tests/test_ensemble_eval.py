@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from fakeprint.checkpoint import save_checkpoint
-from fakeprint.errors import FakeprintError
+from fakeprint.core.errors import FakeprintError
+from fakeprint.engine.predict import EnsembleClassifier, load
 from fakeprint.models import create_model
-from fakeprint.predict import EnsembleClassifier, load
+from fakeprint.models.checkpoint import save_checkpoint
 
 
 @pytest.fixture
@@ -64,13 +64,14 @@ def test_an_ensemble_without_out_writes_to_the_working_directory(two_runs, tiny_
     assert json.loads(proc.stdout)["out"] == str(out) and (out / "metrics.json").is_file()
 
 
+@pytest.mark.slow
 def test_members_that_held_out_the_same_images_are_scored_together_however_each_records_them(cli, two_runs,
                                                                                              tiny_data, tmp_path):
     """A run folder lists its internal split in split.csv; a shipped model has no run folder and records a digest of
     the split's ids, recomputed from train.csv. The same images held out either way: one ensemble, scored on them
     (refused before: the check compared split.csv files, and a member without one never matched)."""
     from fakeprint.data.dataset import stratified_split
-    from fakeprint.evaluate import internal_ids_digest
+    from fakeprint.data.splits import internal_ids_digest
 
     rows = [line.split(",") for line in (tiny_data / "train.csv").read_text().splitlines()[1:]]
     ids, labels = [r[0] for r in rows], np.array([int(r[1]) for r in rows])

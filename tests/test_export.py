@@ -14,12 +14,11 @@ from hypothesis import strategies as st
 
 import fakeprint
 from conftest_service import CLASSES, encode, make_checkpoint, one_thread, random_images  # noqa: F401
-from fakeprint import export as export_mod
-from fakeprint.cli import main
-from fakeprint.errors import CheckpointError, FakeprintError
-from fakeprint.export import UInt8Classifier
+from fakeprint.core.errors import CheckpointError, FakeprintError
+from fakeprint.engine import onnx as export_mod
+from fakeprint.engine.onnx import OnnxClassifier, UInt8Classifier, load_backend, load_onnx
+from fakeprint.interfaces.cli import main
 from fakeprint.models import count_parameters, create_model, list_models
-from fakeprint.onnx_backend import OnnxClassifier, load_backend, load_onnx
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
@@ -193,7 +192,7 @@ def test_onnx_classifier_has_the_classifier_interface(run, exported, tmp_path):
 
 def test_load_backend_chooses_by_file_and_option(run, exported):
     assert isinstance(load_backend(exported), OnnxClassifier)
-    assert isinstance(load_backend(run), fakeprint.predict.Classifier)
+    assert isinstance(load_backend(run), fakeprint.engine.predict.Classifier)
     in_memory = load_backend(run, "onnx")
     assert isinstance(in_memory, OnnxClassifier)
     images = random_images(3, seed=4)

@@ -17,15 +17,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from conftest import private_copy
-from fakeprint.augment import augment
-from fakeprint.config import load_config
 from fakeprint.data import cache as cache_module
 from fakeprint.data.cache import load_split
 from fakeprint.data.demo import make_demo_dataset
 from fakeprint.data.loader import DeviceBatches
+from fakeprint.engine.config import load_config
+from fakeprint.engine.training.loop import train_one_epoch
+from fakeprint.engine.training.setup import Dist, build_optimizer
+from fakeprint.features.augment import augment
+from fakeprint.features.preprocess import normalize, to_float
 from fakeprint.models import create_model
-from fakeprint.preprocess import normalize, to_float
-from fakeprint.train import Dist, build_optimizer, train_one_epoch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -361,7 +362,7 @@ def test_micro_batches_sum_to_the_same_step_as_the_whole_batch():
 
 
 def test_micro_slices_are_near_equal_and_never_leave_one_image_alone():
-    from fakeprint.train import micro_slices
+    from fakeprint.engine.training.loop import micro_slices
 
     assert micro_slices(32, 0) == [slice(0, 32)] and micro_slices(8, 8) == [slice(0, 8)]
     for n, micro in ((32, 8), (33, 8), (9, 8), (11, 3), (100, 7)):

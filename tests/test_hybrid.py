@@ -3,22 +3,17 @@ and rotation_prob."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from fakeprint.augment import augment
-from fakeprint.config import load_config
-from fakeprint.errors import FakeprintError
+import feature_oracle as feature_probe
+from fakeprint.core.errors import FakeprintError
+from fakeprint.engine.config import load_config
+from fakeprint.features.augment import augment
+from fakeprint.features.preprocess import normalize, to_float
+from fakeprint.features.statistics import GROUPS_V2, SIZES, StatFeatures
 from fakeprint.models import count_parameters, create_model
-from fakeprint.models.stats import GROUPS_V2, SIZES, StatFeatures
-from fakeprint.preprocess import normalize, to_float
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
-import feature_probe  # noqa: E402
 
 
 def _images(n: int = 6, seed: int = 0) -> np.ndarray:
@@ -81,7 +76,7 @@ def test_statistics_refuse_unknown_settings():
 
 
 def test_rich_model_residuals_count_triples_of_quantised_residuals():
-    from fakeprint.models.stats import SRM_KERNELS
+    from fakeprint.features.stat_ops import SRM_KERNELS
 
     m = StatFeatures("v3", input_norm="none")
     assert m.dim == 2580 and len(SRM_KERNELS) == 4
@@ -189,7 +184,7 @@ def test_pairs_of_texture_patterns_of_feature_set_v6():
     """lbp_pairs: each lbp pattern as its rotation-invariant uniform code (the number of neighbours set where the ring
     of bits changes at most twice, else 9), and the co-occurrence of two neighbouring pixels' codes along rows and
     along columns, for the grey level, R - G and B - G; written out with numpy here."""
-    from fakeprint.models.stats import LBP_UNIFORM
+    from fakeprint.features.stat_ops import LBP_UNIFORM
 
     assert [LBP_UNIFORM[c] for c in (0b0, 0b1, 0b11, 0b101, 0b11110000, 0b01111000, 0b10101010, 0xFF)] == [
         0, 1, 2, 9, 4, 4, 9, 8]
@@ -281,7 +276,7 @@ def test_palette_layout_and_wavelet_statistics_of_feature_set_v7():
     assert torch.allclose(g[:, 6373 + 27:6373 + 54:3], torch.full((2, 9), float(np.log(1e-3))))
 
 def test_residual_kernels_as_shifted_sums_are_the_convolutions():
-    from fakeprint.models.stats import SRM_KERNELS, _correlate
+    from fakeprint.features.stat_ops import SRM_KERNELS, _correlate
 
     img = torch.randint(0, 766, (2, 1, 13, 17), generator=torch.Generator().manual_seed(0)).float()
     for _name, rows, _q in SRM_KERNELS:
@@ -293,7 +288,8 @@ def test_residual_kernels_as_shifted_sums_are_the_convolutions():
 def test_the_fast_paths_give_the_numbers_of_the_plain_definitions():
     """Percentiles from counts and from topk equal those of a full sort (ties included), the box residual
     avg_pool2d's, and the saturation table every pixel's own value, bit for bit."""
-    from fakeprint.models import stats
+    from fakeprint.features import stat_ops as stats
+
 
     g = torch.Generator().manual_seed(0)
     v = torch.randint(0, 40, (5, 999), generator=g).float() / 39  # many ties
@@ -318,8 +314,9 @@ def test_the_fast_paths_give_the_numbers_of_the_plain_definitions():
 
 
 def test_hybrid_slices_itself_on_the_cpu_without_changing_its_outputs(monkeypatch):
-    from fakeprint.inference import cpu_micro_batch, predict_logits
+    from fakeprint.engine.runtime import predict_logits
     from fakeprint.models import hybrid
+    from fakeprint.models.memory import cpu_micro_batch
 
     torch.manual_seed(0)
     m = create_model("hybrid").eval()
@@ -351,7 +348,7 @@ def test_the_mirror_images_statistics_are_made_from_the_images(width, feature_se
 
 
 def test_flip_tta_of_the_hybrid_is_the_mean_of_the_two_views():
-    from fakeprint.inference import predict_logits
+    from fakeprint.engine.runtime import predict_logits
 
     torch.manual_seed(0)
     m = create_model("hybrid", feature_set="v3").eval()
@@ -433,7 +430,7 @@ def test_rotation_prob_leaves_the_other_images_untouched():
 
 
 def test_training_refuses_statistics_that_would_read_the_wrong_normalisation(tiny_data, tmp_path):
-    from fakeprint.train import train
+    from fakeprint.engine.training.train import train
 
     cfg = load_config("statmlp", {"normalize": "none", "epochs": 1, "progress": False})
     with pytest.raises(FakeprintError, match="input_norm"):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from conftest import make_train_only
-from fakeprint.cli import main
-from fakeprint.errors import FakeprintError
-from fakeprint.label_issues import find_issues, fold_indices, rank_label_issues
+from fakeprint.core.errors import FakeprintError
+from fakeprint.interfaces.cli import main
+from fakeprint.studies.label_issues import find_issues, fold_indices, rank_label_issues
 
 FAST = {"epochs": 1, "model_args": {"width": 4}, "progress": False, "threads": 1, "workers": 1, "batch_size": 16}
 

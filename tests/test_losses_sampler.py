@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fakeprint.config import load_config
+from fakeprint.core.errors import FakeprintError
 from fakeprint.data.loader import DeviceBatches
-from fakeprint.errors import FakeprintError
-from fakeprint.losses import focal_loss, make_loss
+from fakeprint.engine.config import load_config
+from fakeprint.engine.training.losses import focal_loss, make_loss
 
 
 @settings(max_examples=25, deadline=None)

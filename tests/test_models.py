@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fakeprint.errors import FakeprintError
+from fakeprint.core.errors import FakeprintError
 from fakeprint.models import count_parameters, create_model, list_models
 
 REPORT_COUNTS = {"threecnn": 691_781, "skipconcnn": 8_695_045}

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from conftest_service import make_checkpoint
-from fakeprint.checkpoint import output_dir, resolve_checkpoint
-from fakeprint.predict import default_model_path
+from fakeprint.engine.predict import default_model_path
+from fakeprint.models.checkpoint import output_dir, resolve_checkpoint
 
 needs_default = pytest.mark.skipif(default_model_path() is None, reason="no default model shipped in this checkout")
 
@@ -37,7 +37,7 @@ def test_default_names_the_shipped_model_and_results_stay_out_of_the_package(tin
     assert metrics["n"] == 50 and metrics["tta"] == "flip"  # the shipped model's own TTA, applied by default
     assert sorted(p.name for p in package.iterdir()) == before
     assert output_dir(default_model_path(), "x") == Path.cwd() / "x-default"
-    from fakeprint.checkpoint import shipped_model_path
+    from fakeprint.models.checkpoint import shipped_model_path
 
     if shipped_model_path("fast") is not None:  # another shipped model, by its own name
         assert resolve_checkpoint("fast") == shipped_model_path("fast")
@@ -104,7 +104,7 @@ def test_predict_flags_that_do_not_apply_are_errors_and_folders_are_expanded(cli
 
 
 def test_evaluate_and_analyze_share_their_split_default(tiny_data, tmp_path):
-    from fakeprint.evaluate import default_split
+    from fakeprint.engine.evaluate import default_split
 
     run = make_checkpoint(tmp_path)
     assert default_split(run) == "validation"  # no split.csv: nothing was held out by the run
@@ -119,9 +119,14 @@ def test_resume_refuses_new_settings_and_presets_are_listed(cli, tmp_path):
     assert proc.returncode == 2 and "--set lr cannot be changed on --resume" in proc.stderr
     assert "max_minutes" in proc.stderr  # what may change is named
     proc = cli("train", "--list-presets")
-    lines = proc.stdout.strip().splitlines()
-    assert proc.returncode == 0 and [ln.split()[0] for ln in lines] == sorted(ln.split()[0] for ln in lines)
-    assert {"threecnn", "fpnet_cpu", "demo"} <= {ln.split()[0] for ln in lines} and all(len(ln.split()) > 3 for ln in lines)
+    product, _, campaign = proc.stdout.strip().partition("\n\n")
+    presets, experiments = product.splitlines(), campaign.splitlines()[1:]
+    assert proc.returncode == 0 and "campaign" in campaign.splitlines()[0]
+    for lines in (presets, experiments):
+        assert [ln.split()[0] for ln in lines] == sorted(ln.split()[0] for ln in lines)
+        assert all(len(ln.split()) > 3 for ln in lines)
+    assert {"threecnn", "default", "accurate", "fast", "stats_fast", "demo"} <= {ln.split()[0] for ln in presets}
+    assert "experiments/fpnet_cpu" in {ln.split()[0] for ln in experiments}
 
 
 def test_evaluate_json_and_the_resize_warning(cli, tiny_data, tmp_path):
@@ -153,8 +158,8 @@ def test_committed_results_name_no_machine_paths():
 
 
 def test_one_place_chooses_the_backend():
-    from fakeprint.errors import FakeprintError
-    from fakeprint.onnx_backend import resolve_backend
+    from fakeprint.core.errors import FakeprintError
+    from fakeprint.engine.onnx import resolve_backend
 
     assert resolve_backend("m.onnx") == "onnx" and resolve_backend("m.onnx", "onnx") == "onnx"
     assert resolve_backend("runs/x") == "torch" and resolve_backend(None, "onnx") == "onnx"
@@ -165,29 +170,29 @@ def test_one_place_chooses_the_backend():
 
 
 def test_one_preprocessing_module():
-    """Inference, Grad-CAM, export and the service take preprocessing from ``fakeprint.preprocess``, never from
-    the training augmentation."""
+    """Inference, Grad-CAM, export and the service take preprocessing from ``fakeprint.features.preprocess``, never from
+    the training augmentation (an import-linter contract in pyproject.toml says the same for CI)."""
     import re
     from pathlib import Path
 
     src = Path(__file__).resolve().parent.parent / "src" / "fakeprint"
-    for name in ("inference.py", "gradcam.py", "export.py", "onnx_backend.py", "predict.py", "evaluate.py",
-                 "serve/app.py", "serve/uploads.py"):
+    for name in ("engine/runtime.py", "reports/gradcam.py", "engine/onnx.py", "engine/predict.py", "engine/evaluate.py",
+                 "interfaces/serve/app.py", "interfaces/serve/uploads.py"):
         text = (src / name).read_text()
-        assert not re.search(r"from \.+augment import", text), name
-    from fakeprint import augment, preprocess
+        assert "import" in text and not re.search(r"augment import|import augment", text), name
+    from fakeprint.features import augment, preprocess
 
-    assert augment.normalize is preprocess.normalize and augment.tta_views is preprocess.tta_views
+    assert not hasattr(augment, "tta_views") and callable(preprocess.tta_views)  # one home for the test-time views
 
 
 def test_a_checkpoint_without_its_run_folder_finds_its_internal_split_again(cli, tiny_train_only, tmp_path):
     """A shipped model has no split.csv beside it: `evaluate --split internal` recomputes the split from
     train.csv and the run's config, checked against the digest its metadata records; a different train.csv is
     refused, and without a digest the missing split.csv is named."""
-    from fakeprint.config import load_config
     from fakeprint.data.cache import load_split
     from fakeprint.data.dataset import stratified_split
-    from fakeprint.evaluate import internal_ids_digest
+    from fakeprint.data.splits import internal_ids_digest
+    from fakeprint.engine.config import load_config
 
     cfg = load_config(None, {"val_fraction": 0.2, "split_seed": 3})
     full = load_split(tiny_train_only, "train", progress=False)

@@ -13,13 +13,13 @@ import yaml
 import fakeprint
 from conftest import FAST_TRAIN
 from conftest_service import make_checkpoint, random_images
-from fakeprint.augment import mix_batch
-from fakeprint.config import load_config
-from fakeprint.errors import FakeprintError
+from fakeprint.core.errors import FakeprintError
+from fakeprint.engine.config import load_config
+from fakeprint.engine.training.ema import EMA
+from fakeprint.features.augment import mix_batch
+from fakeprint.features.preprocess import tta_mode, tta_views
 from fakeprint.models.layers import ResidualBlock
-from fakeprint.preprocess import tta_mode, tta_views
-from fakeprint.recipes import candidates, plan_epochs
-from fakeprint.train import EMA
+from fakeprint.studies.recipes import candidates, plan_epochs
 
 # ------------------------------------------------------------------------------------ mixing, layers
 
@@ -118,7 +118,7 @@ def test_a_checkpoint_applies_its_own_tta_by_default(tmp_path, cli):
 def test_the_service_reports_the_held_out_figure_and_applies_the_tta(tmp_path):
     from fastapi.testclient import TestClient
 
-    from fakeprint.serve import build_service, create_app
+    from fakeprint.interfaces.serve import build_service, create_app
 
     held = {"accuracy": 0.875, "split": "internal split: 1250 images", "selection": "last epoch", "tta": "flip",
             "how": "this model, on images it never trained on"}
@@ -138,7 +138,7 @@ def test_plan_and_candidates():
         candidates(["baseline", "nope"])
     with pytest.raises(FakeprintError, match="needs its members"):
         candidates(["ensemble_reg"])
-    from fakeprint.recipes import recipe_config
+    from fakeprint.studies.recipes import recipe_config
 
     w32 = recipe_config(candidates(["dilated_w32"])[0], None)  # the shipped default's preset, as a candidate
     assert w32["model_args"] == {"width": 32, "c3": 128} and w32["epochs"] == 69
@@ -148,7 +148,7 @@ def test_plan_and_candidates():
 def test_speed_probe_can_run_for_a_time_from_a_start_time():
     import time
 
-    from fakeprint.recipes import measure_speed, recipe_config
+    from fakeprint.studies.recipes import measure_speed, recipe_config
 
     cfg = recipe_config(candidates(["baseline"])[0], {"threads": 1}, tiny=True)
     start = time.time() + 0.3
@@ -156,6 +156,7 @@ def test_speed_probe_can_run_for_a_time_from_a_start_time():
     assert ips > 0 and time.time() >= start + 0.5  # waited for the start, then timed at least the period
 
 
+@pytest.mark.slow
 def test_recipe_study_end_to_end(cli, tiny_train_only, tmp_path):
     out = tmp_path / "study"
     args = ["study", "recipes", "--data", str(tiny_train_only), "--scale", "tiny", "--budget-minutes", "0.01",
@@ -212,14 +213,15 @@ def test_a_run_reports_its_last_epoch_and_labels_the_best_one(cli, tiny_train_on
 
 
 def test_label_issues_refuses_a_schedule_steered_by_the_held_out_fold(tiny_train_only, tmp_path):
-    from fakeprint.label_issues import find_issues
+    from fakeprint.studies.label_issues import find_issues
 
     with pytest.raises(FakeprintError, match="held-out"):
         find_issues(tiny_train_only, tmp_path / "li", folds=2, overrides={"scheduler": "plateau"})
 
 
 def test_distillation_trains_towards_the_teachers_and_refuses_a_leaky_teacher(tiny_train_only, tmp_path):
-    from fakeprint.train import distill_loss, distill_target, train
+    from fakeprint.engine.training.distill import distill_loss, distill_target
+    from fakeprint.engine.training.train import train
 
     logits = torch.tensor([[2.0, 0.0, -1.0, 0.0, 0.0]])
     same = distill_loss(logits, distill_target(logits.clone(), None, 1.0, 2.0), torch.tensor(0.0), 1.0, 2.0)
@@ -247,9 +249,9 @@ def test_distillation_trains_towards_the_teachers_and_refuses_a_leaky_teacher(ti
 def test_teachers_are_asked_only_about_the_views_they_were_trained_on(tmp_path):
     """A teacher trained with horizontal flips only is averaged over the image and its mirror, one trained with
     all flips and turns over the eight views (asking the first about quarter turns cost 13 points once)."""
-    from fakeprint.inference import predict_logits
-    from fakeprint.predict import load
-    from fakeprint.train import teacher_logits, teacher_views
+    from fakeprint.engine.predict import load
+    from fakeprint.engine.runtime import predict_logits
+    from fakeprint.engine.training.distill import teacher_logits, teacher_views
 
     assert teacher_views({"hflip": True, "vflip": False, "rot90": False}) == "flip"
     assert teacher_views({"hflip": True, "vflip": True, "rot90": True}) == "dihedral"
@@ -268,8 +270,8 @@ def test_teachers_are_asked_only_about_the_views_they_were_trained_on(tmp_path):
 
 
 def test_teacher_logits_are_kept_for_a_resume_and_recomputed_when_anything_changes(tmp_path, monkeypatch):
-    from fakeprint import inference
-    from fakeprint.train import teacher_logits
+    from fakeprint.engine.training import distill
+    from fakeprint.engine.training.distill import teacher_logits
 
     cfg = load_config("demo", {"progress": False})
     path = str(make_checkpoint(tmp_path / "t", extra_meta={"config": cfg}) / "best.safetensors")
@@ -278,8 +280,8 @@ def test_teacher_logits_are_kept_for_a_resume_and_recomputed_when_anything_chang
     first = teacher_logits([path], images, torch.device("cpu"), cfg, cache=cache)
     assert cache.is_file()
     calls = []
-    real = inference.predict_logits
-    monkeypatch.setattr(inference, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = distill.predict_logits
+    monkeypatch.setattr(distill, "predict_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = teacher_logits([path], images, torch.device("cpu"), cfg, cache=cache)
     assert torch.equal(again, first) and calls == []  # read back, not recomputed
     other = images.flip(1).contiguous()
@@ -294,7 +296,7 @@ def test_teacher_logits_are_kept_for_a_resume_and_recomputed_when_anything_chang
 # --------------------------------------------------------------------------------- honest confidence
 
 def test_temperature_scaling_recovers_an_overconfident_model():
-    from fakeprint.calibration import calibrate, fit_temperature
+    from fakeprint.engine.calibration import calibrate, fit_temperature
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(4000, 5)) * 1.5
@@ -309,8 +311,8 @@ def test_temperature_scaling_recovers_an_overconfident_model():
 
 
 def test_a_calibrated_checkpoint_scales_its_probabilities_and_flags_low_scores(tmp_path, cli):
-    from fakeprint.checkpoint import update_metadata
-    from fakeprint.inference import predict_logits
+    from fakeprint.engine.runtime import predict_logits
+    from fakeprint.models.checkpoint import update_metadata
 
     run = make_checkpoint(tmp_path, sharpen=8.0, seed=5)
     images = random_images(8, seed=4)
@@ -333,7 +335,7 @@ def test_a_calibrated_checkpoint_scales_its_probabilities_and_flags_low_scores(t
     assert out.returncode == 0 and out.stdout.strip().endswith("\tuncertain"), out.stderr
     from fastapi.testclient import TestClient
 
-    from fakeprint.serve import build_service, create_app
+    from fakeprint.interfaces.serve import build_service, create_app
 
     with TestClient(create_app(build_service(run))) as client:
         r = client.post("/v1/predict", files=[("files", ("u.png", path.read_bytes(), "image/png"))]).json()

@@ -57,6 +57,7 @@ def test_resume_of_a_folder_without_a_run_is_refused(cli, tmp_path):
     assert proc.returncode == 2 and "nothing to resume" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_same_seed_same_metrics(cli, tiny_data, tmp_path):
     """Reproducibility: two CPU runs with the same seed and data give identical metrics."""
     for name in ("a", "b"):

@@ -33,12 +33,12 @@ from conftest_service import (  # noqa: F401
     random_images,
     running_server,
 )
-from fakeprint import predict as predict_mod
-from fakeprint.cli import build_parser, main
-from fakeprint.errors import FakeprintError
-from fakeprint.gradcam import GradCAM, conv_execution_order, find_target_layer
+from fakeprint.core.errors import FakeprintError
+from fakeprint.engine import predict as predict_mod
+from fakeprint.interfaces.cli import build_parser, main
+from fakeprint.interfaces.serve import Limits, build_service, create_app
 from fakeprint.models import create_model, list_models
-from fakeprint.serve import Limits, build_service, create_app
+from fakeprint.reports.gradcam import GradCAM, conv_execution_order, find_target_layer
 
 LIMITS = Limits(max_file_bytes=60_000, max_request_bytes=150_000, max_files=4, max_pixels=1_000_000)
 
@@ -384,7 +384,7 @@ def test_gradcam_works_for_every_registered_model(name):
     assert res.maps.shape == (1, 100, 100) and res.maps.dtype == np.float32
     assert res.maps.min() >= 0 and res.maps.max() <= 1
     with torch.no_grad():
-        from fakeprint.inference import predict_logits
+        from fakeprint.engine.runtime import predict_logits
 
         assert res.classes[0] == predict_logits(model, images, torch.device("cpu")).argmax(1)[0]
     assert not any(p.grad is not None for p in model.parameters())  # nothing left behind

@@ -23,9 +23,9 @@ from conftest_service import (  # noqa: F401
     random_images,
     running_server,
 )
-from fakeprint.serve import Limits, build_service, create_app
-from fakeprint.serve.server import GuardedH11Protocol, check_exposure, default_allowed_hosts
-from fakeprint.serve.uploads import ApiError, check_pixels
+from fakeprint.interfaces.serve import Limits, build_service, create_app
+from fakeprint.interfaces.serve.server import GuardedH11Protocol, check_exposure, default_allowed_hosts
+from fakeprint.interfaces.serve.uploads import ApiError, check_pixels
 
 BOUNDARY = "fakeprintHardening42"
 
@@ -224,7 +224,7 @@ def test_host_header_is_checked(service):
 
 
 def test_api_token_is_required_beyond_loopback(service, monkeypatch):
-    from fakeprint.errors import FakeprintError
+    from fakeprint.core.errors import FakeprintError
 
     with pytest.raises(FakeprintError, match="FAKEPRINT_API_TOKEN"):
         check_exposure("0.0.0.0", None)

@@ -29,7 +29,7 @@ from conftest_service import (  # noqa: F401
     random_images,
     running_server,
 )
-from fakeprint.serve import Limits, build_service, create_app
+from fakeprint.interfaces.serve import Limits, build_service, create_app
 
 LIMITS = Limits(max_file_bytes=80_000, max_request_bytes=200_000, max_files=6, max_pixels=2_000_000)
 BOUNDARY = "fakeprintBoundary7MA4YWxk"

@@ -10,15 +10,15 @@ import numpy as np
 import pytest
 import torch
 
-from fakeprint import statcache
-from fakeprint.augment import augment
-from fakeprint.checkpoint import load_checkpoint
-from fakeprint.config import load_config
-from fakeprint.errors import FakeprintError
-from fakeprint.inference import predict_logits
+from fakeprint.core.errors import FakeprintError
+from fakeprint.engine.config import load_config
+from fakeprint.engine.runtime import predict_logits
+from fakeprint.engine.training import statcache
+from fakeprint.engine.training.train import train
+from fakeprint.features.augment import augment
+from fakeprint.features.preprocess import normalize, to_float
 from fakeprint.models import count_parameters, create_model
-from fakeprint.preprocess import normalize, to_float
-from fakeprint.train import train
+from fakeprint.models.checkpoint import load_checkpoint
 
 # small and quick: the v2 statistics, a two-layer head
 SMALL = {"model": "statmlp", "model_args": {"feature_set": "v2", "hidden": 32, "layers": 2, "dropout": 0.3},

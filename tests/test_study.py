@@ -7,12 +7,11 @@ import numpy as np
 import pytest
 
 from conftest import make_train_only
-from fakeprint.cli import main
-from fakeprint.errors import FakeprintError
-from fakeprint.study import (
-    STUDIES,
+from fakeprint.core.errors import FakeprintError
+from fakeprint.interfaces.cli import main
+from fakeprint.studies.grids import STUDIES, get_grid
+from fakeprint.studies.study import (
     combine_specialist,
-    get_grid,
     run_study,
     specialist_probability,
     tune_threshold,
@@ -99,8 +98,8 @@ def test_variants_get_their_overrides(studies):
 def test_ensemble_uses_the_members_and_averaging_is_the_mean_of_their_probabilities(studies, data):
     import yaml
 
-    from fakeprint.evaluate import load_eval_split
-    from fakeprint.predict import load
+    from fakeprint.engine.evaluate import load_eval_split
+    from fakeprint.engine.predict import load
 
     report, out = studies["ensemble"]
     runs = out / "runs"
@@ -116,12 +115,12 @@ def test_ensemble_uses_the_members_and_averaging_is_the_mean_of_their_probabilit
 
 
 def test_averaging_takes_the_argmax_of_the_mean_probability(monkeypatch, data):
-    from fakeprint import study
     from fakeprint.data.cache import SplitData
+    from fakeprint.studies import study
 
     labels = np.array([0, 1, 2])
     split = SplitData("internal", data, ["a", "b", "c"], labels, np.zeros((3, 100, 100, 3), np.uint8))
-    monkeypatch.setattr("fakeprint.evaluate.load_eval_split", lambda *a, **k: split)
+    monkeypatch.setattr("fakeprint.studies.study.load_eval_split", lambda *a, **k: split)
     pa = np.array([[0.6, 0.4, 0, 0, 0], [0.55, 0.45, 0, 0, 0], [0, 0, 0.6, 0.4, 0]])      # right, wrong, right
     pb = np.array([[0.45, 0.55, 0, 0, 0], [0.1, 0.9, 0, 0, 0], [0, 0, 0.45, 0.55, 0]])    # wrong, right, wrong
     monkeypatch.setattr(study, "_probs", lambda run, images: {"A": pa, "B": pb}[run])
@@ -145,8 +144,8 @@ def test_specialist_trains_on_the_baselines_training_part_with_binary_labels(stu
     assert spec["threshold"] in [round(t, 2) for t in np.arange(0.05, 1.0, 0.05)] + [1.0]
     assert "predict 4 where" in spec["detail"]
     # the reported confusion matrix is the documented rule applied to the two saved models
-    from fakeprint.evaluate import load_eval_split
-    from fakeprint.predict import load
+    from fakeprint.engine.evaluate import load_eval_split
+    from fakeprint.engine.predict import load
 
     base = out / "runs" / "baseline" / "seed0"
     held = load_eval_split(data, "internal", base, progress=False)

@@ -3,8 +3,10 @@ import pytest
 import torch
 from torch import nn
 
-from fakeprint.config import load_config
-from fakeprint.train import EMA, _cm_to_pairs, build_scheduler
+from fakeprint.engine.config import load_config
+from fakeprint.engine.training.ema import EMA
+from fakeprint.engine.training.loop import cm_to_pairs
+from fakeprint.engine.training.setup import build_scheduler
 
 
 def test_ema_averages_weights_and_batchnorm_statistics():
@@ -44,14 +46,14 @@ def test_plateau_scheduler_is_per_epoch_and_maximises():
 
 def test_confusion_matrix_expands_to_pairs():
     cm = np.array([[2, 1], [0, 3]])
-    t, p = _cm_to_pairs(cm)
+    t, p = cm_to_pairs(cm)
     assert sorted(zip(t.tolist(), p.tolist(), strict=True)) == [(0, 0), (0, 0), (0, 1), (1, 1), (1, 1), (1, 1)]
 
 
 def test_metrics_from_a_confusion_matrix_match_scikit_learn():
     import numpy as np
 
-    from fakeprint.metrics import from_confusion, summary
+    from fakeprint.core.metrics import from_confusion, summary
 
     rng = np.random.default_rng(0)
     t = rng.integers(0, 5, 300)
@@ -67,8 +69,8 @@ def test_a_selection_split_steers_the_schedule_and_the_internal_split_only_repor
     import csv as csvmod
     import json
 
-    from fakeprint.config import load_config
-    from fakeprint.train import train
+    from fakeprint.engine.config import load_config
+    from fakeprint.engine.training.train import train
 
     cfg = load_config("demo", {"epochs": 8, "progress": False, "batch_size": 25, "threads": 1, "workers": 1,
                                "scheduler": "plateau", "plateau_patience": 0, "early_stop": 1,
@@ -79,7 +81,7 @@ def test_a_selection_split_steers_the_schedule_and_the_internal_split_only_repor
     subsets = {s: {r["image_id"] for r in rows if r["subset"] == s} for s in ("train", "internal", "selection")}
     assert all(subsets.values()) and not (subsets["train"] & subsets["selection"])
     assert not (subsets["internal"] & (subsets["train"] | subsets["selection"]))
-    from fakeprint.train import read_split_csv  # the one reader, used by evaluate and the studies
+    from fakeprint.data.splits import read_split_csv  # the one reader, used by evaluate and the studies
 
     parts = read_split_csv(tmp_path / "run" / "split.csv")
     assert {k: set(v[0]) for k, v in parts.items()} == subsets
@@ -96,8 +98,8 @@ def test_a_selection_split_steers_the_schedule_and_the_internal_split_only_repor
 
 
 def test_a_selection_split_also_comes_from_the_training_images_beside_an_official_validation_split(tiny_data, tmp_path):
-    from fakeprint.config import load_config
-    from fakeprint.train import train
+    from fakeprint.engine.config import load_config
+    from fakeprint.engine.training.train import train
 
     cfg = load_config("demo", {"epochs": 1, "progress": False, "batch_size": 25, "threads": 1, "workers": 1,
                                "selection_fraction": 0.2, "ema": 0})

@@ -25,9 +25,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fakeprint.checkpoint import SHIPPED_NAMES, atomic_write, resolve_checkpoint
+from fakeprint.core.io import atomic_write
 from fakeprint.data.demo import render
-from fakeprint.predict import load
+from fakeprint.engine.predict import load
+from fakeprint.models.checkpoint import SHIPPED_NAMES, resolve_checkpoint
 
 DEST = Path(__file__).resolve().parent.parent / "src" / "fakeprint" / "weights"
 SELF_TEST_SEEDS = (0, 1, 2, 3, 4)
@@ -78,8 +79,8 @@ def main() -> int:
     if args.data:
         if args.held_out or meta["config"].get("train_on_all"):
             sys.exit("--data re-measures the checkpoint's own held-out figure: not for a train_on_all model")
-        from fakeprint.evaluate import load_eval_split
-        from fakeprint.metrics import from_confusion, summary
+        from fakeprint.core.metrics import from_confusion, summary
+        from fakeprint.engine.evaluate import load_eval_split
 
         held = load_eval_split(Path(args.data), "internal", src, progress=False)
         m = summary(held.labels, clf.predict(held.images).labels)  # calibration never changes the labels
@@ -88,14 +89,13 @@ def main() -> int:
             "recall": from_confusion(m["confusion_matrix"])["recall"], "n": m["n"],
             "tta": clf.tta, "measured": "on the CPU in fp32 when shipped (tools/ship_default_model.py --data)"}
     if not meta["config"].get("train_on_all") and not args.held_out and (src.parent / "split.csv").is_file():
-        from fakeprint.evaluate import internal_ids_digest
-        from fakeprint.train import read_split_csv
+        from fakeprint.data.splits import internal_ids_digest, read_split_csv
 
         ids = read_split_csv(src.parent / "split.csv").get("internal", ([], []))[0]
         meta["held_out"]["internal_ids_sha256"] = internal_ids_digest(ids)  # `evaluate NAME --split internal`
     clf.meta = meta  # the self-test and the probe shares: with the calibration shipped
     if meta.get("calibration"):
-        from fakeprint.calibration import flagged_shares
+        from fakeprint.engine.calibration import flagged_shares
 
         meta["calibration"]["flagged_share_probes"] = flagged_shares(clf)
     probs = clf.predict(self_test_images()).probs

@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from fakeprint.core.versions import __version__
 
 __all__ = ["__version__", "load"]
 
@@ -16,6 +16,6 @@ __all__ = ["__version__", "load"]
 def load(path=None, device: str = "cpu"):
     """Load a classifier: a checkpoint path or shipped model's name, ``None`` for the model shipped with the package,
     or a list of several for their ensemble."""
-    from .predict import load as _load
+    from fakeprint.engine.predict import load as _load
 
     return _load(path, device)

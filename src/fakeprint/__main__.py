@@ -1,3 +1,3 @@
-from .cli import main
+from fakeprint.interfaces.cli import main
 
 raise SystemExit(main())

@@ -12,7 +12,6 @@ import json
 import multiprocessing as mp
 import os
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,8 +19,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import DataError
-from .dataset import IMAGE_SIZE, Problem, decode_image, resolve_split
+from fakeprint.core.errors import DataError
+from fakeprint.core.io import atomic_write
+from fakeprint.data.dataset import IMAGE_SIZE, Problem, decode_image, resolve_split
 
 CACHE_VERSION = 1
 
@@ -120,21 +120,6 @@ def _decode_all(paths: list[Path], workers: int, progress: bool, label: str) -> 
         return list(tqdm(pool.imap(_decode_one, paths, chunksize=64), **bar))
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def load_split(
     root: Path,
     split: str,
@@ -181,7 +166,7 @@ def load_split(
     good = [d if not isinstance(d, str) else np.zeros((IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8) for d in decoded]
     images = np.stack(good) if good else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     try:
-        _atomic_write_bytes(npy, lambda f: np.save(f, images))
+        atomic_write(npy, lambda f: np.save(f, images))
         meta = {
             "version": CACHE_VERSION,
             "split": split,
@@ -194,7 +179,7 @@ def load_split(
             "bad_messages": bad_messages,
             "hash": _file_hash(npy),
         }
-        _atomic_write_bytes(manifest_path, lambda f: f.write(json.dumps(meta).encode()))
+        atomic_write(manifest_path, json.dumps(meta).encode())
     except OSError as e:
         print(f"warning: could not write the decoded cache in {cache} ({e.strerror}); continuing without it",
               file=sys.stderr)

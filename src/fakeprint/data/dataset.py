@@ -7,8 +7,10 @@ once, so that one run shows everything that is wrong rather than the first thing
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ..errors import DataError
+from fakeprint.core.csvio import looks_like_formula
+from fakeprint.core.errors import DataError
 
 IMAGE_SIZE = 100
 NUM_CLASSES = 5
@@ -211,7 +214,6 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
 
 def _regular_file(path: Path) -> None:
     """Refuse what is not a regular file (a FIFO or a device would block or never end) before opening it."""
-    import stat
 
     try:
         mode = Path(path).stat().st_mode
@@ -320,7 +322,6 @@ def check_dataset(root: Path, decode: bool = True) -> tuple[dict, list[Problem]]
         files, split_problems = resolve_split(root, split)
         problems += split_problems
         info: dict = {"images": len(files.ids)}
-        from ..csvio import looks_like_formula
 
         formulas = [i for i in files.ids if looks_like_formula(i)]
         if formulas:
@@ -374,7 +375,6 @@ def portable_path(path: str | Path) -> str:
 def dataset_identity(root: str | Path) -> dict[str, str]:
     """How results files name a dataset: its folder name and a hash of its CSV files, never the absolute
     path of the machine that made them."""
-    import hashlib
 
     root = Path(root)
     h = hashlib.sha256()

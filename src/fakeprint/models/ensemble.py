@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import create_model, register_model
+from fakeprint.models.registry import create_model, register_model
 
 
 class EnsembleCNN(nn.Module):

@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import conv_bn_relu
-from .registry import register_model
+from fakeprint.models.layers import conv_bn_relu
+from fakeprint.models.registry import register_model
 
 # --------------------------------------------------------------------------------------- EfficientNet-like
 

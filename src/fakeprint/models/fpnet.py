@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import ResidualBlock
-from .registry import register_model
+from fakeprint.models.layers import ResidualBlock
+from fakeprint.models.registry import register_model
 
 
 class FPNet(nn.Module):

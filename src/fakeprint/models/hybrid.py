@@ -15,9 +15,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import register_model
-from .stats import StatFeatures
-from .threecnn import ThreeCNN
+from fakeprint.features.statistics import StatFeatures
+from fakeprint.models.memory import cpu_micro_batch
+from fakeprint.models.registry import register_model
+from fakeprint.models.threecnn import ThreeCNN
 
 STATS_CPU_SLICE = 128  # images per StatFeatures call in CPU inference: 1.2x faster than 6 or 512 (2 cores)
 
@@ -100,8 +101,6 @@ class Hybrid(nn.Module):
         if self.training or x.device.type != "cpu" or torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
             return part(x)
         if size is None:
-            from ..inference import cpu_micro_batch
-
             size = cpu_micro_batch(part, tuple(x.shape[1:]))
         if size <= 0 or size >= x.shape[0]:
             return part(x)

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from torch import nn
 
-from ..errors import FakeprintError
+from fakeprint.core.errors import FakeprintError
 
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
 _DESCRIPTIONS: dict[str, str] = {}

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import ResidualBlock, conv_bn_relu
-from .registry import register_model
+from fakeprint.models.layers import ResidualBlock, conv_bn_relu
+from fakeprint.models.registry import register_model
 
 
 class SkipConCNN(nn.Module):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .layers import conv_bn_relu
-from .registry import register_model
+from fakeprint.models.layers import conv_bn_relu
+from fakeprint.models.registry import register_model
 
 
 class ThreeCNN(nn.Module):

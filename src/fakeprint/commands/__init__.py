@@ -1,1 +1,0 @@
-"""Sub-commands beyond the core ones in ``fakeprint.cli`` (one module each, ``register(subparsers)``)."""

@@ -1,0 +1,118 @@
+"""Honest confidence: temperature scaling and an ``uncertain`` flag, fitted on a held-out split.
+
+``calibrate(logits, labels)`` fits one temperature T (logits / T before the softmax, Guo et al. 2017) by
+minimising the negative log-likelihood, and a threshold on the score (the top probability after scaling):
+predictions below the ``quantile`` (default the 5th percentile) of the held-out split's scores are flagged
+``uncertain``. The calibration error before and after scaling is reported **cross-fitted**: T is fitted
+on one half of the split and measured on the other, both ways, so the "after" figure is not measured on
+the images it was fitted to. The stored T and threshold are then fitted on the whole split.
+
+The result goes into a checkpoint's metadata (``calibration``); ``Classifier.predict`` applies it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fakeprint.core.errors import FakeprintError
+from fakeprint.core.metrics import ece, softmax
+from fakeprint.data.dataset import to_rgb_array
+from fakeprint.data.demo import render
+from fakeprint.engine.evaluate import load_eval_split
+from fakeprint.engine.predict import load
+from fakeprint.models.checkpoint import resolve_checkpoint, update_metadata
+
+QUANTILE = 0.05
+BINS = 10
+
+
+def nll(logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    p = softmax(np.asarray(logits, np.float64) / temperature)
+    return float(-np.log(np.maximum(p[np.arange(len(labels)), labels], 1e-12)).mean())
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature in [0.05, 20] with the lowest NLL (golden-section search on log T; NLL is unimodal
+    in T for temperature scaling)."""
+    lo, hi = math.log(0.05), math.log(20.0)
+    g = (math.sqrt(5) - 1) / 2
+    a, b = hi - g * (hi - lo), lo + g * (hi - lo)
+    fa, fb = nll(logits, labels, math.exp(a)), nll(logits, labels, math.exp(b))
+    for _ in range(60):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - g * (hi - lo)
+            fa = nll(logits, labels, math.exp(a))
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + g * (hi - lo)
+            fb = nll(logits, labels, math.exp(b))
+    return float(math.exp((lo + hi) / 2))
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray, quantile: float = QUANTILE, seed: int = 0) -> dict[str, Any]:
+    """Temperature, ``uncertain`` threshold and cross-fitted calibration figures for held-out ``logits``."""
+    logits, labels = np.asarray(logits, np.float64), np.asarray(labels)
+    if len(labels) < 20:
+        raise FakeprintError(f"calibration needs at least 20 held-out images, got {len(labels)}")
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    halves = (order[: len(order) // 2], order[len(order) // 2:])
+    before, after = [], []
+    for fit, test in (halves, halves[::-1]):
+        t = fit_temperature(logits[fit], labels[fit])
+        before.append(ece(softmax(logits[test]), labels[test]) * len(test))
+        after.append(ece(softmax(logits[test] / t), labels[test]) * len(test))
+    temperature = fit_temperature(logits, labels)
+    scores = softmax(logits / temperature).max(1)
+    threshold = float(np.quantile(scores, quantile))
+    return {"temperature": temperature, "score": "max_probability", "uncertain_below": threshold,
+            "quantile": quantile, "n": int(len(labels)),
+            "ece_before": float(sum(before) / len(labels)), "ece_after_cross_fitted": float(sum(after) / len(labels)),
+            "flagged_share": float((scores < threshold).mean())}
+
+
+def probe_images(n: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
+    """Images no generator of the task made: plain colours (300x200, resized as any upload is), uniform
+    noise, and the synthetic demo generators' images."""
+    from PIL import Image
+
+
+    rng = np.random.default_rng(seed)
+    colours = rng.integers(0, 256, (n, 3))
+    plain = np.stack([to_rgb_array(Image.new("RGB", (300, 200), tuple(int(v) for v in c))) for c in colours])
+    noise = rng.integers(0, 256, (n, 100, 100, 3), dtype=np.uint8)
+    demo = np.stack([render(i % 5, rng) for i in range(n)])
+    return {"plain colour": plain, "noise": noise, "demo (synthetic generators)": demo}
+
+
+def flagged_shares(clf: Any, probes: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+    """Share of each probe set that ``clf`` flags ``uncertain``."""
+    probes = probes if probes is not None else probe_images()
+    return {name: float(np.mean(clf.predict(images).uncertain)) for name, images in probes.items()}
+
+
+def calibrate_checkpoint(checkpoint: Any, data: Any, split: str = "internal", write: bool = True) -> dict[str, Any]:
+    """Fit the calibration of ``checkpoint`` on a held-out ``split`` of ``data`` (its own test-time
+    augmentation), store it in the checkpoint's metadata (``write``), and measure the share of the probe
+    images it flags. Refuses a split the checkpoint trained on."""
+
+
+    clf = load(checkpoint)
+    cfg = clf.meta.get("config") or {}
+    if split == "train" or (split == "internal" and cfg.get("train_on_all")):
+        raise FakeprintError(f"{checkpoint}: the {split} split was trained on; calibration needs held-out images")
+    ds = load_eval_split(Path(data), split, resolve_checkpoint(checkpoint), progress=False)
+    logits = clf.logits(ds.images, clf.tta).numpy()
+    cal = calibrate(logits, ds.labels) | {"split": split if split != "internal" else
+                                          "internal split (the run's split.csv)", "tta": clf.tta}
+    if write:
+        update_metadata(checkpoint, {"calibration": cal})
+        clf = load(checkpoint)
+        cal["flagged_share_probes"] = flagged_shares(clf)
+        update_metadata(checkpoint, {"calibration": cal})
+    return cal

@@ -1,0 +1,239 @@
+"""Prediction: the Python API (``fakeprint.load(path).predict(images)``) and Kaggle-style submissions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from fakeprint.core.errors import FakeprintError
+from fakeprint.core.metrics import softmax
+from fakeprint.data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
+from fakeprint.engine.runtime import pick_device, predict_logits
+from fakeprint.features.preprocess import tta_mode
+from fakeprint.models.checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
+from fakeprint.models.fuse import fuse_for_inference
+
+
+def default_model_path() -> Path | None:
+    """The model shipped inside the package, if there is one (also named ``default`` on the command line)."""
+    return shipped_model_path()
+
+
+@dataclass
+class Predictions:
+    """``labels[i]`` is the predicted class of image i, ``probs[i]`` its class probabilities (temperature-scaled
+    where the checkpoint is calibrated), ``uncertain[i]`` whether its top probability is below what the
+    calibration split shows (None: the model has no calibration, so nothing is known)."""
+
+    labels: np.ndarray
+    probs: np.ndarray
+    classes: list[str]
+    uncertain: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        flags = [None] * len(self.labels) if self.uncertain is None else [bool(u) for u in self.uncertain]
+        return [{"label": self.classes[int(lab)], "label_index": int(lab),
+                 "probabilities": {c: float(p) for c, p in zip(self.classes, pr, strict=True)}, "uncertain": u}
+                for lab, pr, u in zip(self.labels, self.probs, flags, strict=True)]
+
+
+def calibrated(logits: np.ndarray, meta: dict[str, Any], classes: list[str]) -> Predictions:
+    """Predictions from logits with the checkpoint's calibration (``meta['calibration']``), if it has one."""
+    cal = meta.get("calibration") or None
+    z = np.asarray(logits, np.float64) / (float(cal["temperature"]) if cal else 1.0)
+    probs = softmax(z) if len(z) else np.zeros((0, len(classes)))
+    uncertain = probs.max(1) < float(cal["uncertain_below"]) if cal and len(probs) else (
+        np.zeros(0, bool) if cal else None)
+    labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+    return Predictions(labels, probs.astype(np.float32), classes, uncertain)
+
+
+class Classifier:
+    """A loaded model ready to classify images of any size and mode (converted to 100x100 RGB)."""
+
+    def __init__(self, model: torch.nn.Module, meta: dict[str, Any], device: torch.device, path: Path | None = None):
+        self.model, self.meta, self.device, self.path = model.eval(), meta, device, path
+        self._fast: torch.nn.Module | None = None
+        self.micro_batch: int | None = None  # images per forward pass (None: inference.cpu_micro_batch on the CPU)
+        self.classes: list[str] = list(meta.get("classes") or [str(i) for i in range(meta["num_classes"])])
+        self.normalize = (meta.get("normalization") or {}).get("mode", "imagenet")
+        self.tta = checkpoint_tta(meta)
+
+    @property
+    def name(self) -> str:
+        return str(self.meta["model"])
+
+    @property
+    def inference_model(self) -> torch.nn.Module:
+        """What ``predict`` runs: a copy of ``model`` with its BatchNorms folded and ReLUs moved after pooling
+        (``models.fuse``; the same outputs, faster), in channels-last layout on the CPU. Built on first use, so
+        change ``model`` before the first prediction, or set ``_fast`` back to None."""
+        if self._fast is None:
+            fast = fuse_for_inference(self.model)
+            if self.device.type == "cpu":
+                fast = fast.to(memory_format=torch.channels_last)
+            self._fast = fast
+        return self._fast
+
+    def logits(self, images: np.ndarray, tta: str, batch_size: int = 256) -> torch.Tensor:
+        """Uncalibrated logits of N x 100 x 100 x 3 uint8 images under ``tta``."""
+        return predict_logits(self.inference_model, images, self.device, batch_size=batch_size, norm=self.normalize,
+                              tta=tta, channels_last=self.device.type == "cpu", micro_batch=self.micro_batch)
+
+    def __repr__(self) -> str:
+        held = (self.meta.get("held_out") or {}).get("accuracy")
+        figure = f", held-out accuracy {held:.2%}" if isinstance(held, (int, float)) else ""
+        return (f"Classifier({self.name}, {len(self.classes)} classes, tta={self.tta}, "
+                f"calibrated={bool(self.meta.get('calibration'))}{figure}, path={str(self.path)!r})")
+
+    def __call__(self, images: Any, **kwargs: Any) -> Predictions:
+        """``clf(images)`` is ``clf.predict(images)``."""
+        return self.predict(images, **kwargs)
+
+    def to_array(self, images: Any, offset: int = 0) -> np.ndarray:
+        """Paths, PIL images, uint8 arrays (HxWx3, HxW or NxHxWx3) -> N x 100 x 100 x 3 uint8.
+        ``offset`` numbers the images in error messages (for chunks of a longer list)."""
+        items = _as_items(images)
+        if isinstance(items, np.ndarray) and items.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE, 3) and items.dtype == np.uint8:
+            return items
+        out = np.empty((len(items), IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+        for i, item in enumerate(items, start=offset):
+            if isinstance(item, (str, Path)):
+                out[i - offset] = decode_image(Path(item))
+            elif isinstance(item, Image.Image):
+                out[i - offset] = to_rgb_array(item)
+            elif isinstance(item, np.ndarray):
+                out[i - offset] = _array_to_rgb(item, i)
+            else:
+                raise FakeprintError(f"image {i}: expected a path, a PIL image or a uint8 array, got {type(item).__name__}")
+        return out
+
+    def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
+        """Classify images in batches of ``batch_size``, decoding each batch just before it is used. ``tta``:
+        None (default) applies the test-time augmentation the checkpoint's figures used (``self.tta``);
+        ``"none"``/False, ``"flip"``/True or ``"dihedral"`` choose one."""
+        tta = self.tta if tta is None else tta_mode(tta)
+        if batch_size < 1:
+            raise FakeprintError(f"batch_size must be at least 1, got {batch_size}")
+        items = _as_items(images)
+        parts = [np.zeros((0, len(self.classes)), np.float32)]  # logits
+        for start in range(0, len(items), batch_size):
+            arr = self.to_array(items[start : start + batch_size], offset=start)
+            parts.append(self.logits(arr, tta, batch_size).numpy())
+        return calibrated(np.concatenate(parts), self.meta, self.classes)
+
+
+def checkpoint_tta(meta: dict[str, Any]) -> str:
+    """The test-time augmentation a checkpoint's figures were measured with: its ``tta`` field, else its
+    training config's ``tta`` (older checkpoints), else none."""
+    value = meta.get("tta", (meta.get("config") or {}).get("tta", False))
+    try:
+        return tta_mode(value)
+    except FakeprintError:
+        return "none"
+
+
+def _as_items(images: Any) -> list | np.ndarray:
+    """One image or many -> something to slice: an N x H x W x C array stays an array, else a list."""
+    if isinstance(images, np.ndarray) and images.ndim == 4:
+        return images
+    if isinstance(images, (str, Path, Image.Image, np.ndarray)):
+        return [images]
+    return list(images)
+
+
+def _array_to_rgb(a: np.ndarray, i: int) -> np.ndarray:
+    if a.dtype != np.uint8:
+        raise FakeprintError(f"image {i}: arrays must be uint8, got {a.dtype}")
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, axis=2)
+    if a.ndim != 3 or a.shape[2] not in (3, 4):
+        raise FakeprintError(f"image {i}: expected an HxWx3 array, got shape {a.shape}")
+    if a.shape[:2] == (IMAGE_SIZE, IMAGE_SIZE) and a.shape[2] == 3:
+        return a
+    return to_rgb_array(Image.fromarray(a))
+
+
+class EnsembleClassifier:
+    """Several classifiers of any registered models, combined by averaging their class probabilities."""
+
+    def __init__(self, members: list[Classifier]):
+        if not members:
+            raise FakeprintError("an ensemble needs at least one checkpoint")
+        classes = members[0].classes
+        for m in members[1:]:
+            if m.classes != classes:
+                raise FakeprintError(f"{m.path}: classes {m.classes} differ from {members[0].path}: {classes}")
+        self.members, self.classes = members, classes
+        self.meta = {"model": "+".join(m.name for m in members), "num_classes": len(classes), "classes": classes}
+        self.path = Path(str(members[0].path)) if len(members) == 1 else None
+        modes = {m.tta for m in members}
+        self.tta = modes.pop() if len(modes) == 1 else "mixed"
+        norms = {m.normalize for m in members}
+        self.normalize = norms.pop() if len(norms) == 1 else "per member"
+
+    @property
+    def name(self) -> str:
+        return "ensemble(" + ", ".join(m.name for m in self.members) + ")"
+
+    def __repr__(self) -> str:
+        return f"EnsembleClassifier({', '.join(repr(m) for m in self.members)})"
+
+    def __call__(self, images: Any, **kwargs: Any) -> Predictions:
+        """``ens(images)`` is ``ens.predict(images)``, as for one ``Classifier``."""
+        return self.predict(images, **kwargs)
+
+    def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
+        """Mean of the members' probabilities; ``tta`` None: each member's own test-time augmentation."""
+        arr = self.members[0].to_array(images)
+        probs = np.mean([m.predict(arr, batch_size, tta).probs for m in self.members], axis=0)
+        # no calibration of the average itself: its uncertainty is unknown (None)
+        return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
+
+
+def combine(members: list) -> Any:
+    """One loaded classifier as it is, several as their ``EnsembleClassifier`` (none: an error)."""
+    return members[0] if len(members) == 1 else EnsembleClassifier(members)
+
+
+def predict_with_progress(clf: Any, images: Any, desc: str = "predicting", progress: bool | None = None,
+                          chunk: int = 1024, **kwargs: Any) -> Predictions:
+    """``clf.predict(images, **kwargs)`` (any backend) in chunks, with a progress bar on stderr that shows
+    images/s. ``progress`` None: only when stderr is a terminal; True: always; False: never."""
+
+    n = len(images)
+    parts: list[Predictions] = []
+    with tqdm(total=n, desc=desc, unit="img", disable=False if progress else None if progress is None else True,
+              leave=False, dynamic_ncols=True) as bar:
+        for start in range(0, max(n, 1), chunk):
+            parts.append(clf.predict(images[start : start + chunk], **kwargs))
+            bar.update(len(parts[-1]))
+    if len(parts) == 1:
+        return parts[0]
+    flags = None if any(p.uncertain is None for p in parts) else np.concatenate([p.uncertain for p in parts])
+    return Predictions(np.concatenate([p.labels for p in parts]), np.concatenate([p.probs for p in parts]),
+                       parts[0].classes, flags)
+
+
+def load(path: str | Path | list | tuple | None = None, device: str = "cpu") -> Classifier | EnsembleClassifier:
+    """Load a checkpoint (a run folder, ``NAME.safetensors`` or its stem, a shipped model's name); no path: the
+    shipped default model; a list of several: their ensemble (``EnsembleClassifier``, averaged probabilities)."""
+    if isinstance(path, (list, tuple)):
+        return combine([load(p, device) for p in path])
+    if path is None:
+        path = default_model_path()
+        if path is None:
+            raise FakeprintError("no default model is shipped in this installation; pass a checkpoint path "
+                                 "(a run folder or a .safetensors file)")
+    dev = pick_device(device)
+    model, meta = load_checkpoint(path, map_location=dev)
+    return Classifier(model, meta, dev, resolve_checkpoint(path))

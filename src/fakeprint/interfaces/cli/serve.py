@@ -1,0 +1,95 @@
+"""`fakeprint serve [CKPT]`: the HTTP service and web page (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from fakeprint.core.errors import FakeprintError
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise FakeprintError("the service needs FastAPI and uvicorn: pip install 'fakeprint[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise FakeprintError(f"--port {args.port} is not a port number")
+    for name in ("max_file_mb", "max_request_mb", "max_files", "max_pixels", "max_request_pixels", "workers",
+                 "header_timeout", "body_idle_timeout", "body_timeout"):
+        if getattr(args, name) <= 0:
+            raise FakeprintError(f"--{name.replace('_', '-')} must be positive")
+    if args.queue < 0:
+        raise FakeprintError("--queue must be 0 or more")
+    import os
+
+    from fakeprint.interfaces.serve import LOOPBACK, TOKEN_ENV, Limits, build_service, run
+    from fakeprint.interfaces.serve.server import check_exposure
+
+    token = os.environ.get(TOKEN_ENV) or None
+    check_exposure(args.host, token)  # before the model is loaded: a refusal should be quick
+    hosts = [h.strip() for h in args.allowed_hosts.split(",") if h.strip()] if args.allowed_hosts else None
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    service = build_service(args.checkpoint or None, args.backend, args.device, args.threads, cam=not args.no_cam)
+    limits = Limits(max_file_bytes=int(args.max_file_mb * 1024 * 1024),
+                    max_request_bytes=int(args.max_request_mb * 1024 * 1024),
+                    max_files=args.max_files, max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
+                    header_timeout=args.header_timeout, body_idle_timeout=args.body_idle_timeout,
+                    body_timeout=args.body_timeout, queue=args.queue)
+    if args.host not in LOOPBACK:
+        print(f"fakeprint: warning: listening on {args.host}, reachable beyond this machine (API token required"
+              f"{'; any Host header accepted: consider --allowed-hosts' if hosts is None else ''})", file=sys.stderr)
+    cam = f"Grad-CAM on {service.cam.layer}" if service.cam else f"no Grad-CAM ({service.cam_note})"
+    print(f"fakeprint: serving {service.classifier.name} ({service.source}, {service.backend} backend, {cam}) "
+          f"at http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
+    run(service, args.host, args.port, limits, args.workers, args.log_level, args.max_connections,
+        allowed_hosts=hosts, token=token)
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("serve", help="serve a model over HTTP: JSON API and a web page (FastAPI + uvicorn)",
+                       description="POST /v1/predict (multipart field 'files'), GET /v1/model, GET /healthz, "
+                                   "the web page at /, OpenAPI docs at /docs. Binding beyond loopback needs an "
+                                   "API token in the environment variable FAKEPRINT_API_TOKEN.")
+    s.add_argument("checkpoint", nargs="*", default=None,
+                   help="a run folder, NAME.safetensors, MODEL.onnx or a shipped model's name (default: the shipped "
+                        "model 'default'; 'accurate': 0.8 points more accurate, weaker on class 4; 'fast': twice as fast, "
+                        "less accurate); several: their ensemble (averaged probabilities, no Grad-CAM, no "
+                        "'uncertain' flag), e.g. 'accurate default fast'")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--backend", choices=("auto", "torch", "onnx"), default="auto",
+                   help="auto (default): onnx for .onnx files, else torch; onnx with a checkpoint exports it in memory")
+    s.add_argument("--device", default="cpu", help="PyTorch device (torch backend)")
+    s.add_argument("--threads", type=int, default=None, help="intra-op threads for PyTorch / onnxruntime")
+    s.add_argument("--workers", type=int, default=2, help="requests decoded and classified at once (default 2)")
+    s.add_argument("--max-file-mb", type=float, default=10.0, help="largest upload per file (default 10 MiB)")
+    s.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body (default 32 MiB)")
+    s.add_argument("--max-files", type=int, default=32, help="most files per request (default 32)")
+    s.add_argument("--max-pixels", type=int, default=2048 * 2048,
+                   help="most pixels per image, read from its header before decoding (default 2048x2048)")
+    s.add_argument("--max-request-pixels", type=int, default=4 * 2048 * 2048,
+                   help="most pixels of all the images of one request together (default 4 x 2048x2048)")
+    s.add_argument("--queue", type=int, default=16,
+                   help="uploads that may be read or wait beside the busy workers; beyond that 503 with "
+                        "Retry-After (default 16)")
+    s.add_argument("--header-timeout", type=float, default=10.0,
+                   help="seconds a connection may take to send a request's headers (default 10)")
+    s.add_argument("--body-idle-timeout", type=float, default=10.0,
+                   help="longest pause inside a request body, in seconds, before 408 (default 10)")
+    s.add_argument("--body-timeout", type=float, default=60.0,
+                   help="seconds a whole request body may take before 408 (default 60)")
+    s.add_argument("--max-connections", type=int, default=None,
+                   help="concurrent connections before uvicorn answers 503; GET /healthz is exempt (default: no limit)")
+    s.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header values to accept (default: loopback names when bound to "
+                        "loopback, any otherwise)")
+    s.add_argument("--no-cam", action="store_true", help="no Grad-CAM (saves the model copy it needs)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    s.set_defaults(fn=_cmd_serve)
