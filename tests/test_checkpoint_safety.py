@@ -111,9 +111,9 @@ def test_written_files_are_readable_by_others(good):
     ({"num_classes": 2_000_000}, "bad num_classes"),
     ({"num_classes": 10**12}, "bad num_classes"),
     ({"num_classes": True}, "bad num_classes"),
-    ({"model_args": {"width": -3}}, "do not build"),
+    ({"model_args": {"width": -3}}, "does not build"),
     ({"model_args": {"width": 100_000}}, "do not fit"),
-    ({"normalization": {"mode": "sepia"}}, "unknown normalization mode"),
+    ({"normalization": {"mode": "sepia"}}, "normalization.mode"),
     ({"num_classes": 4, "classes": ["a", "b", "c", "d"]}, "do not fit"),
 ])
 def test_checkpoint_metadata_is_checked_before_any_model_is_built(tmp_path, monkeypatch, change, words):

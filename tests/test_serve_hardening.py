@@ -228,8 +228,10 @@ def test_api_token_is_required_beyond_loopback(service, monkeypatch):
 
     with pytest.raises(FakeprintError, match="FAKEPRINT_API_TOKEN"):
         check_exposure("0.0.0.0", None)
-    check_exposure("0.0.0.0", "s3cret")
+    check_exposure("0.0.0.0", "kX3v9QpL2mZ7rT8wY4nB6cD1fG5hJ0sA")  # 32 characters of many kinds
     check_exposure("127.0.0.1", None)
+    with pytest.raises(FakeprintError, match="too weak"):
+        check_exposure("0.0.0.0", "s3cret")
     app = create_app(service, token="s3cret")
     client = TestClient(app, base_url="http://127.0.0.1")
     r = client.get("/v1/model")

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fakeprint.core.csvio import looks_like_formula
 from fakeprint.core.errors import DataError
@@ -57,6 +57,9 @@ def _bad_id(image_id: str) -> str | None:
         return f"image_id {image_id!r} contains a path separator or '..'"
     if "\x00" in image_id or any(ord(c) < 32 for c in image_id):
         return f"image_id {image_id!r} contains control characters"
+    if looks_like_formula(image_id):
+        return (f"image_id {image_id!r} starts with {image_id[0]!r}, which a spreadsheet runs as a formula (CSV "
+                "injection): rename the image and its row")
     return None
 
 
@@ -199,7 +202,7 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
                 raise DataError(f"{path}: {im.width}x{im.height} pixels is too large (limit {MAX_PIXELS})")
             decode_reduced(im, size)
             im.load()
-            return to_rgb_array(im, size)
+            return to_rgb_array(upright(im), size)
     except DataError:
         raise
     except Image.DecompressionBombError as e:
@@ -214,7 +217,6 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
 
 def _regular_file(path: Path) -> None:
     """Refuse what is not a regular file (a FIFO or a device would block or never end) before opening it."""
-
     try:
         mode = Path(path).stat().st_mode
     except FileNotFoundError:
@@ -223,6 +225,34 @@ def _regular_file(path: Path) -> None:
         raise DataError(f"{path}: unreadable ({e.strerror})") from None
     if not stat.S_ISREG(mode):
         raise DataError(f"{path}: not a regular file (a FIFO, device or folder), refused")
+
+
+def check_image_file(path: str | Path, inside: Path | None = None) -> None:
+    """What every entry point checks before it opens an image file: a regular file (never a FIFO or a device,
+    which would block), and, for a file found in the folder ``inside``, not a symbolic link that leads out of it
+    (unless ``follow_external_links()``), as ``index_images`` refuses for a dataset."""
+    path = Path(path)
+    if inside is not None and not follow_external_links() and path.is_symlink():
+        target = _outside(path, (Path(inside).resolve(),))
+        if target is not None:
+            raise DataError(f"{path}: a symbolic link to {target}, outside the folder {inside}: refused "
+                            "(fakeprint --follow-external-links reads such links)")
+    _regular_file(path)
+
+
+def upright(im: Image.Image) -> Image.Image:
+    """The image as it is meant to be seen: its EXIF orientation applied (a phone photo is stored sideways with a
+    tag that says so, and every image viewer turns it), as the image is read. Unreadable EXIF leaves it as stored."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - corrupt EXIF: nothing to apply
+        return im
+    if orientation in (None, 1):
+        return im
+    try:
+        return ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - as above
+        return im
 
 
 def decode_reduced(im: Image.Image, size: int = IMAGE_SIZE) -> None:
@@ -323,12 +353,6 @@ def check_dataset(root: Path, decode: bool = True) -> tuple[dict, list[Problem]]
         problems += split_problems
         info: dict = {"images": len(files.ids)}
 
-        formulas = [i for i in files.ids if looks_like_formula(i)]
-        if formulas:
-            report["warnings"].append(
-                f"{root / (split + '.csv')}: {len(formulas)} image id(s) that a spreadsheet would run as a formula "
-                f"(first: {formulas[0]!r}); fakeprint writes them as plain quoted text, but open its CSV files with "
-                "care")
         if files.labels is not None:
             counts = Counter(files.labels)
             info["class_counts"] = {int(k): counts[k] for k in sorted(counts)}

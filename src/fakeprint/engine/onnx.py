@@ -52,6 +52,7 @@ from fakeprint.engine.predict import Classifier, Predictions, calibrated, checkp
 from fakeprint.engine.runtime import predict_logits
 from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD, tta_mode
 from fakeprint.models.checkpoint import load_checkpoint, read_json_metadata, resolve_checkpoint
+from fakeprint.models.metadata import check_metadata_fields
 
 FORMAT = "fakeprint-onnx/1"
 INPUT_NAME = "images"
@@ -312,6 +313,7 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     classes = meta.get("classes")
     if not isinstance(classes, list) or len(classes) < 2:
         raise CheckpointError(f"{p}: 'classes' must list at least two class names")
+    check_metadata_fields(meta, p)
     return meta
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from fakeprint.core.errors import CheckpointError, FakeprintError
 from fakeprint.core.io import atomic_write
 from fakeprint.models import create_model, list_models
+from fakeprint.models.metadata import check_metadata_fields
 
 FORMAT = "fakeprint-checkpoint/1"
 
@@ -137,10 +138,7 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{meta_path}: 'classes' must list {n} class names (num_classes), got {classes!r}")
     if not isinstance(meta.get("model_args", {}), dict):
         raise CheckpointError(f"{meta_path}: model_args must be a mapping")
-    mode = (meta.get("normalization") or {}).get("mode", "imagenet") if isinstance(meta.get("normalization", {}),
-                                                                                 dict) else None
-    if mode not in ("imagenet", "none"):
-        raise CheckpointError(f"{meta_path}: unknown normalization mode {mode!r} (imagenet or none)")
+    check_metadata_fields(meta, meta_path)
     return meta
 
 
@@ -164,11 +162,11 @@ def _build_checked(meta: dict[str, Any], shapes: dict[str, tuple[int, ...]], wei
     try:
         with torch.device("meta"):
             ghost = create_model(meta["model"], meta["num_classes"], **args)
-    except FakeprintError:
-        raise
     except Exception as e:  # noqa: BLE001 - any constructor failure on absurd arguments is a refusal
-        raise CheckpointError(f"{weights}: model_args {meta.get('model_args')} do not build a {meta['model']!r} "
-                              f"({type(e).__name__}: {str(e)[:120]})") from None
+        why = str(e) if isinstance(e, FakeprintError) else f"{type(e).__name__}: {e}"
+        raise CheckpointError(f"{weights.with_suffix('.json')}: metadata field 'model_args' "
+                              f"{str(meta.get('model_args'))[:80]} does not build a {meta['model']!r} "
+                              f"({why[:160]})") from None
     expected = {k: tuple(v.shape) for k, v in ghost.state_dict().items()}
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))

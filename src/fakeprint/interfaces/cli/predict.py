@@ -58,8 +58,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     clf = combine(members)
 
     if args.data:
-        from fakeprint.core.csvio import csv_bytes
-        from fakeprint.core.io import atomic_write
+        from fakeprint.core.csvio import write_csv
         from fakeprint.data.cache import load_split
 
         if items:
@@ -67,11 +66,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         ds = load_split(Path(args.data), args.split or "test")
         pred = predict_with_progress(clf, ds.images, f"predicting {ds.name}", tta=args.tta)
         out = Path(args.out or "submission.csv")
-        atomic_write(out, csv_bytes(["image_id", "label"], ([i, int(lab)] for i, lab in zip(ds.ids, pred.labels,
-                                                                                             strict=True))))
+        write_csv(out, ["image_id", "label"], ([i, int(lab)] for i, lab in zip(ds.ids, pred.labels, strict=True)))
         print(f"wrote {len(ds.ids)} predictions to {out}")
-        if args.probs:
-            _write_probs(Path(args.probs), ds.ids, pred, clf.classes)
+        if args.probs:  # dataset ids, which read_csv has checked: written exactly, like the submission's
+            _write_probs(Path(args.probs), ds.ids, pred, clf.classes, "refuse")
         return 0
     items = _expand_folders(items)
     _warn_resized(items)
@@ -82,7 +80,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     k = min(args.top_k or len(clf.classes), len(clf.classes))
     if args.probs:
-        _write_probs(Path(args.probs), items, pred, clf.classes)
+        _write_probs(Path(args.probs), items, pred, clf.classes, "neutralise")  # the user's file names
     if args.json:
         rows = []
         for i, d, pr in zip(items, pred.as_dicts(), pred.probs, strict=True):
@@ -136,26 +134,31 @@ def _warn_resized(items: list[str]) -> None:
 
 
 def _expand_folders(items: list[str]) -> list[str]:
-    """Image files as given; a folder stands for the image files in it (sorted, not recursive)."""
-    from fakeprint.data.dataset import IMAGE_EXTS
+    """Image files as given; a folder stands for the image files in it (sorted, not recursive). Every file is
+    checked before anything opens it: a FIFO or device is refused (it would block), and so is a link in a folder
+    that leads out of it (as a dataset's are)."""
+    from fakeprint.data.dataset import IMAGE_EXTS, check_image_file
 
     out: list[str] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            found = sorted(str(f) for f in p.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_EXTS)
+            found = sorted(f for f in p.iterdir() if f.suffix.lower() in IMAGE_EXTS and not f.is_dir())
             if not found:
                 raise FakeprintError(f"{p}: a folder with no image files ({', '.join(IMAGE_EXTS)})")
-            out += found
+            for f in found:
+                check_image_file(f, inside=p)
+            out += [str(f) for f in found]
         else:
+            check_image_file(p)
             out.append(item)
     return out
 
 
-def _write_probs(path: Path, names: list[str], pred, classes: list[str]) -> None:
-    from fakeprint.core.csvio import csv_bytes
-    from fakeprint.core.io import atomic_write
+def _write_probs(path: Path, names: list[str], pred, classes: list[str], formulas: str) -> None:
+    """Every image's class probabilities (``image,p_0,...``); ``formulas`` as ``core.csvio.csv_bytes``."""
+    from fakeprint.core.csvio import write_csv
 
     rows = ([n, *(f"{p:.6f}" for p in pr)] for n, pr in zip(names, pred.probs, strict=True))
-    atomic_write(path, csv_bytes(["image", *(f"p_{c}" for c in classes)], rows))
+    write_csv(path, ["image", *(f"p_{c}" for c in classes)], rows, formulas)
     print(f"wrote the class probabilities of {len(names)} image(s) to {path}", file=sys.stderr)

@@ -12,7 +12,9 @@ import hashlib
 import hmac
 import http
 import logging
+import re
 import time
+import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -65,6 +67,13 @@ STATIC_DIR = Path(str(resources.files("fakeprint") / "static"))
 # The page loads nothing from elsewhere; the policy makes sure of it.
 PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
             "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+# Swagger UI and ReDoc (served from the package by fastapi-offline) start from an inline script and ReDoc runs a
+# worker from a blob: still nothing from elsewhere, and no page may frame them
+DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
+            "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
+            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+API_CSP = "default-src 'none'; frame-ancestors 'none'"
+HOST_RE = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
 
 
 @dataclass
@@ -252,14 +261,14 @@ def add_error_handlers(app: FastAPI, capacity: int) -> None:
 
     @app.exception_handler(Exception)
     async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
+        log.exception("%s unhandled error on %s", getattr(request.state, "request_id", "-"), request.url.path)
         return _error(500, "internal_error", f"{type(exc).__name__} while handling the request")
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> JSONResponse:
         client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
-        log.info("%s disconnected during its upload to %s (%s body bytes received)", client, request.url.path,
-                 f"{exc.received:,}")
+        log.info("%s %s disconnected during its upload to %s (%s body bytes received)",
+                 getattr(request.state, "request_id", "-"), client, request.url.path, f"{exc.received:,}")
         return _error(400, "client_disconnected", "the connection closed before the request body was complete")
 
 
@@ -272,8 +281,8 @@ def add_guards(app: FastAPI, token: str | None, allowed_hosts: list[str] | None)
     async def _guard(request: Request, call_next):
         if hosts is not None and "*" not in hosts:
             host = request.headers.get("host", "").lower()
-            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-            if name.strip("[]") not in {h.strip("[]") for h in hosts}:
+            m = HOST_RE.fullmatch(host)  # a name and an optional port, nothing else (no user part, no path)
+            if m is None or m["name"].strip("[]") not in {h.strip("[]") for h in hosts}:
                 return _error(400, "invalid_host", f"Host {host!r} is not served here (--allowed-hosts)")
         path = request.url.path
         if token is not None and path not in public and not path.startswith("/static/"):
@@ -288,10 +297,28 @@ def add_guards(app: FastAPI, token: str | None, allowed_hosts: list[str] | None)
     async def _headers(request: Request, call_next):
         response = await call_next(request)
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers["X-Frame-Options"] = "DENY"
         path = request.url.path
         if path == "/" or path.startswith("/static/"):
             response.headers["Content-Security-Policy"] = PAGE_CSP
             response.headers["Referrer-Policy"] = "no-referrer"
+        elif path.startswith(("/docs", "/redoc")):
+            response.headers["Content-Security-Policy"] = DOCS_CSP
+            response.headers["Referrer-Policy"] = "no-referrer"
+        else:
+            response.headers.setdefault("Content-Security-Policy", API_CSP)
+        return response
+
+    @app.middleware("http")
+    async def _request_log(request: Request, call_next):
+        """Outermost: every request gets an id (``X-Request-ID``) and one log line, whatever answered it."""
+        request.state.request_id = rid = uuid.uuid4().hex[:12]
+        t0 = time.perf_counter()
+        response = await call_next(request)
+        response.headers["X-Request-ID"] = rid
+        client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+        log.info("%s %s %s %s %d %.1f ms", rid, client, request.method, request.url.path, response.status_code,
+                 (time.perf_counter() - t0) * 1e3)
         return response
 
 
