@@ -195,24 +195,33 @@ def decode_image(path: Path, size: int = IMAGE_SIZE) -> np.ndarray:
 
     Raises ``DataError`` naming the file when it is not a readable image.
     """
+    _regular_file(path)
+    return _decode(path, str(path), size)
+
+
+def decode_bytes(data: bytes, name: str = "image", size: int = IMAGE_SIZE) -> np.ndarray:
+    """``decode_image`` for the bytes of an image file (the same steps, the same result as from a path)."""
+    return _decode(io.BytesIO(data), name, size)
+
+
+def _decode(source, name: str, size: int) -> np.ndarray:
     try:
-        _regular_file(path)
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             if im.width * im.height > MAX_PIXELS:
-                raise DataError(f"{path}: {im.width}x{im.height} pixels is too large (limit {MAX_PIXELS})")
+                raise DataError(f"{name}: {im.width}x{im.height} pixels is too large (limit {MAX_PIXELS})")
             decode_reduced(im, size)
             im.load()
             return to_rgb_array(upright(im), size)
     except DataError:
         raise
     except Image.DecompressionBombError as e:
-        raise DataError(f"{path}: refused as a decompression bomb ({e})") from None
+        raise DataError(f"{name}: refused as a decompression bomb ({e})") from None
     except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
+        raise DataError(f"{name}: file not found") from None
     except UnidentifiedImageError:
-        raise DataError(f"{path}: not an image (unrecognised format)") from None
+        raise DataError(f"{name}: not an image (unrecognised format)") from None
     except (OSError, ValueError, SyntaxError) as e:
-        raise DataError(f"{path}: unreadable image ({e})") from None
+        raise DataError(f"{name}: unreadable image ({e})") from None
 
 
 def _regular_file(path: Path) -> None:
@@ -279,8 +288,17 @@ def to_rgb_array(im: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
     if im.mode != "RGB":
         im = im.convert("RGB")
     if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BILINEAR)
+        im = im.resize((size, size), resize_filter(im.size, size))
     return np.asarray(im, dtype=np.uint8)
+
+
+def resize_filter(have: tuple[int, int], size: int = IMAGE_SIZE) -> Image.Resampling:
+    """How an image that is not ``size`` x ``size`` is brought to it: the area average (``BOX``) when both sides
+    shrink, bicubic otherwise. Measured with the shipped models on the internal split (experiments/resize_policy.py,
+    benchmarks/results/resize_policy-cpu-2core.json): against the bilinear filter used before, ``default`` gains
+    11 points on 75 x 75 copies (69.8% -> 81.0%), 9 on 150 x 150 (82.5% -> 91.7%), 9 on 200 x 200 and 4 on 90%
+    crops; Lanczos is worse on the small copies and a centre crop of the large ones loses up to 37 points."""
+    return Image.Resampling.BOX if min(have) >= size else Image.Resampling.BICUBIC
 
 
 @dataclass

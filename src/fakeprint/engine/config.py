@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from fakeprint.core.errors import FakeprintError
+from fakeprint.features.file_augment import check_weights
 from fakeprint.features.preprocess import tta_mode
 
 DEFAULTS: dict[str, Any] = {
@@ -89,6 +90,10 @@ DEFAULTS: dict[str, Any] = {
     "stat_crops": 0,              # statistics of K random crops of each training image (and mirrors) as more views
     "stat_crop_size": 90,         # their side in pixels (their statistics must number as many as the image's)
     "stat_crop_prob": 0.5,        # the share of training draws that take a crop instead of the whole image
+    "file_aug": 0.0,              # share of training draws replaced by a re-encoded/resized/cropped/blurred copy of
+                                  # the file, drawn afresh each epoch (features/file_augment.py; 0: off)
+    "file_aug_weights": None,     # family -> weight (jpeg, jpeg2, webp, resize, crop, blur, noise, chain); None: defaults
+    "file_aug_variants": 0,       # statistics computed once: M perturbed copies of each training image (and mirrors)
     "deterministic": False,       # deterministic algorithms (for exact reproducibility on CPU)
     "threads": 0,                 # CPU threads for torch (0: leave torch's default)
     "workers": 0,                 # processes for decoding images into the cache (0: all cores)
@@ -255,6 +260,14 @@ def validate(cfg: dict[str, Any]) -> None:
                              ("stat_crop_size", 1, "a whole number of pixels")):
         if isinstance(cfg[key], bool) or not isinstance(cfg[key], int) or cfg[key] < least:
             raise FakeprintError(f"config: {key} must be {what}, got {cfg[key]!r}")
+    if isinstance(cfg["file_aug"], bool) or not isinstance(cfg["file_aug"], (int, float)) \
+            or not 0.0 <= float(cfg["file_aug"]) <= 1.0:
+        raise FakeprintError(f"config: file_aug must be a share from 0 to 1, got {cfg['file_aug']!r}")
+    if cfg["file_aug_weights"] is not None:
+        check_weights(cfg["file_aug_weights"])
+    if isinstance(cfg["file_aug_variants"], bool) or not isinstance(cfg["file_aug_variants"], int) \
+            or cfg["file_aug_variants"] < 0:
+        raise FakeprintError(f"config: file_aug_variants must be a whole number (0: off), got {cfg['file_aug_variants']!r}")
     if not 0.0 < float(cfg["stat_crop_prob"]) <= 1.0:
         raise FakeprintError(f"config: stat_crop_prob must be above 0 and at most 1, got {cfg['stat_crop_prob']}")
     if not 0.0 < float(cfg["val_fraction"]) < 1.0:

@@ -48,9 +48,9 @@ from fakeprint.core.errors import CheckpointError, FakeprintError
 from fakeprint.core.io import atomic_write
 from fakeprint.core.versions import versions
 from fakeprint.data.dataset import IMAGE_SIZE
-from fakeprint.engine.predict import Classifier, Predictions, calibrated, checkpoint_tta, load
+from fakeprint.engine.predict import Classifier, Predictions, calibrated, checkpoint_tta, flat_images, load
 from fakeprint.engine.runtime import predict_logits
-from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD, tta_mode
+from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD, tta_mode, tta_views
 from fakeprint.models.checkpoint import load_checkpoint, read_json_metadata, resolve_checkpoint
 from fakeprint.models.metadata import check_metadata_fields
 
@@ -354,10 +354,10 @@ class OnnxClassifier:
         arr = self.to_array(images)
         if not len(arr):
             return Predictions(np.zeros(0, np.int64), np.zeros((0, len(self.classes)), np.float32), self.classes)
-        views = [arr] if tta == "none" else [arr, arr[:, :, ::-1]] if tta == "flip" else \
-            [v for k in range(4) for v in (np.rot90(arr, k, (1, 2)), np.rot90(arr, k, (1, 2))[:, :, ::-1])]
-        logits = sum(self.logits(np.ascontiguousarray(v), batch_size) for v in views) / len(views)
-        return calibrated(logits, self.meta, self.classes)
+        # the one set of test-time views (features.preprocess.tta_views), taken on the uint8 images laid out NCHW
+        views = tta_views(torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2), tta)
+        logits = sum(self.logits(v.permute(0, 2, 3, 1).contiguous().numpy(), batch_size) for v in views) / len(views)
+        return calibrated(logits, self.meta, self.classes, flat_images(arr))
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxClassifier:

@@ -46,13 +46,27 @@ class Predictions:
                 for lab, pr, u in zip(self.labels, self.probs, flags, strict=True)]
 
 
-def calibrated(logits: np.ndarray, meta: dict[str, Any], classes: list[str]) -> Predictions:
-    """Predictions from logits with the checkpoint's calibration (``meta['calibration']``), if it has one."""
+FLAT_STD = 1.0  # pixel standard deviation (0-255) below which an input is one flat colour: no generator's output
+
+
+def flat_images(images: np.ndarray) -> np.ndarray:
+    """Which uint8 N x H x W x 3 inputs are (nearly) one flat colour, e.g. a blank image or a 1 x 1 one resized:
+    nothing the models were trained on, so a calibrated model flags them ``uncertain`` whatever it answers."""
+    a = np.asarray(images)
+    return a.reshape(len(a), -1).std(1) < FLAT_STD if len(a) else np.zeros(0, bool)
+
+
+def calibrated(logits: np.ndarray, meta: dict[str, Any], classes: list[str],
+               flat: np.ndarray | None = None) -> Predictions:
+    """Predictions from logits with the checkpoint's calibration (``meta['calibration']``), if it has one; ``flat``
+    (from ``flat_images``) marks inputs that are flagged ``uncertain`` whatever their score."""
     cal = meta.get("calibration") or None
     z = np.asarray(logits, np.float64) / (float(cal["temperature"]) if cal else 1.0)
     probs = softmax(z) if len(z) else np.zeros((0, len(classes)))
     uncertain = probs.max(1) < float(cal["uncertain_below"]) if cal and len(probs) else (
         np.zeros(0, bool) if cal else None)
+    if uncertain is not None and flat is not None and len(flat) == len(uncertain):
+        uncertain = uncertain | flat
     labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
     return Predictions(labels, probs.astype(np.float32), classes, uncertain)
 
@@ -125,11 +139,12 @@ class Classifier:
         if batch_size < 1:
             raise FakeprintError(f"batch_size must be at least 1, got {batch_size}")
         items = _as_items(images)
-        parts = [np.zeros((0, len(self.classes)), np.float32)]  # logits
+        parts, flat = [np.zeros((0, len(self.classes)), np.float32)], [np.zeros(0, bool)]  # logits, flat inputs
         for start in range(0, len(items), batch_size):
             arr = self.to_array(items[start : start + batch_size], offset=start)
             parts.append(self.logits(arr, tta, batch_size).numpy())
-        return calibrated(np.concatenate(parts), self.meta, self.classes)
+            flat.append(flat_images(arr))
+        return calibrated(np.concatenate(parts), self.meta, self.classes, np.concatenate(flat))
 
 
 def checkpoint_tta(meta: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from fakeprint.engine.training.distill import distill_loss, distill_target
 from fakeprint.engine.training.ema import EMA
 from fakeprint.engine.training.setup import Dist, all_sum, unwrap, use_channels_last
 from fakeprint.features.augment import augment, mix_batch
+from fakeprint.features.file_augment import file_augment
 from fakeprint.features.preprocess import normalize, to_float
 
 
@@ -46,7 +47,7 @@ def train_one_epoch(model, batches: DeviceBatches, opt, sched, per_step: bool, l
         if on_statistics:  # the image's or its mirror's row, drawn as augment draws its flips; stat_mixup, if on
             x, perm, lam = statcache.mix_rows(statcache.training_views(xb, cfg, gen), cfg, gen)
         else:
-            x, perm, lam = mix_batch(augment(to_float(xb), cfg, gen), cfg, gen)
+            x, perm, lam = mix_batch(augment(to_float(file_augment(xb, cfg, gen)), cfg, gen), cfg, gen)
             x = normalize(x, cfg["normalize"])
             x = x.contiguous(memory_format=torch.channels_last if to_channels_last else torch.contiguous_format)
         y_mix = yb[perm] if perm is not None else None  # MixUp/CutMix: the targets are mixed like the images

@@ -34,12 +34,14 @@ turns), statistics computed once only; scoring and prediction always use the who
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from fakeprint.core.errors import FakeprintError
 from fakeprint.features.augment import draw_lossless, mix_batch
+from fakeprint.features.file_augment import perturbed_copies, random_spec
 from fakeprint.features.preprocess import normalize, to_float, tta_mode
 from fakeprint.models.hybrid import StatHead
 
@@ -84,7 +86,15 @@ def unusable_reason(cfg: dict, model: nn.Module) -> str | None:
         on.remove("rotation")
     if on:
         return f"its augmentation changes the images beyond flips and quarter turns ({', '.join(on)})"
+    if float(cfg.get("file_aug") or 0) > 0 and not variant_count(cfg):
+        return ("file_aug perturbs the files afresh each epoch (file_aug_variants: M computes the statistics of M "
+                "perturbed copies of each image once instead)")
     return None
+
+
+def variant_count(cfg: dict) -> int:
+    """How many perturbed copies of each training image ``file_aug_variants`` asks for (0: none)."""
+    return int(cfg.get("file_aug_variants") or 0)
 
 
 def crop_count(cfg: dict) -> int:
@@ -104,6 +114,13 @@ def enabled(cfg: dict, model: nn.Module) -> bool:
         if views(cfg) != "flip":
             raise FakeprintError("config: stat_crops works with horizontal flips only (no vflip, rot90 or dihedral "
                                  "TTA); set stat_crops: 0 or turn those off")
+    if variant_count(cfg):
+        if reason:
+            raise FakeprintError(f"config: file_aug_variants adds the statistics of perturbed copies computed once, "
+                                 f"and they cannot be here: {reason}; set file_aug_variants: 0")
+        if views(cfg) != "flip" or not float(cfg.get("file_aug") or 0) > 0:
+            raise FakeprintError("config: file_aug_variants works with horizontal flips only and needs file_aug (the "
+                                 "share of draws that take a copy) above 0")
     if reason and float(cfg.get("stat_mixup") or 0) > 0:
         raise FakeprintError(f"config: stat_mixup mixes statistics computed once, and they cannot be here: {reason}; "
                              "set stat_mixup: 0 (or mixup, which mixes images)")
@@ -142,10 +159,12 @@ def _crop(x: torch.Tensor, corners: torch.Tensor, size: int) -> torch.Tensor:
 @torch.no_grad()
 def statistics(head: StatHead, images: torch.Tensor, norm: str, batch_size: int = 128, views: str = "flip",
                progress: bool = False, desc: str = "statistics", crops: int = 0, crop_size: int = 90,
-               crop_seed: int = 0) -> torch.Tensor:
+               crop_seed: int = 0, variants: int = 0, weights: dict | None = None) -> torch.Tensor:
     """N x (V + 2K) x D float32 on the images' device: the statistics of each uint8 N x H x W x 3 image's views, V = 2
     (``views="flip"``: the image, its mirror) or 8 (``"dihedral"``: rows laid out as the module's docstring says),
-    then those of its ``crops`` (K) random crops and their mirrors (``stat_crops``, flip views only)."""
+    then those of its ``crops`` (K) random crops and their mirrors (``stat_crops``, flip views only), then those of
+    ``variants`` (M) perturbed copies of the file and their mirrors (``file_aug_variants``: specs drawn with
+    ``file_augment.random_spec`` from ``crop_seed`` and the image's position, so the same run makes the same copies)."""
     if views not in ("flip", "dihedral"):
         raise ValueError(f"views must be flip or dihedral, got {views!r}")
     if crops and views != "flip":
@@ -169,10 +188,24 @@ def statistics(head: StatHead, images: torch.Tensor, norm: str, batch_size: int 
         rows = [f for j in range(turns) for f in head.stats.forward_and_mirror(x.rot90(j, (2, 3)))]
         for c in range(crops):
             rows += list(head.stats.forward_and_mirror(_crop(x, corners[start:start + batch_size, c], crop_size)))
+        for m in range(variants):
+            copies = _variants(images[start:start + batch_size], start, m, crop_seed, weights)
+            rows += list(head.stats.forward_and_mirror(normalize(to_float(copies), norm)))
         out.append(torch.stack(rows, 1))
     if not out:
-        return torch.zeros(0, 2 * turns + 2 * crops, head.stats.dim, device=images.device)
+        return torch.zeros(0, 2 * turns + 2 * crops + 2 * variants, head.stats.dim, device=images.device)
     return torch.cat(out)
+
+
+def _variants(images: torch.Tensor, start: int, m: int, seed: int, weights: dict | None) -> torch.Tensor:
+    """Copy ``m`` of each image of a batch (uint8 N x H x W x 3) starting at position ``start``: a file-level
+    perturbation drawn from the run's seed and the image's position alone."""
+    specs, seeds = [], []
+    for i in range(images.shape[0]):
+        rng = np.random.default_rng([seed, start + i, m])
+        specs.append(random_spec(rng, weights))
+        seeds.append(int(rng.integers(0, 2**31 - 1)))
+    return torch.from_numpy(perturbed_copies(images.cpu().numpy(), specs, seeds)).to(images.device)
 
 
 class OnStatistics(nn.Module):
@@ -192,7 +225,7 @@ def training_views(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.T
     ``augment.draw_lossless`` (the draw the image path makes, so a run keeps its random stream)."""
     n, k_crops = rows.shape[0], crop_count(cfg)
     h, v, k = draw_lossless(n, cfg, g, rows.device)
-    if h is None and v is None and k is None and not k_crops:
+    if h is None and v is None and k is None and not k_crops and not variant_count(cfg):
         return rows[:, 0]
     zero = torch.zeros(n, dtype=torch.long, device=rows.device)
     row = _ROW_OF_VIEW.to(rows.device)[zero if h is None else h.long(), zero if v is None else v.long(),
@@ -205,6 +238,13 @@ def training_views(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.T
         take = torch.rand(n, generator=g, device=rows.device) < float(cfg.get("stat_crop_prob", 0.5))
         c = torch.randint(0, k_crops, (n,), generator=g, device=rows.device)
         row = torch.where(take, first + 2 * c + row, row)
+    m_variants = variant_count(cfg)
+    if m_variants:  # after the crop draw, so that a run without copies keeps its random stream
+        first = rows.shape[1] - 2 * m_variants
+        take = torch.rand(n, generator=g, device=rows.device) < float(cfg.get("file_aug") or 0)
+        c = torch.randint(0, m_variants, (n,), generator=g, device=rows.device)
+        mirror = zero if h is None else h.long()
+        row = torch.where(take & (row < 2), first + 2 * c + mirror, row)
     if int(row.max()) >= rows.shape[1]:
         raise FakeprintError(f"the statistics computed once hold {rows.shape[1]} views; this augmentation needs 8")
     return rows[torch.arange(n, device=rows.device), row]

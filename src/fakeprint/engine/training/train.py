@@ -193,7 +193,8 @@ def compute_statistics(cfg: dict, model: nn.Module, x: Inputs, d: Dist) -> None:
     n_train = len(x.train)
     x.train = statcache.statistics(model, x.train, cfg["normalize"], views=views, progress=show,
                                    desc="statistics (train)", crops=n_crops, crop_size=int(cfg["stat_crop_size"]),
-                                   crop_seed=int(cfg["seed"]))
+                                   crop_seed=int(cfg["seed"]), variants=statcache.variant_count(cfg),
+                                   weights=cfg["file_aug_weights"])
     if x.val is not None:
         x.val = statcache.statistics(model, x.val, cfg["normalize"], views=views, progress=show,
                                      desc="statistics (val)")
@@ -205,6 +206,8 @@ def compute_statistics(cfg: dict, model: nn.Module, x: Inputs, d: Dist) -> None:
         what = "their mirror images" if views == "flip" else "their seven other flips and quarter turns"
         if n_crops:
             what += f", {n_crops} crops of {cfg['stat_crop_size']} pixels and their mirrors"
+        if statcache.variant_count(cfg):
+            what += f", {statcache.variant_count(cfg)} perturbed copies of the file and their mirrors"
         print(f"statistics computed once (stat_cache): {x.train.shape[2]:,} for each of {n_train} training images "
               f"and {what} in {x.stats_time:.1f}s; each step takes the row of the view it draws", file=sys.stderr)
 

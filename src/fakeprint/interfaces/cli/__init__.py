@@ -14,7 +14,7 @@ from fakeprint.core.versions import __version__
 
 # in the order ``fakeprint --help`` lists them
 COMMANDS = ("demo", "models", "data_check", "train", "evaluate", "predict", "calibrate", "export", "serve", "study",
-            "analyze", "label_issues")
+            "analyze", "robustness", "label_issues")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -114,7 +114,8 @@ def _is_checkpoint(item: str) -> bool:
 
 
 def _warn_resized(items: list[str]) -> None:
-    """Tell the user which inputs are not 100x100: they are resized (bilinear), which blurs generator traces."""
+    """Tell the user which inputs are not 100x100: they are resized (``data.dataset.resize_filter``), which blurs
+    the traces of the generator."""
     from PIL import Image
 
     from fakeprint.data.dataset import IMAGE_SIZE
