@@ -15,8 +15,8 @@ from fakeprint.core.errors import FakeprintError
 from fakeprint.data.dataset import decode_bytes, decode_image
 from fakeprint.data.demo import make_demo_dataset
 from fakeprint.engine.evaluate import evaluate_checkpoint
-from fakeprint.features.perturb import SUITES, parse, perturb_file, strength, suite
-from fakeprint.studies.robustness import perturbed_images, run_robustness
+from fakeprint.features.perturb import SUITES, parse, perturb_file, perturbed_images, strength, suite
+from fakeprint.studies.robustness import run_robustness
 
 
 @pytest.mark.parametrize(("spec", "message"), [
@@ -127,3 +127,54 @@ def test_a_blank_or_one_pixel_image_is_flagged_uncertain(tmp_path):
     assert pred.uncertain is not None and pred.uncertain.all()
     noisy = fakeprint.load("default").predict(random_images(4))
     assert noisy.uncertain is not None and len(noisy.uncertain) == 4  # judged by the score, not flat
+
+
+def test_other_sizes_are_resampled_by_area_when_shrinking_and_bicubically_when_growing(tmp_path):
+    from fakeprint.data.dataset import resize_filter
+
+    assert resize_filter((200, 200)) == Image.Resampling.BOX and resize_filter((100, 300)) == Image.Resampling.BOX
+    assert resize_filter((75, 75)) == Image.Resampling.BICUBIC and resize_filter((90, 300)) == Image.Resampling.BICUBIC
+    big = np.kron(random_images(1)[0], np.ones((2, 2, 1), np.uint8))  # every pixel as a 2 x 2 block
+    Image.fromarray(big).save(tmp_path / "big.png")
+    assert np.array_equal(decode_image(tmp_path / "big.png"), random_images(1)[0])  # the area average undoes it
+
+
+def test_calibration_under_perturbations_bounds_clean_flags_and_catches_wrong_answers():
+    from fakeprint.engine.calibration import calibrate_perturbed
+
+    rng = np.random.default_rng(0)
+    n = 400
+    labels = rng.integers(0, 5, n)
+
+    def logits(wrong_share: float, margin: float) -> np.ndarray:
+        z = rng.normal(0, 1, (n, 5))
+        wrong = rng.random(n) < wrong_share
+        target = np.where(wrong, (labels + 1) % 5, labels)
+        z[np.arange(n), target] += np.where(wrong, 0.8, margin)  # wrong answers are the less confident ones
+        return z
+
+    cal = calibrate_perturbed(logits(0.05, 5.0), labels, {"jpeg:q=50": logits(0.4, 3.0), "blur:r=1": logits(0.5, 2.5)},
+                              max_clean_flagged=0.1)
+    assert cal["temperature"] > 0 and 0 < cal["uncertain_below"] < 1 and cal["quantile"] == 0.1
+    assert cal["clean_flagged_cross_fitted"] <= 0.15
+    assert cal["wrong_flagged_under_perturbations_cross_fitted"] >= 0.6
+    assert cal["perturbations"] == ["jpeg:q=50", "blur:r=1"] and cal["fitted_on"] == "clean and perturbed copies"
+    with pytest.raises(FakeprintError, match="at least 20"):
+        calibrate_perturbed(logits(0.1, 3)[:10], labels[:10], {"x": logits(0.1, 3)[:10]})
+
+
+def test_the_calibrate_command_fits_on_perturbed_copies(cli, scored, tmp_path):
+    import shutil
+
+    data, ckpt, _, _ = scored
+    mine = tmp_path / "c.safetensors"
+    shutil.copy(ckpt, mine)
+    shutil.copy(ckpt.with_suffix(".json"), mine.with_suffix(".json"))
+    proc = cli("calibrate", str(mine), "--data", str(data), "--split", "validation", "--perturbed", "jpeg:q=40;nope")
+    assert proc.returncode == 2 and "perturbation 'nope'" in proc.stderr
+    proc = cli("calibrate", str(mine), "--data", str(data), "--split", "validation", "--perturbed",
+               "jpeg:q=40;blur:r=1.5", "--max-clean-flagged", "0.2")
+    assert proc.returncode == 0, proc.stderr
+    cal = json.loads(mine.with_suffix(".json").read_text())["calibration"]
+    assert cal["perturbations"] == ["jpeg:q=40", "blur:r=1.5"] and cal["quantile"] == 0.2
+    assert "wrong_flagged_under_perturbations_cross_fitted" in cal and "flagged_share_probes" in cal

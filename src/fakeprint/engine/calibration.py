@@ -7,6 +7,12 @@ predictions below the ``quantile`` (default the 5th percentile) of the held-out 
 on one half of the split and measured on the other, both ways, so the "after" figure is not measured on
 the images it was fitted to. The stored T and threshold are then fitted on the whole split.
 
+``calibrate_perturbed`` fits the same two numbers on held-out images *and* perturbed copies of them (re-encoded,
+resized, cropped files: ``features.perturb``), so that the flag means something on files as users have them: T by
+the NLL of all of them, the threshold as the ``max_clean_flagged`` quantile of the clean images' scores (so at most
+that share of clean images is flagged), its effect reported cross-fitted (fitted on one half of the images,
+measured on the other): the share of clean images flagged and of wrong answers flagged on the perturbed copies.
+
 The result goes into a checkpoint's metadata (``calibration``); ``Classifier.predict`` applies it.
 """
 
@@ -24,6 +30,7 @@ from fakeprint.data.dataset import to_rgb_array
 from fakeprint.data.demo import render
 from fakeprint.engine.evaluate import load_eval_split
 from fakeprint.engine.predict import load
+from fakeprint.features.perturb import perturbed_images, suite
 from fakeprint.models.checkpoint import resolve_checkpoint, update_metadata
 
 QUANTILE = 0.05
@@ -76,6 +83,47 @@ def calibrate(logits: np.ndarray, labels: np.ndarray, quantile: float = QUANTILE
             "flagged_share": float((scores < threshold).mean())}
 
 
+MAX_CLEAN_FLAGGED = 0.10
+
+
+def calibrate_perturbed(clean: np.ndarray, labels: np.ndarray, perturbed: dict[str, np.ndarray],
+                        max_clean_flagged: float = MAX_CLEAN_FLAGGED, seed: int = 0) -> dict[str, Any]:
+    """``calibrate`` on clean logits and the logits of perturbed copies of the same images (spec -> logits)."""
+    clean, labels = np.asarray(clean, np.float64), np.asarray(labels)
+    if len(labels) < 20 or not perturbed:
+        raise FakeprintError(f"calibration under perturbations needs at least 20 held-out images and one "
+                             f"perturbation, got {len(labels)} and {len(perturbed)}")
+    if not 0 < max_clean_flagged < 1:
+        raise FakeprintError(f"--max-clean-flagged must be between 0 and 1, got {max_clean_flagged}")
+    stack = np.stack([clean, *perturbed.values()])  # P+1 x N x C
+    order = np.random.default_rng(seed).permutation(len(labels))
+    halves = (order[: len(order) // 2], order[len(order) // 2:])
+    clean_flagged, wrong_flagged, before, after = [], [], [], []
+    for fit, test in (halves, halves[::-1]):
+        t, u = _fit(stack[:, fit], labels[fit], max_clean_flagged)
+        probs = softmax(stack[:, test].reshape(-1, stack.shape[2]) / t)
+        y = np.tile(labels[test], len(stack))
+        top, wrong = probs.max(1), probs.argmax(1) != y
+        clean_flagged.append(float((top[: len(test)] < u).mean()))
+        pert_wrong = wrong[len(test):]
+        wrong_flagged.append(float((top[len(test):][pert_wrong] < u).mean()) if pert_wrong.any() else 1.0)
+        before.append(ece(softmax(stack[:, test].reshape(-1, stack.shape[2])), y))
+        after.append(ece(probs, y))
+    temperature, threshold = _fit(stack, labels, max_clean_flagged)
+    return {"temperature": temperature, "score": "max_probability", "uncertain_below": threshold,
+            "quantile": max_clean_flagged, "n": int(len(labels)), "fitted_on": "clean and perturbed copies",
+            "perturbations": list(perturbed), "ece_before": float(np.mean(before)),
+            "ece_after_cross_fitted": float(np.mean(after)),
+            "clean_flagged_cross_fitted": float(np.mean(clean_flagged)),
+            "wrong_flagged_under_perturbations_cross_fitted": float(np.mean(wrong_flagged))}
+
+
+def _fit(stack: np.ndarray, labels: np.ndarray, max_clean_flagged: float) -> tuple[float, float]:
+    """(temperature by the NLL of every copy, threshold at the ``max_clean_flagged`` quantile of clean scores)."""
+    t = fit_temperature(stack.reshape(-1, stack.shape[2]), np.tile(labels, len(stack)))
+    return t, float(np.quantile(softmax(stack[0] / t).max(1), max_clean_flagged))
+
+
 def probe_images(n: int = 12, seed: int = 0) -> dict[str, np.ndarray]:
     """Images no generator of the task made: plain colours (300x200, resized as any upload is), uniform
     noise, and the synthetic demo generators' images."""
@@ -96,20 +144,25 @@ def flagged_shares(clf: Any, probes: dict[str, np.ndarray] | None = None) -> dic
     return {name: float(np.mean(clf.predict(images).uncertain)) for name, images in probes.items()}
 
 
-def calibrate_checkpoint(checkpoint: Any, data: Any, split: str = "internal", write: bool = True) -> dict[str, Any]:
+def calibrate_checkpoint(checkpoint: Any, data: Any, split: str = "internal", write: bool = True,
+                         perturbed: str | None = None, max_clean_flagged: float = MAX_CLEAN_FLAGGED) -> dict[str, Any]:
     """Fit the calibration of ``checkpoint`` on a held-out ``split`` of ``data`` (its own test-time
     augmentation), store it in the checkpoint's metadata (``write``), and measure the share of the probe
-    images it flags. Refuses a split the checkpoint trained on."""
-
-
+    images it flags. ``perturbed`` (a suite name or specs, ``features.perturb``): fit it on those perturbed copies
+    too (``calibrate_perturbed``). Refuses a split the checkpoint trained on."""
+    specs = suite(perturbed) if perturbed else []
     clf = load(checkpoint)
     cfg = clf.meta.get("config") or {}
     if split == "train" or (split == "internal" and cfg.get("train_on_all")):
         raise FakeprintError(f"{checkpoint}: the {split} split was trained on; calibration needs held-out images")
     ds = load_eval_split(Path(data), split, resolve_checkpoint(checkpoint), progress=False)
     logits = clf.logits(ds.images, clf.tta).numpy()
-    cal = calibrate(logits, ds.labels) | {"split": split if split != "internal" else
-                                          "internal split (the run's split.csv)", "tta": clf.tta}
+    if specs:
+        copies = {s: clf.logits(perturbed_images(ds.images, s), clf.tta).numpy() for s in specs if s != "none"}
+        cal = calibrate_perturbed(logits, ds.labels, copies, max_clean_flagged)
+    else:
+        cal = calibrate(logits, ds.labels)
+    cal |= {"split": split if split != "internal" else "internal split (the run's split.csv)", "tta": clf.tta}
     if write:
         update_metadata(checkpoint, {"calibration": cal})
         clf = load(checkpoint)

@@ -28,6 +28,7 @@ the strengths here are instead the ones images meet: JPEG 50-95, WebP 60-90, 0.5
 from __future__ import annotations
 
 import io
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ import numpy as np
 from PIL import Image, ImageFilter
 
 from fakeprint.core.errors import FakeprintError
+from fakeprint.data.dataset import decode_bytes
 
 FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BILINEAR,
            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX,
@@ -147,6 +149,14 @@ def perturb_file(image: np.ndarray, spec: str | list[Step], seed: int = 0) -> by
     for step in steps:
         im, data = _apply(step, im, rng)
     return data if data is not None else _save(im, "PNG")
+
+
+def perturbed_images(images: np.ndarray, spec: str, seed: int = 0) -> np.ndarray:
+    """Every image after ``spec``, as fakeprint reads the resulting file (N x 100 x 100 x 3 uint8)."""
+    steps = parse(spec)
+    base = zlib.crc32(spec.encode()) ^ (seed * 1_000_003)
+    return np.stack([decode_bytes(perturb_file(im, steps, seed=base + i), f"{spec} #{i}")
+                     for i, im in enumerate(images)]) if len(images) else images
 
 
 def strength(spec: str) -> tuple[str, float]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import time
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +21,13 @@ from tqdm import tqdm
 from fakeprint.core.io import atomic_write
 from fakeprint.core.metrics import ece
 from fakeprint.core.versions import git_commit, versions
-from fakeprint.data.dataset import decode_bytes, portable_path
+from fakeprint.data.dataset import portable_path
 from fakeprint.engine.evaluate import load_eval_split
 from fakeprint.engine.onnx import load_backend
 from fakeprint.engine.predict import combine
-from fakeprint.features.perturb import parse, perturb_file, strength, suite
+from fakeprint.features.perturb import perturbed_images, strength, suite
 from fakeprint.models.checkpoint import output_dir, resolve_checkpoint
 from fakeprint.studies.common import scores
-
-
-def perturbed_images(images: np.ndarray, spec: str, seed: int = 0) -> np.ndarray:
-    """Every image after ``spec``, as fakeprint reads the resulting file (N x 100 x 100 x 3 uint8)."""
-    steps = parse(spec)
-    base = zlib.crc32(spec.encode()) ^ (seed * 1_000_003)
-    return np.stack([decode_bytes(perturb_file(im, steps, seed=base + i), f"{spec} #{i}")
-                     for i, im in enumerate(images)]) if len(images) else images
 
 
 def score(labels: np.ndarray, pred) -> dict[str, Any]:
