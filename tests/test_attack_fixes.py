@@ -375,3 +375,23 @@ def test_any_multipart_body_gets_a_json_answer_never_a_500(client, parts, bounda
         assert answer["count"] == len(answer["results"]) >= 1
     else:
         assert answer["error"] and answer["detail"]
+
+
+def test_a_refused_request_quotes_none_of_its_bytes_in_the_answer_or_the_log(server):
+    _, port, log = server
+    leaky = (b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n\r\n"
+             b"\xff\xd8\xffSECRET-CHUNK-BYTES\r\n")
+    head, _, body = _raw(port, leaky).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"SECRET" not in body
+    bad_header = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization Bearer SECRET-TOKEN-VALUE\r\n\r\n"
+    head, _, body = _raw(port, bad_header).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"SECRET" not in body
+    time.sleep(0.3)
+    assert "SECRET" not in log.read_text()
+
+
+def test_an_allowed_host_name_with_an_underscore_is_served(tmp_path):
+    app = create_app(build_service(make_checkpoint(tmp_path / "ck")), allowed_hosts=["fakeprint_api"])
+    with TestClient(app, base_url="http://fakeprint_api") as c:
+        assert c.get("/v1/model", headers={"host": "fakeprint_api:8000"}).status_code == 200
+        assert c.get("/v1/model", headers={"host": "fakeprint_api.evil.com"}).status_code == 400

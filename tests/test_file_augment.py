@@ -82,3 +82,16 @@ def test_training_with_file_augmentation_runs_in_both_paths(tiny_train_only, tmp
         cfg = load_config(None, SMALL | extra | {"file_aug": 0.6, "threads": 1})
         summary = train(tiny_train_only, cfg, tmp_path / name)
         assert summary["epochs_run"] == 2 and 0 <= summary["accuracy"] <= 1, name
+
+
+def test_crops_and_perturbed_copies_together_each_take_their_own_rows():
+    """Rows: the image and its mirror (0, 1), then two per crop, then two per perturbed copy."""
+    cfg = load_config(None, SMALL | {"stat_crops": 2, "stat_crop_prob": 1.0, "file_aug": 1.0, "file_aug_variants": 1})
+    rows = torch.arange(8).float().view(1, 8, 1).expand(4000, 8, 1).contiguous()
+    got = set(statcache.training_views(rows, cfg, torch.Generator().manual_seed(0)).flatten().long().tolist())
+    assert got == {2, 3, 4, 5}  # every draw took a crop (crops are drawn first), never past them
+    cfg = load_config(None, SMALL | {"stat_crops": 2, "stat_crop_prob": 0.5, "file_aug": 1.0, "file_aug_variants": 1})
+    got = set(statcache.training_views(rows, cfg, torch.Generator().manual_seed(0)).flatten().long().tolist())
+    assert got == {2, 3, 4, 5, 6, 7}  # the others took the copy (rows 6, 7), none the whole image
+    only = [random_spec(np.random.default_rng(i), {"webp": 1.0, "chain": 1.0}) for i in range(40)]
+    assert all(all(part.startswith("webp") for part in s.split("+")) for s in only)  # chains of allowed families

@@ -23,7 +23,7 @@ from fakeprint.core.errors import DataError
 from fakeprint.core.io import atomic_write
 from fakeprint.data.dataset import IMAGE_SIZE, Problem, decode_image, resolve_split
 
-CACHE_VERSION = 2  # 2: EXIF orientation applied when decoding
+CACHE_VERSION = 3  # 2: EXIF orientation applied when decoding; 3: area/bicubic resizing of other sizes
 
 
 @dataclass

@@ -26,6 +26,7 @@ would; with ``file_aug: 0`` nothing is drawn and a run keeps its random stream.
 from __future__ import annotations
 
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -40,6 +41,7 @@ DEFAULT_WEIGHTS = {"jpeg": 3.0, "jpeg2": 1.0, "webp": 1.5, "resize": 2.5, "crop"
                    "chain": 2.0}
 _FILTERS = ("bilinear", "bicubic", "lanczos", "box", "nearest")
 _pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 def check_weights(weights: object) -> dict[str, float]:
@@ -83,16 +85,17 @@ def random_spec(rng: np.random.Generator, weights: dict[str, float] | None = Non
     family = names[rng.choice(len(names), p=p)]
     if family != "chain":
         return _one(family, rng)
-    simple = [k for k in FAMILIES[:-1]]
-    a, b = rng.choice(len(simple), 2, replace=False)
+    simple = [k for k in FAMILIES[:-1] if w.get(k, 0) > 0] or list(FAMILIES[:-1])
+    a, b = rng.choice(len(simple), 2, replace=len(simple) < 2)  # two families, or one twice if only one is on
     return _one(simple[a], rng) + "+" + _one(simple[b], rng)
 
 
 def perturbed_copies(images: np.ndarray, specs: list[str], seeds: list[int]) -> np.ndarray:
     """Each uint8 image after its spec, read back as fakeprint reads files (threads: the encoders free the GIL)."""
     global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
     jobs = [_pool.submit(lambda im, s, sd: decode_bytes(perturb_file(im, s, sd), s), im, s, sd)
             for im, s, sd in zip(images, specs, seeds, strict=True)]
     return np.stack([j.result() for j in jobs]) if jobs else images

@@ -231,7 +231,7 @@ def training_views(rows: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.T
     row = _ROW_OF_VIEW.to(rows.device)[zero if h is None else h.long(), zero if v is None else v.long(),
                                        zero if k is None else k]
     if k_crops:  # after the flip draw, so that a run without crops keeps its random stream
-        first = rows.shape[1] - 2 * k_crops  # the image's own views come first
+        first = rows.shape[1] - 2 * k_crops - 2 * variant_count(cfg)  # the image's views, then crops, then copies
         if first < 2:
             raise FakeprintError(f"the statistics computed once hold {rows.shape[1]} views; stat_crops "
                                  f"{k_crops} needs {2 + 2 * k_crops}")

@@ -286,7 +286,7 @@ def run_epochs(cfg: dict, out: Path, parts: Parts, train_model: nn.Module, batch
             if d.main:
                 print(f"early stop: no better validation accuracy for {state.bad_epochs} epochs" if stop else
                       f"time limit: {spent / 60:.1f} of max_minutes {cfg['max_minutes']} spent", file=sys.stderr)
-            return ("early stop" if stop else "time limit"), epoch, spent
+            return ("early stop" if stop else "time limit"), epoch, state.time_before + time.perf_counter() - train_start
     return "epochs", epoch, state.time_before + time.perf_counter() - train_start
 
 

@@ -73,7 +73,7 @@ DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 's
             "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
             "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 API_CSP = "default-src 'none'; frame-ancestors 'none'"
-HOST_RE = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9.-]+)(?::[0-9]{1,5})?")
+HOST_RE = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::[0-9]{1,5})?")
 
 
 @dataclass
@@ -314,9 +314,14 @@ def add_guards(app: FastAPI, token: str | None, allowed_hosts: list[str] | None)
         """Outermost: every request gets an id (``X-Request-ID``) and one log line, whatever answered it."""
         request.state.request_id = rid = uuid.uuid4().hex[:12]
         t0 = time.perf_counter()
-        response = await call_next(request)
-        response.headers["X-Request-ID"] = rid
         client = f"{request.client.host}:{request.client.port}" if request.client else "-"
+        try:
+            response = await call_next(request)
+        except Exception:
+            log.info("%s %s %s %s 500 %.1f ms", rid, client, request.method, request.url.path,
+                     (time.perf_counter() - t0) * 1e3)
+            raise
+        response.headers["X-Request-ID"] = rid
         log.info("%s %s %s %s %d %.1f ms", rid, client, request.method, request.url.path, response.status_code,
                  (time.perf_counter() - t0) * 1e3)
         return response

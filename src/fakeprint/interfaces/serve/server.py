@@ -51,7 +51,7 @@ class StrictConnection(h11.Connection):
         try:
             event = super().next_event()
         except h11.RemoteProtocolError as e:
-            self.last_error = str(e)
+            self.last_error = str(e).split(":")[0][:80]  # h11's reason without the bytes it quotes
             raise
         if isinstance(event, h11.Request):
             names = {name.lower() for name, _ in event.headers}
