@@ -123,7 +123,8 @@ def test_a_blank_or_one_pixel_image_is_flagged_uncertain(tmp_path):
 
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     Image.new("RGB", (300, 200), (250, 250, 250)).save(tmp_path / "blank.png")
-    pred = fakeprint.load("default").predict([tmp_path / "dot.png", tmp_path / "blank.png"])
+    Image.new("RGB", (64, 64), (217, 163, 130)).save(tmp_path / "beige.png")  # flat, but not grey
+    pred = fakeprint.load("default").predict([tmp_path / "dot.png", tmp_path / "blank.png", tmp_path / "beige.png"])
     assert pred.uncertain is not None and pred.uncertain.all()
     noisy = fakeprint.load("default").predict(random_images(4))
     assert noisy.uncertain is not None and len(noisy.uncertain) == 4  # judged by the score, not flat

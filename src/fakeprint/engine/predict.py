@@ -53,7 +53,9 @@ def flat_images(images: np.ndarray) -> np.ndarray:
     """Which uint8 N x H x W x 3 inputs are (nearly) one flat colour, e.g. a blank image or a 1 x 1 one resized:
     nothing the models were trained on, so a calibrated model flags them ``uncertain`` whatever it answers."""
     a = np.asarray(images)
-    return a.reshape(len(a), -1).std(1) < FLAT_STD if len(a) else np.zeros(0, bool)
+    if not len(a):
+        return np.zeros(0, bool)
+    return a.reshape(len(a), -1, a.shape[-1]).std(1).max(1) < FLAT_STD  # each channel's spread over the image
 
 
 def calibrated(logits: np.ndarray, meta: dict[str, Any], classes: list[str],
