@@ -27,8 +27,8 @@ def test_shipped_models_are_small_and_load_by_name(name):
 
 
 def test_the_models_are_shipped_and_accurate_names_the_most_accurate():
-    assert SHIPPED == ["default", "accurate", "fast"]
-    assert len({shipped_model_path(n) for n in SHIPPED}) == 3
+    assert SHIPPED == ["default", "accurate", "fast", "robust"]
+    assert len({shipped_model_path(n) for n in SHIPPED}) == 4
     figures = {n: fakeprint.load(n).meta["held_out"]["accuracy"] for n in SHIPPED}
     assert figures["accurate"] == max(figures.values())
 
@@ -117,7 +117,7 @@ def test_the_shipped_models_by_name_on_the_command_line(cli, tmp_path):
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
 
 
-SHIPPED_PRESETS = {"default": "default", "accurate": "accurate", "fast": "fast"}  # each recipe named for its model
+SHIPPED_PRESETS = {"default": "default", "accurate": "accurate", "fast": "fast", "robust": "robust"}  # by name
 
 
 @pytest.mark.parametrize(("name", "preset"), SHIPPED_PRESETS.items())

@@ -62,11 +62,11 @@ def update_metadata(path: str | Path, fields: dict[str, Any]) -> Path:
 
 DEFAULT_NAME = "default"
 # the models shipped inside the package, by the name every command accepts in place of a checkpoint path:
-# ``default`` (the hybrid_v4_h2_w32 recipe: a statistics head of two hidden layers, since round 12), ``accurate``
-# (the most accurate shipped model, by 10 images of 1,250: the hybrid_v5_h2_w32 recipe, feature set v5, since round
-# 13) and ``fast`` (the threecnn_dilated_w32 recipe, the default until round 10: twice the others' speed, 3-4
-# points less accurate); docs/MODEL_CARD.md
-SHIPPED_NAMES = (DEFAULT_NAME, "accurate", "fast")
+# ``default`` (the preset ``default``: a statistics head of two hidden layers beside the CNN, since round 12),
+# ``accurate`` (the most accurate on clean files, by 10 images of 1,250: preset ``accurate``, feature set v5),
+# ``fast`` (preset ``fast``, the CNN alone: twice the others' speed, 3-4 points less accurate) and ``robust``
+# (preset ``robust``: the default's recipe trained on perturbed copies of its files as well); docs/MODEL_CARD.md
+SHIPPED_NAMES = (DEFAULT_NAME, "accurate", "fast", "robust")
 
 
 def shipped_model_path(name: str = DEFAULT_NAME) -> Path | None:

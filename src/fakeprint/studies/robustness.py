@@ -28,6 +28,7 @@ from fakeprint.engine.predict import combine
 from fakeprint.features.perturb import perturbed_images, strength, suite
 from fakeprint.models.checkpoint import output_dir, resolve_checkpoint
 from fakeprint.studies.common import scores
+from fakeprint.studies.recipes import machine
 
 
 def score(labels: np.ndarray, pred) -> dict[str, Any]:
@@ -65,7 +66,7 @@ def run_robustness(checkpoints: list[str], data: str | Path, split: str = "inter
               "split_note": _split_note(ds.name), "n": int(len(ds.labels)), "tta": tta or getattr(clf, "tta", "none"),
               "epoch": "each checkpoint's own (a run folder: its last epoch)", "seed": seed,
               "calibrated": rows[0]["uncertain"] is not None, "seconds": time.perf_counter() - t0,
-              "commit": git_commit(), "versions": versions(), "results": rows}
+              "machine": machine(), "commit": git_commit(), "versions": versions(), "results": rows}
     write_report(out, report)
     return report | {"out": str(out)}
 

@@ -11,7 +11,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Write an analysis folder: analysis.md/.json (per-class precision and recall, most-confused "
                     "pairs, calibration), mistakes.png, spectra.png (mean Fourier spectrum per class), "
                     "calibration.png and the evaluation files.")
-    s.add_argument("checkpoint", help="a run folder or a .safetensors checkpoint (or a shipped model: default, accurate, fast)")
+    s.add_argument("checkpoint", help="a run folder or a .safetensors checkpoint (or a shipped model: default, accurate, fast, robust)")
     s.add_argument("--data", required=True, help="dataset folder")
     s.add_argument("--split", default=None, choices=("internal", "validation", "train"),
                    help="internal (the training run's held-out part), validation or train; default: internal when "

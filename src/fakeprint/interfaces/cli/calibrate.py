@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "probability) on a held-out split, store them in the checkpoint's metadata, and print "
                                    "the calibration error before and after (cross-fitted) and the share of plain-colour, "
                                    "noise and synthetic images flagged. Training does this for the last checkpoint.")
-    s.add_argument("checkpoint", help="a run folder or NAME.safetensors (or a shipped model: default, accurate, fast)")
+    s.add_argument("checkpoint", help="a run folder or NAME.safetensors (or a shipped model: default, accurate, fast, robust)")
     s.add_argument("--data", required=True, help="the dataset the run trained on")
     s.add_argument("--split", default="internal", choices=("internal", "validation"),
                    help="held-out images to fit on (default internal: the run's split.csv)")

@@ -11,7 +11,7 @@ from fakeprint.interfaces.cli.common import add_tta
 
 def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("evaluate", help="accuracy, confusion matrix and classification report of a checkpoint")
-    s.add_argument("checkpoint", nargs="+", help="a checkpoint, or several: their probabilities are averaged (or a shipped model: default, accurate, fast)")
+    s.add_argument("checkpoint", nargs="+", help="a checkpoint, or several: their probabilities are averaged (or a shipped model: default, accurate, fast, robust)")
     s.add_argument("--data", required=True)
     s.add_argument("--split", default=None, choices=("internal", "validation", "train"),
                    help="internal (the run's held-out images in its split.csv), validation or train; default: "

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Export a checkpoint to ONNX. The graph takes uint8 N x 100 x 100 x 3 RGB images (normalisation "
                     "inside) and returns logits and probs; MODEL.onnx.json beside it records classes, normalisation "
                     "and the source checkpoint. Nothing is written unless PyTorch and onnxruntime agree.")
-    s.add_argument("checkpoint", help="a run folder, NAME.safetensors or its stem (or a shipped model: default, accurate, fast)")
+    s.add_argument("checkpoint", help="a run folder, NAME.safetensors or its stem (or a shipped model: default, accurate, fast, robust)")
     s.add_argument("--onnx", metavar="MODEL.onnx", help="the ONNX file to write")
     s.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
     s.add_argument("--tolerance", type=float, default=1e-4,

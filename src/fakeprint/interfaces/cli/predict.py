@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("predict", help="classify image files, or write a submission for a dataset split")
     s.add_argument("items", nargs="*", metavar="[CKPT ...] IMAGE",
                    help="checkpoints (optional: run folders, NAME.safetensors, MODEL.onnx, or shipped models: "
-                        "'default', 'accurate', 'fast'; several: an ensemble), then image files or folders of images")
+                        "'default', 'accurate', 'fast', 'robust'; several: an ensemble), then image files or folders of images")
     s.add_argument("--model", action="append", default=None,
                    help="checkpoint (default: the leading arguments that are checkpoints, or the shipped model); "
                         "repeat it, or give several leading checkpoints, for an ensemble (their averaged "
