@@ -23,6 +23,7 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from conftest import rename_test_ids
 from conftest_service import encode, make_checkpoint, random_images
 from fakeprint.core.csvio import csv_bytes, write_csv
 from fakeprint.core.errors import CheckpointError, FakeprintError
@@ -48,21 +49,9 @@ def free_port() -> int:
 
 # ----------------------------------------------------------------------------------- 1. CSV formula injection
 
-def _with_test_ids(root: Path, ids: list[str]) -> None:
-    with open(root / "test.csv", newline="") as f:
-        old = [r["image_id"] for r in csv.DictReader(f)]
-    for o, n in zip(old, ids, strict=False):
-        src = next((root / "test").glob(f"{o}.*"))
-        src.rename(src.with_name(n + src.suffix))
-    with open(root / "test.csv", "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["image_id"])
-        w.writerows([i] for i in ids)
-
-
 def test_formula_ids_are_refused_naming_the_row_everywhere(tmp_path):
     root = make_demo_dataset(tmp_path / "d", n_train=30, n_val=0, n_test=6, seed=3)
-    _with_test_ids(root, ["plain", *FORMULAS])
+    rename_test_ids(root, ["plain", *FORMULAS])
     proc = run("data", "check", str(root))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     for row, value in enumerate(FORMULAS, start=3):  # the header is row 1, "plain" row 2

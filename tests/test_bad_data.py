@@ -221,15 +221,9 @@ def test_csv_output_survives_hostile_ids(cli, tmp_path):
 
     root = make_demo_dataset(tmp_path / "d", n_train=30, n_val=0, n_test=6, seed=3)
     hostile = ['a,b', 'say "hi"', "x=1", "a+b", "plain", "mail@cmd"]
-    with open(root / "test.csv", newline="") as f:
-        old = [r["image_id"] for r in csvmod.DictReader(f)]
-    for o, n in zip(old, hostile, strict=True):
-        src = next((root / "test").glob(f"{o}.*"))
-        src.rename(src.with_name(n + src.suffix))
-    with open(root / "test.csv", "w", newline="") as f:
-        w = csvmod.writer(f)
-        w.writerow(["image_id"])
-        w.writerows([h] for h in hostile)
+    from conftest import rename_test_ids
+
+    rename_test_ids(root, hostile)
     proc = cli("data", "check", str(root))
     assert proc.returncode == 0 and "formula" not in proc.stderr, proc.stderr
     run = tmp_path / "run"
