@@ -211,7 +211,7 @@ def _decode(source, name: str, size: int) -> np.ndarray:
                 raise DataError(f"{name}: {im.width}x{im.height} pixels is too large (limit {MAX_PIXELS})")
             decode_reduced(im, size)
             im.load()
-            return to_rgb_array(upright(im), size)
+            return to_rgb_array(im, size)
     except DataError:
         raise
     except Image.DecompressionBombError as e:
@@ -273,8 +273,10 @@ def decode_reduced(im: Image.Image, size: int = IMAGE_SIZE) -> None:
 
 
 def to_rgb_array(im: Image.Image, size: int = IMAGE_SIZE) -> np.ndarray:
-    """Any PIL image (L, LA, P, RGBA, 16-bit, float, CMYK) -> ``size x size x 3`` uint8 RGB. Float images
-    with values in [0, 1] are scaled as such (not read as 0-255, which would turn them black)."""
+    """Any PIL image (L, LA, P, RGBA, 16-bit, float, CMYK) -> ``size x size x 3`` uint8 RGB, turned upright by its
+    EXIF orientation (``upright``). Float images with values in [0, 1] are scaled as such (not read as 0-255, which
+    would turn them black)."""
+    im = upright(im)
     if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
         top = a.max(initial=0)

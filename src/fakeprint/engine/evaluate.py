@@ -95,12 +95,18 @@ def evaluate_checkpoint(checkpoint: str | Path | list, data: str | Path, split: 
                         out_dir: str | Path | None = None, tta: bool | str | None = None,
                         device: str = "cpu") -> dict[str, Any]:
     """Evaluate one checkpoint, or several as a probability-averaging ensemble (a list of checkpoints)."""
-    paths = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
-
-    members = [load_backend(p, "auto", device) for p in paths]
-    clf = combine(members)
-    ds = load_eval_split(Path(data), split, paths[0], others=tuple(paths[1:]))
+    paths = list(checkpoint) if isinstance(checkpoint, (list, tuple)) else [checkpoint]
+    clf, ds = load_scored(paths, data, split, device)
     return evaluate(clf, ds, Path(out_dir) if out_dir else None, tta=tta)
+
+
+def load_scored(checkpoints: list, data: str | Path, split: str, device: str = "cpu",
+                progress: bool = True) -> tuple[Classifier | EnsembleClassifier, SplitData]:
+    """One checkpoint, or several as their ensemble, and the labelled split they are scored on (an internal split
+    must be held out by every member)."""
+    paths = [Path(c) for c in checkpoints]
+    clf = combine([load_backend(p, "auto", device) for p in paths])
+    return clf, load_eval_split(Path(data), split, paths[0], progress=progress, others=tuple(paths[1:]))
 
 
 def default_split(checkpoint: str | Path) -> str:

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from fakeprint.core.errors import FakeprintError
 from fakeprint.core.metrics import softmax
-from fakeprint.data.dataset import IMAGE_SIZE, decode_image, to_rgb_array, upright
+from fakeprint.data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
 from fakeprint.engine.runtime import pick_device, predict_logits
 from fakeprint.features.preprocess import tta_mode
 from fakeprint.models.checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
@@ -126,7 +126,7 @@ class Classifier:
             if isinstance(item, (str, Path)):
                 out[i - offset] = decode_image(Path(item))
             elif isinstance(item, Image.Image):
-                out[i - offset] = to_rgb_array(upright(item))
+                out[i - offset] = to_rgb_array(item)
             elif isinstance(item, np.ndarray):
                 out[i - offset] = _array_to_rgb(item, i)
             else:

@@ -25,23 +25,16 @@ would; with ``file_aug: 0`` nothing is drawn and a run keeps its random stream.
 
 from __future__ import annotations
 
-import os
-import threading
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import torch
 
 from fakeprint.core.errors import FakeprintError
-from fakeprint.data.dataset import decode_bytes
-from fakeprint.features.perturb import perturb_file
+from fakeprint.features.perturb import decoded_copies
 
 FAMILIES = ("jpeg", "jpeg2", "webp", "resize", "crop", "blur", "noise", "chain")
 DEFAULT_WEIGHTS = {"jpeg": 3.0, "jpeg2": 1.0, "webp": 1.5, "resize": 2.5, "crop": 1.0, "blur": 1.5, "noise": 0.5,
                    "chain": 2.0}
 _FILTERS = ("bilinear", "bicubic", "lanczos", "box", "nearest")
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
 
 
 def check_weights(weights: object) -> dict[str, float]:
@@ -90,17 +83,6 @@ def random_spec(rng: np.random.Generator, weights: dict[str, float] | None = Non
     return _one(simple[a], rng) + "+" + _one(simple[b], rng)
 
 
-def perturbed_copies(images: np.ndarray, specs: list[str], seeds: list[int]) -> np.ndarray:
-    """Each uint8 image after its spec, read back as fakeprint reads files (threads: the encoders free the GIL)."""
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
-    jobs = [_pool.submit(lambda im, s, sd: decode_bytes(perturb_file(im, s, sd), s), im, s, sd)
-            for im, s, sd in zip(images, specs, seeds, strict=True)]
-    return np.stack([j.result() for j in jobs]) if jobs else images
-
-
 def file_augment(x: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor:
     """A uint8 N x H x W x 3 batch with ``file_aug`` of its images replaced by perturbed copies (see above)."""
     p = float(cfg.get("file_aug") or 0.0)
@@ -112,10 +94,9 @@ def file_augment(x: torch.Tensor, cfg: dict, g: torch.Generator) -> torch.Tensor
     if len(idx) == 0:
         return x
     rng = np.random.default_rng(seed)
-    weights = check_weights(cfg.get("file_aug_weights") or DEFAULT_WEIGHTS)
-    specs = [random_spec(rng, weights) for _ in range(len(idx))]
+    specs = [random_spec(rng, cfg.get("file_aug_weights")) for _ in range(len(idx))]  # checked by load_config
     seeds = [int(s) for s in rng.integers(0, 2**31 - 1, len(idx))]
-    copies = perturbed_copies(x[idx].cpu().numpy(), specs, seeds)
+    copies = decoded_copies(x[idx].cpu().numpy(), specs, seeds)
     out = x.clone()
     out[idx] = torch.from_numpy(copies).to(x.device)
     return out

@@ -28,8 +28,11 @@ the strengths here are instead the ones images meet: JPEG 50-95, WebP 60-90, 0.5
 from __future__ import annotations
 
 import io
+import os
+import threading
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +45,8 @@ FILTERS = {"nearest": Image.Resampling.NEAREST, "bilinear": Image.Resampling.BIL
            "bicubic": Image.Resampling.BICUBIC, "lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX,
            "hamming": Image.Resampling.HAMMING}
 SUBSAMPLING = {"444": 0, "422": 1, "420": 2}
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -151,12 +156,23 @@ def perturb_file(image: np.ndarray, spec: str | list[Step], seed: int = 0) -> by
     return data if data is not None else _save(im, "PNG")
 
 
+def decoded_copies(images: np.ndarray, specs: list, seeds: list[int]) -> np.ndarray:
+    """Each uint8 image after its own spec (a string or parsed steps) and seed, read back as fakeprint reads files;
+    in threads (the encoders and decoders free the GIL)."""
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
+    jobs = [_pool.submit(lambda im, s, sd: decode_bytes(perturb_file(im, s, sd), "a perturbed copy"), im, s, sd)
+            for im, s, sd in zip(images, specs, seeds, strict=True)]
+    return np.stack([j.result() for j in jobs]) if jobs else images
+
+
 def perturbed_images(images: np.ndarray, spec: str, seed: int = 0) -> np.ndarray:
     """Every image after ``spec``, as fakeprint reads the resulting file (N x 100 x 100 x 3 uint8)."""
     steps = parse(spec)
     base = zlib.crc32(spec.encode()) ^ (seed * 1_000_003)
-    return np.stack([decode_bytes(perturb_file(im, steps, seed=base + i), f"{spec} #{i}")
-                     for i, im in enumerate(images)]) if len(images) else images
+    return decoded_copies(images, [steps] * len(images), [base + i for i in range(len(images))])
 
 
 def strength(spec: str) -> tuple[str, float]:

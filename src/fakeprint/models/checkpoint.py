@@ -90,6 +90,15 @@ def output_dir(checkpoint: Path, name: str) -> Path:
     return Path(checkpoint).parent / name
 
 
+def results_dir(checkpoints: list, name: str) -> Path:
+    """Where a command writes results for ``checkpoints`` by default: ``output_dir`` of the only one (an ``.onnx``
+    file as it is), or ``./NAME-ensemble-of-N`` for several (an ensemble belongs to no one run folder)."""
+    if len(checkpoints) > 1:
+        return Path.cwd() / f"{name}-ensemble-of-{len(checkpoints)}"
+    first = Path(checkpoints[0])
+    return output_dir(first if str(first).endswith(".onnx") else resolve_checkpoint(first), name)
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """Accept a run folder (-> its last checkpoint, the one its report describes; ``best`` for runs that have
     no ``last``), a stem, ``.safetensors`` or ``.json``; ``default``: the model shipped in the package (unless

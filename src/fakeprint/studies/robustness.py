@@ -22,11 +22,9 @@ from fakeprint.core.io import atomic_write
 from fakeprint.core.metrics import ece
 from fakeprint.core.versions import git_commit, versions
 from fakeprint.data.dataset import portable_path
-from fakeprint.engine.evaluate import load_eval_split
-from fakeprint.engine.onnx import load_backend
-from fakeprint.engine.predict import combine
+from fakeprint.engine.evaluate import load_scored
 from fakeprint.features.perturb import perturbed_images, strength, suite
-from fakeprint.models.checkpoint import output_dir, resolve_checkpoint
+from fakeprint.models.checkpoint import results_dir
 from fakeprint.studies.common import scores
 from fakeprint.studies.recipes import machine
 
@@ -52,10 +50,8 @@ def run_robustness(checkpoints: list[str], data: str | Path, split: str = "inter
     """Score ``checkpoints`` (several: their ensemble) on ``split`` of ``data`` under every perturbation of
     ``specs`` (a suite name or specs separated by ``;``); writes the report into ``out`` and returns it."""
     specs_list = suite(specs)
-    paths = [Path(c) for c in checkpoints]
-    clf = combine([load_backend(p, "auto", device) for p in paths])
-    ds = load_eval_split(Path(data), split, paths[0], others=tuple(paths[1:]), progress=progress)
-    out = Path(out) if out else _default_out(checkpoints, split)
+    clf, ds = load_scored(checkpoints, data, split, device, progress)
+    out = Path(out) if out else results_dir(checkpoints, f"robustness-{split}")
     rows, t0 = [], time.perf_counter()
     for spec in tqdm(specs_list, desc="perturbations", unit="spec", disable=not progress, dynamic_ncols=True):
         images = perturbed_images(ds.images, spec, seed)
@@ -69,13 +65,6 @@ def run_robustness(checkpoints: list[str], data: str | Path, split: str = "inter
               "machine": machine(), "commit": git_commit(), "versions": versions(), "results": rows}
     write_report(out, report)
     return report | {"out": str(out)}
-
-
-def _default_out(checkpoints: list[str], split: str) -> Path:
-    if len(checkpoints) > 1:
-        return Path.cwd() / f"robustness-{split}-ensemble-of-{len(checkpoints)}"
-    first = Path(checkpoints[0])
-    return output_dir(first if first.suffix == ".onnx" else resolve_checkpoint(first), f"robustness-{split}")
 
 
 def _split_note(name: str) -> str:

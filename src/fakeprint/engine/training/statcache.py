@@ -41,7 +41,8 @@ from tqdm import tqdm
 
 from fakeprint.core.errors import FakeprintError
 from fakeprint.features.augment import draw_lossless, mix_batch
-from fakeprint.features.file_augment import perturbed_copies, random_spec
+from fakeprint.features.file_augment import random_spec
+from fakeprint.features.perturb import decoded_copies
 from fakeprint.features.preprocess import normalize, to_float, tta_mode
 from fakeprint.models.hybrid import StatHead
 
@@ -205,7 +206,7 @@ def _variants(images: torch.Tensor, start: int, m: int, seed: int, weights: dict
         rng = np.random.default_rng([seed, start + i, m])
         specs.append(random_spec(rng, weights))
         seeds.append(int(rng.integers(0, 2**31 - 1)))
-    return torch.from_numpy(perturbed_copies(images.cpu().numpy(), specs, seeds)).to(images.device)
+    return torch.from_numpy(decoded_copies(images.cpu().numpy(), specs, seeds)).to(images.device)
 
 
 class OnStatistics(nn.Module):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 from fakeprint.interfaces.cli.common import add_tta
 
@@ -29,15 +28,9 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
     ckpts = args.checkpoint
     args.split = args.split or default_split(ckpts[0])
-    if args.out:
-        out = args.out
-    elif len(ckpts) > 1:  # an ensemble belongs to no one run folder: the working directory
-        out = str(Path.cwd() / f"eval-{args.split}-ensemble-of-{len(ckpts)}")
-    else:
-        from fakeprint.models.checkpoint import output_dir, resolve_checkpoint
+    from fakeprint.models.checkpoint import results_dir
 
-        first = Path(ckpts[0]) if str(ckpts[0]).endswith(".onnx") else resolve_checkpoint(ckpts[0])
-        out = str(output_dir(first, f"eval-{args.split}"))
+    out = args.out or str(results_dir(ckpts, f"eval-{args.split}"))
     m = evaluate_checkpoint(ckpts if len(ckpts) > 1 else ckpts[0], args.data, args.split, out, tta=args.tta,
                             device=args.device)
     if args.json:

@@ -21,7 +21,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 
-from fakeprint.data.dataset import decode_reduced, to_rgb_array, upright
+from fakeprint.data.dataset import decode_reduced, to_rgb_array
 
 # Formats a client may send. Others (EPS, which would run Ghostscript; PSD; FITS ...) are refused unopened.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF")
@@ -226,7 +226,7 @@ def decode_upload(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, 
                     raise ApiError(422, "corrupt_image", f"{name!r} declares an empty {w}x{h} image")
                 decode_reduced(im)
                 im.load()
-                return to_rgb_array(upright(im)), (w, h)
+                return to_rgb_array(im), (w, h)
     except ApiError:
         raise
     except Image.DecompressionBombError as e:
