@@ -77,7 +77,7 @@ def _hist(v: torch.Tensor, bins: int, weights: torch.Tensor | None = None) -> to
 
 def _scatter_counts(idx: torch.Tensor, bins: int) -> torch.Tensor:
     """Row-wise counts (float32) of B x N integer indices in [0, bins)."""
-    ones = torch.ones(idx.shape, device=idx.device, dtype=torch.float32)
+    ones = torch.ones(1, device=idx.device, dtype=torch.float32).expand(idx.shape)  # no pass to fill a tensor of ones
     return torch.zeros(idx.shape[0], bins, device=idx.device).scatter_add_(1, idx, ones)
 
 
@@ -188,15 +188,16 @@ def _correlate(img: torch.Tensor, kernel: tuple[tuple[int, ...], ...]) -> torch.
     for dy, row in enumerate(kernel):
         for dx, c in enumerate(row):
             if c:
-                term = img[:, :, dy:dy + h, dx:dx + w] * float(c)
-                out = term if out is None else out.add_(term)
+                view = img[:, :, dy:dy + h, dx:dx + w]
+                # one pass a tap: the product and the sum together (exact: integers far below 2^24)
+                out = view * float(c) if out is None else out.add_(view, alpha=float(c))
     assert out is not None
     return out
 
 
 def _quantise(r: torch.Tensor, step: float) -> torch.Tensor:
     """Residuals (exact integers) / step, rounded and truncated to -SRM_T..SRM_T, shifted to 0..2 SRM_T."""
-    return (r / step).round().clamp_(-SRM_T, SRM_T) + SRM_T
+    return r.div(step).round_().clamp_(-SRM_T, SRM_T).add_(SRM_T)  # one new tensor, the rest in place
 
 
 def _rgb_triples(k: torch.Tensor, kernel: tuple[tuple[int, ...], ...],
