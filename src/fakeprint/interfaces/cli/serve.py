@@ -22,9 +22,14 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise FakeprintError(f"--{name.replace('_', '-')} must be positive")
     if args.queue < 0:
         raise FakeprintError("--queue must be 0 or more")
+    if args.max_batch < 1 or args.deadline <= 0:
+        raise FakeprintError("--max-batch must be 1 or more and --deadline positive")
+    if not 0 <= args.max_wait_ms <= 1000:
+        raise FakeprintError("--max-wait-ms must be between 0 and 1000")
     import os
 
     from fakeprint.interfaces.serve import LOOPBACK, TOKEN_ENV, Limits, build_service, run
+    from fakeprint.interfaces.serve.batcher import BatchPolicy
     from fakeprint.interfaces.serve.server import check_exposure
 
     token = os.environ.get(TOKEN_ENV) or None
@@ -48,7 +53,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     print(f"fakeprint: serving {service.classifier.name} ({service.source}, {service.backend} backend, {cam}) "
           f"at http://{args.host}:{args.port}/  (API docs: /docs)", file=sys.stderr)
     run(service, args.host, args.port, limits, args.workers, args.log_level, args.max_connections,
-        allowed_hosts=hosts, token=token)
+        allowed_hosts=hosts, token=token,
+        batching=BatchPolicy(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, deadline_s=args.deadline))
     return 0
 
 
@@ -69,7 +75,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="auto (default): onnx for .onnx files, else torch; onnx with a checkpoint exports it in memory")
     s.add_argument("--device", default="cpu", help="PyTorch device (torch backend)")
     s.add_argument("--threads", type=int, default=None, help="intra-op threads for PyTorch / onnxruntime")
-    s.add_argument("--workers", type=int, default=2, help="requests decoded and classified at once (default 2)")
+    s.add_argument("--workers", type=int, default=2,
+                   help="uploads decoded at once (default 2); the decoded images of requests that arrive together "
+                        "then share one model call")
+    s.add_argument("--max-batch", type=int, default=64, help="images per model call at most (default 64)")
+    s.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long the oldest waiting request waits for others to share its model call (default 5)")
+    s.add_argument("--deadline", type=float, default=30.0,
+                   help="seconds a request may wait for its model call before 503 deadline_exceeded (default 30)")
     s.add_argument("--max-file-mb", type=float, default=10.0, help="largest upload per file (default 10 MiB)")
     s.add_argument("--max-request-mb", type=float, default=32.0, help="largest request body (default 32 MiB)")
     s.add_argument("--max-files", type=int, default=32, help="most files per request (default 32)")

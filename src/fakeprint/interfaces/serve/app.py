@@ -1,20 +1,20 @@
 """The HTTP service: ``POST /v1/predict``, ``GET /v1/model``, ``GET /healthz``, the web page at ``/``.
 
 ``create_app(build_service(path, backend))`` returns a FastAPI app; ``fakeprint serve`` runs it with
-uvicorn. Decoding and inference run in worker threads (at most ``workers`` at a time), so the event loop,
-and with it ``/healthz``, stays responsive under load. Every error is JSON ``{"error": code, "detail": text}``.
+uvicorn. Decoding runs in worker threads (at most ``workers`` uploads at a time, heavy ones on half of them at
+most), and the decoded images of requests that arrive together share one model call (``serve.batcher``), so the
+event loop, and with it ``/healthz``, stays responsive under load. ``GET /metrics``: the Prometheus text format
+(``serve.metrics``). Every error is JSON ``{"error": code, "detail": text}``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
-import hmac
 import http
 import logging
-import re
 import time
-import uuid
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,7 +24,7 @@ import anyio
 import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
 from PIL import Image
@@ -42,6 +42,9 @@ from fakeprint.engine.onnx import (
     resolve_backend,
 )
 from fakeprint.engine.predict import Classifier, EnsembleClassifier, combine, load
+from fakeprint.interfaces.serve.batcher import Batcher, BatchPolicy, BatchResult, DeadlineExceeded
+from fakeprint.interfaces.serve.guards import add_guards, error_response
+from fakeprint.interfaces.serve.metrics import ServiceMetrics
 from fakeprint.interfaces.serve.schemas import (
     ERROR_RESPONSES,
     PREDICT_BODY,
@@ -64,16 +67,6 @@ from fakeprint.reports.gradcam import GradCAM, to_png_data_url
 
 log = logging.getLogger("fakeprint.serve")
 STATIC_DIR = Path(str(resources.files("fakeprint") / "static"))
-# The page loads nothing from elsewhere; the policy makes sure of it.
-PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
-            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-# Swagger UI and ReDoc (served from the package by fastapi-offline) start from an inline script and ReDoc runs a
-# worker from a blob: still nothing from elsewhere, and no page may frame them
-DOCS_CSP = ("default-src 'none'; script-src 'self' 'unsafe-inline'; style-src 'self' 'unsafe-inline'; "
-            "img-src 'self' data:; font-src 'self' data:; connect-src 'self'; worker-src 'self' blob:; "
-            "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
-API_CSP = "default-src 'none'; frame-ancestors 'none'"
-HOST_RE = re.compile(r"(?P<name>\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::[0-9]{1,5})?")
 
 
 @dataclass
@@ -161,35 +154,43 @@ class QueueFull(Exception):
     """Every worker is busy and the upload queue is full."""
 
 
-def _error(status: int, code: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
-
-
 def create_app(service: Service, limits: Limits | None = None, workers: int = 2, token: str | None = None,
-               allowed_hosts: list[str] | None = None) -> FastAPI:
-    """The FastAPI app for ``service``; ``workers`` bounds how many requests decode and infer at once, and
-    ``limits.queue`` how many more may wait (then 503). ``token``: when set, every request except
-    ``/healthz``, the page and its static files must carry ``Authorization: Bearer <token>`` (401 otherwise).
-    ``allowed_hosts``: Host header values accepted (``*`` entries match anything; None: any)."""
+               allowed_hosts: list[str] | None = None, batching: BatchPolicy | None = None) -> FastAPI:
+    """The FastAPI app for ``service``; ``workers`` bounds how many uploads decode at once (those over
+    ``limits.heavy_pixels`` on half of them at most), and ``limits.queue`` how many more may be read or wait
+    (then 503). ``batching``: how the decoded images of requests that arrive together share a model call.
+    ``token``: when set, every request except ``/healthz``, the page and its static files must carry
+    ``Authorization: Bearer <token>`` (401 otherwise). ``allowed_hosts``: Host header values accepted (``*``
+    entries match anything; None: any)."""
     limits = limits or Limits()
     # PIL's own decompression-bomb guard, in step with ours (it warns above the limit, raises at twice it)
     Image.MAX_IMAGE_PIXELS = limits.max_pixels
     limiter = anyio.CapacityLimiter(max(1, workers))
+    heavy = anyio.CapacityLimiter(max(1, workers // 2))  # a big-image client never holds every decoder
     capacity = max(1, workers) + max(0, int(limits.queue))  # uploads in progress: being read, waiting or running
     admitted = [0]
     clf = service.classifier
+    metrics = ServiceMetrics()
+    batcher = Batcher(clf.predict, batching or BatchPolicy(), metrics)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        await batcher.close()
+
     app = FastAPIOffline(  # FastAPI whose /docs and /redoc serve Swagger UI and ReDoc from the package, no CDN
+        lifespan=lifespan,
         title="fakeprint",
         version=__version__,
         summary="Which of five image generators made a 100x100 image?",
         description="Upload images to `/v1/predict` (multipart field `files`); add `?cam=1` for Grad-CAM heat maps. "
                     "Errors are JSON `{\"error\": code, \"detail\": text}`.",
     )
-    app.state.service, app.state.limits = service, limits
-    add_error_handlers(app, capacity)
-    add_guards(app, token, allowed_hosts)
-    info = model_info_of(service, limits)
-    run_batch = batch_runner(service, limits)
+    app.state.service, app.state.limits, app.state.metrics, app.state.batcher = service, limits, metrics, batcher
+    add_error_handlers(app, capacity, metrics)
+    add_guards(app, token, allowed_hosts, metrics)
+    info = model_info_of(service, limits, batcher.policy)
+    decode_all = decoder(limits)
 
     @app.get("/healthz", summary="liveness: the process answers (never queued)")
     async def healthz() -> dict[str, str]:
@@ -210,6 +211,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
         if admitted[0] >= capacity:  # before the body is read: a waiting request holds no memory
             raise QueueFull
         admitted[0] += 1
+        metrics.uploads_in_progress.set(admitted[0])
         try:
             form = await read_form(request, limits)
             try:
@@ -217,12 +219,29 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
                 blobs = [(display_name(f, i), await f.read()) for i, f in enumerate(files)]
             finally:
                 await form.close()
-            check_pixels(blobs, limits)  # headers only, before waiting for a worker: over-budget requests leave now
-            results = await anyio.to_thread.run_sync(run_batch, blobs, cam, limiter=limiter)
+            pixels = check_pixels(blobs, limits)  # headers only, before a decoder: over-budget requests leave now
+            async with heavy if pixels > limits.heavy_pixels else contextlib.nullcontext():
+                batch, sizes, decode_ms = await anyio.to_thread.run_sync(decode_all, blobs, limiter=limiter)
+            res = await batcher.submit(batch)
+            cams: list[dict[str, Any] | None] = [None] * len(batch)
+            cam_ms = 0.0
+            if cam and service.cam is not None:
+                cams, cam_ms = await anyio.to_thread.run_sync(cam_maps, service, batch, res.predictions.labels,
+                                                              limiter=limiter)
         finally:
             admitted[0] -= 1
+            metrics.uploads_in_progress.set(admitted[0])
+        results = result_rows(clf.classes, blobs, sizes, decode_ms, res, cams, cam_ms)
+        metrics.images.inc(len(results))
+        seconds = time.perf_counter() - t0
+        metrics.request_seconds.observe(seconds)
         return {"model": clf.name, "backend": service.backend, "count": len(results),
-                "total_ms": round((time.perf_counter() - t0) * 1e3, 3), "results": results}
+                "total_ms": round(seconds * 1e3, 3), "results": results}
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
@@ -234,100 +253,51 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
     return app
 
 
-def add_error_handlers(app: FastAPI, capacity: int) -> None:
+def add_error_handlers(app: FastAPI, capacity: int, metrics: ServiceMetrics) -> None:
     """Every error, ours or the framework's, as the documented JSON ``{"error": code, "detail": text}``."""
 
     @app.exception_handler(ApiError)
-    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return _error(exc.status, exc.code, exc.detail, exc.headers)
+    async def _apierror_response(request: Request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.detail, exc.headers)
 
     @app.exception_handler(QueueFull)
     async def _queue_full(request: Request, exc: QueueFull) -> JSONResponse:
-        return _error(503, "queue_full", f"{capacity} uploads are already being handled or waiting; retry shortly",
+        metrics.refused.labels("queue_full").inc()
+        return error_response(503, "queue_full", f"{capacity} uploads are already being handled or waiting; retry shortly",
+                      {"Retry-After": "1"})
+
+    @app.exception_handler(DeadlineExceeded)
+    async def _deadline(request: Request, exc: DeadlineExceeded) -> JSONResponse:
+        return error_response(503, "deadline_exceeded", f"{exc}: the service is overloaded; retry shortly",
                       {"Retry-After": "1"})
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _httperror_response(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         try:
             code = http.HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
         except ValueError:
             code = "http_error"
-        return _error(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validationerror_response(request: Request, exc: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg', '')}" for e in exc.errors()]
-        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+        return error_response(422, "invalid_request", "; ".join(parts) or "invalid request")
 
     @app.exception_handler(Exception)
-    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    async def _internalerror_response(request: Request, exc: Exception) -> JSONResponse:
         log.exception("%s unhandled error on %s", getattr(request.state, "request_id", "-"), request.url.path)
-        return _error(500, "internal_error", f"{type(exc).__name__} while handling the request")
+        return error_response(500, "internal_error", f"{type(exc).__name__} while handling the request")
 
     @app.exception_handler(ClientGone)
     async def _client_gone(request: Request, exc: ClientGone) -> JSONResponse:
         client = f"{request.client.host}:{request.client.port}" if request.client else "a client"
         log.info("%s %s disconnected during its upload to %s (%s body bytes received)",
                  getattr(request.state, "request_id", "-"), client, request.url.path, f"{exc.received:,}")
-        return _error(400, "client_disconnected", "the connection closed before the request body was complete")
+        return error_response(400, "client_disconnected", "the connection closed before the request body was complete")
 
 
-def add_guards(app: FastAPI, token: str | None, allowed_hosts: list[str] | None) -> None:
-    """The Host check and the API token (before anything else runs), and the security headers of every answer."""
-    hosts = [h.lower() for h in allowed_hosts] if allowed_hosts else None
-    public = ("/healthz", "/", "/favicon.ico")
-
-    @app.middleware("http")
-    async def _guard(request: Request, call_next):
-        if hosts is not None and "*" not in hosts:
-            host = request.headers.get("host", "").lower()
-            m = HOST_RE.fullmatch(host)  # a name and an optional port, nothing else (no user part, no path)
-            if m is None or m["name"].strip("[]") not in {h.strip("[]") for h in hosts}:
-                return _error(400, "invalid_host", f"Host {host!r} is not served here (--allowed-hosts)")
-        path = request.url.path
-        if token is not None and path not in public and not path.startswith("/static/"):
-            given = request.headers.get("authorization", "")
-            scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-                return _error(401, "unauthorized", "this service needs an API token: send the header "
-                              "'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
-
-    @app.middleware("http")
-    async def _headers(request: Request, call_next):
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers["X-Frame-Options"] = "DENY"
-        path = request.url.path
-        if path == "/" or path.startswith("/static/"):
-            response.headers["Content-Security-Policy"] = PAGE_CSP
-            response.headers["Referrer-Policy"] = "no-referrer"
-        elif path.startswith(("/docs", "/redoc")):
-            response.headers["Content-Security-Policy"] = DOCS_CSP
-            response.headers["Referrer-Policy"] = "no-referrer"
-        else:
-            response.headers.setdefault("Content-Security-Policy", API_CSP)
-        return response
-
-    @app.middleware("http")
-    async def _request_log(request: Request, call_next):
-        """Outermost: every request gets an id (``X-Request-ID``) and one log line, whatever answered it."""
-        request.state.request_id = rid = uuid.uuid4().hex[:12]
-        t0 = time.perf_counter()
-        client = f"{request.client.host}:{request.client.port}" if request.client else "-"
-        try:
-            response = await call_next(request)
-        except Exception:
-            log.info("%s %s %s %s 500 %.1f ms", rid, client, request.method, request.url.path,
-                     (time.perf_counter() - t0) * 1e3)
-            raise
-        response.headers["X-Request-ID"] = rid
-        log.info("%s %s %s %s %d %.1f ms", rid, client, request.method, request.url.path, response.status_code,
-                 (time.perf_counter() - t0) * 1e3)
-        return response
-
-
-def model_info_of(service: Service, limits: Limits) -> ModelInfo:
+def model_info_of(service: Service, limits: Limits, batching: BatchPolicy | None = None) -> ModelInfo:
     """What ``GET /v1/model`` answers."""
     clf = service.classifier
     info = ModelInfo(
@@ -338,7 +308,7 @@ def model_info_of(service: Service, limits: Limits) -> ModelInfo:
         input_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE, "channels": 3}, normalization=clf.normalize,
         gradcam={"available": service.cam is not None, "layer": service.cam.layer if service.cam else None,
                  "note": service.cam_note},
-        limits=limits.as_dict(), version=__version__,
+        limits=limits.as_dict(), batching=batching.as_dict() if batching else None, version=__version__,
     )
     if isinstance(clf, EnsembleClassifier):
         info.members = [{"name": m.name, "tta": m.tta, "held_out": m.meta.get("held_out") or None,
@@ -346,12 +316,11 @@ def model_info_of(service: Service, limits: Limits) -> ModelInfo:
     return info
 
 
-def batch_runner(service: Service, limits: Limits):
-    """The work of one request, run in a worker thread: decode every upload, one model call for all of them,
-    Grad-CAM where asked; one result per upload, in upload order."""
-    clf = service.classifier
+def decoder(limits: Limits):
+    """Decoding one request's uploads, run in a worker thread: (N x 100 x 100 x 3 uint8, each upload's own size,
+    each one's decoding time in ms), in upload order; a file that is not a usable image fails its request."""
 
-    def run_batch(blobs: list[tuple[str, bytes]], cam: bool) -> list[dict[str, Any]]:
+    def decode_all(blobs: list[tuple[str, bytes]]) -> tuple[np.ndarray, list[tuple[int, int]], list[float]]:
         decode_ms, arrays, sizes = [], [], []
         for name, data in blobs:
             t = time.perf_counter()
@@ -359,27 +328,34 @@ def batch_runner(service: Service, limits: Limits):
             arrays.append(array)
             sizes.append(size)
             decode_ms.append((time.perf_counter() - t) * 1e3)
-        batch = np.stack(arrays)
-        t = time.perf_counter()
-        pred = clf.predict(batch)
-        share = (time.perf_counter() - t) * 1e3 / len(batch)
-        cams: list[dict[str, Any] | None] = [None] * len(batch)
-        if cam and service.cam is not None:
-            t = time.perf_counter()
-            res = service.cam(batch, classes=pred.labels)
-            cams = [{"png": to_png_data_url(m), "layer": res.layer, "target": clf.classes[int(c)],
-                     "grid": list(res.grid), "empty": bool(m.max() <= 0)}
-                    for m, c in zip(res.maps, res.classes, strict=True)]
-            share += (time.perf_counter() - t) * 1e3 / len(batch)
-        out = []
-        flags = [None] * len(blobs) if pred.uncertain is None else [bool(u) for u in pred.uncertain]
-        rows = zip(blobs, decode_ms, sizes, pred.labels, pred.probs, cams, flags, strict=True)
-        for (name, _), dms, size, lab, pr, cm, unc in rows:
-            out.append({"filename": name, "label": clf.classes[int(lab)], "label_index": int(lab),
-                        "confidence": float(pr[int(lab)]), "uncertain": unc,
-                        "resized_from": list(size) if size != (IMAGE_SIZE, IMAGE_SIZE) else None,
-                        "probabilities": {c: float(p) for c, p in zip(clf.classes, pr, strict=True)},
-                        "time_ms": round(dms + share, 3), "cam": cm})
-        return out
+        return np.stack(arrays), sizes, decode_ms
 
-    return run_batch
+    return decode_all
+
+
+def cam_maps(service: Service, batch: np.ndarray, labels: np.ndarray) -> tuple[list[dict[str, Any] | None], float]:
+    """Grad-CAM maps of the predicted classes (run in a worker thread) and their time per image in ms."""
+    assert service.cam is not None
+    t = time.perf_counter()
+    res = service.cam(batch, classes=labels)
+    cams: list[dict[str, Any] | None] = [
+        {"png": to_png_data_url(m), "layer": res.layer, "target": service.classifier.classes[int(c)],
+         "grid": list(res.grid), "empty": bool(m.max() <= 0)} for m, c in zip(res.maps, res.classes, strict=True)]
+    return cams, (time.perf_counter() - t) * 1e3 / len(batch)
+
+
+def result_rows(classes: list[str], blobs: list[tuple[str, bytes]], sizes: list[tuple[int, int]],
+                decode_ms: list[float], res: BatchResult, cams: list, cam_ms: float) -> list[dict[str, Any]]:
+    """One result per upload, in upload order."""
+    pred = res.predictions
+    flags = [None] * len(blobs) if pred.uncertain is None else [bool(u) for u in pred.uncertain]
+    share = res.model_ms_per_image + cam_ms
+    out = []
+    rows = zip(blobs, decode_ms, sizes, pred.labels, pred.probs, cams, flags, strict=True)
+    for (name, _), dms, size, lab, pr, cm, unc in rows:
+        out.append({"filename": name, "label": classes[int(lab)], "label_index": int(lab),
+                    "confidence": float(pr[int(lab)]), "uncertain": unc,
+                    "resized_from": list(size) if size != (IMAGE_SIZE, IMAGE_SIZE) else None,
+                    "probabilities": {c: float(p) for c, p in zip(classes, pr, strict=True)},
+                    "time_ms": round(dms + share, 3), "cam": cm})
+    return out

@@ -71,6 +71,10 @@ class ModelInfo(BaseModel):
         default=None, description="for an ensemble: each member's name, backend, TTA and its own held-out figure "
                                   "(the ensemble's probabilities are their mean, uncalibrated); null for one model")
     limits: dict[str, int | float]
+    batching: dict[str, int | float] | None = Field(
+        default=None, description="dynamic batching: images per model call (max_batch), how long the oldest "
+                                  "request waits for company (max_wait_ms), how long any request may wait for its "
+                                  "model call before 503 deadline_exceeded (deadline_s)")
     version: str
 
 
@@ -80,7 +84,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         "wrong", 408: "the request body did not arrive in time", 413: "a file, the request, an image's pixel "
         "count, the request's pixel count or the number of files is over the limit", 415: "not "
         "multipart/form-data, or a file that is not an image", 422: "an image that cannot be decoded, or a bad "
-        "query parameter", 503: "the upload queue is full: retry after the Retry-After header's seconds"}.items()
+        "query parameter", 503: "the upload queue is full, or the request waited past its deadline for the model "
+        "(queue_full, deadline_exceeded): retry after the Retry-After header's seconds"}.items()
 }
 
 

@@ -172,7 +172,7 @@ def default_allowed_hosts(host: str) -> list[str] | None:
 
 def run(service, host: str = "127.0.0.1", port: int = 8000, limits=None, workers: int = 2,
         log_level: str = "info", max_connections: int | None = None, allowed_hosts: list[str] | None = None,
-        token: str | None = None) -> None:
+        token: str | None = None, batching=None) -> None:
     """Serve ``service`` with uvicorn until interrupted. ``token`` defaults to ``$FAKEPRINT_API_TOKEN``."""
     import uvicorn
 
@@ -180,7 +180,8 @@ def run(service, host: str = "127.0.0.1", port: int = 8000, limits=None, workers
     token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
     check_exposure(host, token)
     app = create_app(service, limits, workers, token=token,
-                     allowed_hosts=allowed_hosts if allowed_hosts is not None else default_allowed_hosts(host))
+                     allowed_hosts=allowed_hosts if allowed_hosts is not None else default_allowed_hosts(host),
+                     batching=batching)
     protocol = type("Protocol", (GuardedH11Protocol,), {"header_timeout": float(limits.header_timeout)})
     configure_logging(log_level)
     uvicorn.run(app, host=host, port=port, log_level=log_level, limit_concurrency=max_connections,

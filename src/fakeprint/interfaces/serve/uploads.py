@@ -41,7 +41,9 @@ class Limits:
     images of one request together. ``header_timeout``: seconds a connection may take to send a request's
     headers; ``body_idle_timeout``: the longest pause inside a body; ``body_timeout``: the whole body.
     ``queue``: uploads that may wait for a worker; beyond ``workers + queue`` the service answers 503 with
-    Retry-After before reading the body, so memory stays bounded by ``(workers + queue) * max_request_bytes``."""
+    Retry-After before reading the body, so memory stays bounded by ``(workers + queue) * max_request_bytes``.
+    ``heavy_pixels``: a request whose images declare more pixels than this together decodes on at most half of
+    the workers, so that clients of big images never hold every decoder."""
 
     max_file_bytes: int = 10 * MB
     max_request_bytes: int = 32 * MB
@@ -53,6 +55,7 @@ class Limits:
     body_idle_timeout: float = 10.0
     body_timeout: float = 60.0
     queue: int = 16
+    heavy_pixels: int = 1024 * 1024
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
@@ -182,9 +185,10 @@ def display_name(f: UploadFile, i: int) -> str:
     return (f.filename or f"file-{i}")[:255]
 
 
-def check_pixels(blobs: list[tuple[str, bytes]], limits: Limits) -> None:
+def check_pixels(blobs: list[tuple[str, bytes]], limits: Limits) -> int:
     """Read every image's declared size from its header (nothing is decoded) and refuse the request (413)
-    when one image is over ``max_pixels`` or all of them together are over ``max_request_pixels``."""
+    when one image is over ``max_pixels`` or all of them together are over ``max_request_pixels``; the pixels
+    declared by the images whose header could be read."""
     total = 0
     for name, data in blobs:
         try:
@@ -205,6 +209,7 @@ def check_pixels(blobs: list[tuple[str, bytes]], limits: Limits) -> None:
             raise ApiError(413, "request_too_many_pixels",
                            f"the images of this request declare {total:,} pixels or more (up to {name!r}); the "
                            f"limit is {limits.max_request_pixels:,} per request: send fewer or smaller images")
+    return total
 
 
 def decode_upload(data: bytes, name: str, max_pixels: int) -> tuple[np.ndarray, tuple[int, int]]:
