@@ -3,6 +3,8 @@ and rotation_prob."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -11,7 +13,7 @@ import feature_oracle as feature_probe
 from fakeprint.core.errors import FakeprintError
 from fakeprint.engine.config import load_config
 from fakeprint.features.augment import augment
-from fakeprint.features.preprocess import normalize, to_float
+from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD, normalize, to_float
 from fakeprint.features.statistics import GROUPS_V2, SIZES, StatFeatures
 from fakeprint.models import count_parameters, create_model
 
@@ -452,3 +454,20 @@ def test_the_statistics_head_takes_any_number_of_hidden_layers():
         assert head(x).shape == (4, 5)
     with pytest.raises(ValueError, match="layers"):
         StatHead(5, "v1", layers=0)
+
+
+def test_the_statistics_of_fixed_images_are_the_reference_numbers():
+    """The statistics were made faster (issue 40) without changing them: fixed images (tests/stat_reference.py) give
+    the numbers the statistics gave before (tests/data/stat_reference_v7.npz), for the image and its mirror."""
+    from stat_reference import reference_images
+
+    ref = np.load(Path(__file__).parent / "data" / "stat_reference_v7.npz")
+    x = torch.from_numpy(reference_images()).permute(0, 3, 1, 2).float() / 255
+    x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    m = StatFeatures("v7")
+    with torch.no_grad():
+        f = m(x)
+        image, mirror = m.forward_and_mirror(x)
+        sliced = torch.cat([m(part) for part in x.split(1)])
+    for got, want in ((f, ref["forward"]), (image, ref["forward"]), (mirror, ref["mirror"]), (sliced, ref["forward"])):
+        np.testing.assert_allclose(got.numpy(), want, rtol=1e-4, atol=1e-5)

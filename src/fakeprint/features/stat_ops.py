@@ -153,10 +153,13 @@ def _cooccurrence(k: torch.Tensor, n: int = 1) -> list[torch.Tensor]:
     b, h, w = k.shape
     out = []
     for dy, dx in ((0, 1), (1, 0)):
-        q = ((k[:, dy:, dx:] - k[:, :h - dy, :w - dx]) / n).round().clamp_(-4, 4).long() + 4
-        out.append(_counts(q.reshape(b, -1), 9))
+        q = k[:, dy:, dx:] - k[:, :h - dy, :w - dx]
+        if n != 1:  # a difference of integers is already one
+            q = q.div_(n).round_()
+        q = q.clamp_(-4, 4).add_(4)
+        out.append(_counts(q.reshape(b, -1).long(), 9))
         a, c = (q[:, :, :-1], q[:, :, 1:]) if dx else (q[:, :-1, :], q[:, 1:, :])
-        out.append(_counts((a * 9 + c).reshape(b, -1), 81))
+        out.append(_counts(torch.add(c, a, alpha=9).reshape(b, -1).long(), 81))
     return out
 
 

@@ -374,7 +374,9 @@ class StatFeatures(TextureGroups, nn.Module):
 
     def _cooccurrence_rgb(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         k = self._levels_of(x, shared)
-        return torch.cat([t for c in range(3) for t in _cooccurrence(k[:, c])], 1)
+        b, h, w = k.shape[0], int(k.shape[2]), int(k.shape[3])
+        parts = _cooccurrence(k.reshape(b * 3, h, w))  # the three channels as one batch: h9, h81, v9, v81 each
+        return torch.cat([p.reshape(b, 3, -1) for p in parts], 2).reshape(b, -1)  # channel by channel
 
     def _multiscale(self, x: torch.Tensor, shared: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.cat(_cooccurrence((F.avg_pool2d(x, 2).sum(1) * (4 * 255)).round(), 12), 1)
