@@ -55,7 +55,9 @@ def flat_images(images: np.ndarray) -> np.ndarray:
     a = np.asarray(images)
     if not len(a):
         return np.zeros(0, bool)
-    return a.reshape(len(a), -1, a.shape[-1]).std(1).max(1) < FLAT_STD  # each channel's spread over the image
+    # each channel's spread over the image; in torch (float32, every core): numpy's float64 std took 8% of a batch
+    x = torch.from_numpy(np.ascontiguousarray(a)).reshape(len(a), -1, a.shape[-1]).float()
+    return (x.var(1, correction=0).amax(1) < FLAT_STD ** 2).numpy()
 
 
 def calibrated(logits: np.ndarray, meta: dict[str, Any], classes: list[str],
