@@ -78,10 +78,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(checkpoint: Path, backend: str, workers: int, threads: int | None, log: Path) -> tuple[subprocess.Popen, str]:
+def start_server(checkpoint: Path | list, backend: str, workers: int, threads: int | None, log: Path,
+                 extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "fakeprint", "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port),
-           "--backend", backend, "--workers", str(workers), "--log-level", "warning"]
+    models = [str(c) for c in checkpoint] if isinstance(checkpoint, list) else [str(checkpoint)]
+    cmd = [sys.executable, "-m", "fakeprint", "serve", *models, "--host", "127.0.0.1", "--port", str(port),
+           "--backend", backend, "--workers", str(workers), "--log-level", "warning", *(extra or [])]
     if threads:
         cmd += ["--threads", str(threads)]
     with open(log, "wb") as f:
@@ -165,9 +167,34 @@ def run_load(url: str, blobs: list[bytes], requests: int, concurrency: int, per_
     }
 
 
+def batch_stats(url: str) -> dict:
+    """The server's model calls so far, from its /metrics: how many, and their mean images and requests."""
+    import httpx
+
+    try:
+        text = httpx.get(url + "/metrics", timeout=10).text
+    except httpx.HTTPError as e:
+        return {"error": type(e).__name__}
+    values = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name in ("fakeprint_batch_images_count", "fakeprint_batch_images_sum", "fakeprint_batch_requests_sum",
+                    "fakeprint_model_call_seconds_sum"):
+            values[name] = float(value)
+    calls = values.get("fakeprint_batch_images_count", 0.0)
+    if not calls:
+        return {"model_calls": 0}
+    return {"model_calls": int(calls),
+            "mean_images_per_call": round(values.get("fakeprint_batch_images_sum", 0.0) / calls, 2),
+            "mean_requests_per_call": round(values.get("fakeprint_batch_requests_sum", 0.0) / calls, 2),
+            "mean_call_ms": round(values.get("fakeprint_model_call_seconds_sum", 0.0) / calls * 1e3, 2),
+            "note": "since the server started, warm-up included"}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="run folder, .safetensors or .onnx (default: a random-init fpnet_s)")
+    p.add_argument("--checkpoint", nargs="+", help="run folder, .safetensors, .onnx or a shipped model's name; several: "
+                   "their ensemble (default: a random-init fpnet_s)")
     p.add_argument("--backend", choices=("torch", "onnx", "auto"), default="torch")
     p.add_argument("--requests", type=int, default=100, help="requests to send (1..10000, default 100)")
     p.add_argument("--concurrency", type=int, default=8, help="requests in flight (1..64, default 8)")
@@ -178,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", help="a running service on loopback (default: start one)")
     p.add_argument("--workers", type=int, default=2, help="the started server's --workers (default 2)")
     p.add_argument("--threads", type=int, default=None, help="the started server's --threads")
+    p.add_argument("--max-batch", type=int, default=None, help="the started server's --max-batch")
+    p.add_argument("--max-wait-ms", type=float, default=None, help="the started server's --max-wait-ms")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     for name, lo, hi in (("requests", 1, 10000), ("concurrency", 1, 64), ("images_per_request", 1, 32),
@@ -192,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = None
     try:
         if args.checkpoint:
-            checkpoint, described = Path(args.checkpoint), str(args.checkpoint)
+            checkpoint, described = list(args.checkpoint), " + ".join(args.checkpoint)
         else:
             checkpoint = make_random_checkpoint(Path(tmp.name) / "fpnet_s")
             described = "random-init fpnet_s, created in a temporary folder (no --checkpoint given)"
@@ -200,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         url = args.url
         if not url:
             log = Path(tmp.name) / "server.log"
-            proc, url = start_server(checkpoint, args.backend, args.workers, args.threads, log)
+            extra = [f for flag, v in (("--max-batch", args.max_batch), ("--max-wait-ms", args.max_wait_ms))
+                     if v is not None for f in (flag, str(v))]
+            proc, url = start_server(checkpoint, args.backend, args.workers, args.threads, log, extra)
             try:
                 wait_healthy(url, proc, timeout=180)
             except RuntimeError as e:
@@ -217,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             run_load(url, blobs, args.warmup, min(args.concurrency, args.warmup), args.images_per_request, args.cam, 60)
         stats = run_load(url, blobs, args.requests, args.concurrency, args.images_per_request, args.cam, args.max_seconds)
         health = httpx.get(url + "/healthz", timeout=30).status_code
+        batches = batch_stats(url)
     finally:
         if proc is not None:
             stop_server(proc)
@@ -235,8 +267,10 @@ def main(argv: list[str] | None = None) -> int:
         "cam": args.cam,
         "concurrency": args.concurrency,
         "images_per_request": args.images_per_request,
-        "server": {"url": url, "started_by_benchmark": not args.url, "workers": args.workers if not args.url else None},
+        "server": {"url": url, "started_by_benchmark": not args.url, "workers": args.workers if not args.url else None,
+                   "batching": info.get("batching")},
         **stats,
+        "batching": batches,
         "healthz_after": health,
     }
     emit(result, args.out)

@@ -290,7 +290,8 @@ def test_model_info_says_how_requests_are_batched(service):
     assert info["limits"]["heavy_pixels"] == Limits().heavy_pixels
 
 
-@pytest.mark.parametrize("flag,value", [("--max-batch", "0"), ("--max-wait-ms", "-1"), ("--deadline", "0")])
+@pytest.mark.parametrize("flag,value", [("--max-batch", "0"), ("--max-wait-ms", "-1"), ("--deadline", "0"),
+                                        ("--threads", "0")])
 def test_serve_refuses_bad_batching_options(flag, value, capsys):
     from fakeprint.interfaces.cli import main
 
