@@ -103,3 +103,51 @@ def test_members_that_held_out_the_same_images_are_scored_together_however_each_
                "--out", str(tmp_path / "e4"))
     assert proc.returncode == 2 and "different internal splits" in proc.stderr and str(shipped) in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_an_ensemble_computes_the_statistics_once_for_members_whose_sets_begin_alike(tmp_path, monkeypatch):
+    """default (v4) and accurate (v5): v4's groups begin v5's, so inside the ensemble the v4 member takes its
+    statistics from the v5 member's (computed first whatever the order given) and the answer is unchanged."""
+    from fakeprint.features.statistics import StatFeatures
+
+    runs = []
+    for i, fs in enumerate(("v4", "v5")):
+        torch.manual_seed(i)
+        args = {"width": 8, "c3": 16, "feature_set": fs, "hidden": 16}
+        save_checkpoint(tmp_path / f"h{i}" / "best", create_model("hybrid", **args),
+                        {"model": "hybrid", "num_classes": 5, "model_args": args, "tta": "flip"})
+        runs.append(tmp_path / f"h{i}")
+    members = [load(r) for r in runs]
+    x = np.random.default_rng(1).integers(0, 256, (40, 100, 100, 3), dtype=np.uint8)
+    alone = [m.predict(x).probs for m in members]
+    computed = []
+    for name in ("_forward", "_forward_and_mirror"):
+        def counting(self, t, inner=getattr(StatFeatures, name)):
+            computed.append(self.dim)
+            return inner(self, t)
+
+        monkeypatch.setattr(StatFeatures, name, counting)
+    pred = EnsembleClassifier(members).predict(x, batch_size=32)
+    np.testing.assert_allclose(pred.probs, (alone[0] + alone[1]) / 2, atol=1e-6)
+    v5 = members[1].model.head.stats.dim
+    assert computed and set(computed) == {v5}  # v4's never computed: taken from v5's, slice by slice
+    computed.clear()
+    members[0].predict(x)  # outside an ensemble nothing is shared
+    assert computed and set(computed) == {members[0].model.head.stats.dim}
+
+
+def test_shared_statistics_need_an_equal_input_and_the_same_normalisation():
+    from fakeprint.features.stat_ops import shared_statistics
+    from fakeprint.features.statistics import StatFeatures
+
+    x = torch.randn(3, 3, 100, 100)
+    v4, v5, v4_raw = StatFeatures("v4"), StatFeatures("v5"), StatFeatures("v4", input_norm="none")
+    with torch.no_grad(), shared_statistics():
+        big = v5(x)
+        assert torch.equal(v4(x), big[:, :v4.dim])
+        y = x.clone()
+        y[0, 0, 0, 0] += 1.0  # one value differs: computed anew
+        assert torch.equal(v4(y), StatFeatures("v4")._forward(y))
+        assert torch.equal(v4_raw(x), StatFeatures("v4", input_norm="none")._forward(x))
+        small = StatFeatures("v3")(x)  # a smaller set seen first does not serve a larger one
+        assert small.shape[1] < v4.dim and torch.equal(StatFeatures("v7")(x), StatFeatures("v7")._forward(x))

@@ -16,6 +16,8 @@ from fakeprint.core.metrics import softmax
 from fakeprint.data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
 from fakeprint.engine.runtime import pick_device, predict_logits
 from fakeprint.features.preprocess import tta_mode
+from fakeprint.features.stat_ops import shared_statistics
+from fakeprint.features.statistics import StatFeatures
 from fakeprint.models.checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
 from fakeprint.models.fuse import fuse_for_inference
 
@@ -212,11 +214,28 @@ class EnsembleClassifier:
         return self.predict(images, **kwargs)
 
     def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
-        """Mean of the members' probabilities; ``tta`` None: each member's own test-time augmentation."""
+        """Mean of the members' probabilities; ``tta`` None: each member's own test-time augmentation. The members
+        see ``batch_size`` images at a time, the one with the most statistics first, so that the others take
+        theirs from it (``features.stat_ops.shared_statistics``: ``default``'s are the start of ``accurate``'s)."""
         arr = self.members[0].to_array(images)
-        probs = np.mean([m.predict(arr, batch_size, tta).probs for m in self.members], axis=0)
+        order = sorted(range(len(self.members)), key=lambda i: -_statistics_dim(self.members[i]))
+        parts = []
+        for start in range(0, len(arr), max(1, batch_size)):
+            chunk = arr[start:start + max(1, batch_size)]
+            with shared_statistics():
+                member_probs = {i: self.members[i].predict(chunk, batch_size, tta).probs for i in order}
+            parts.append(np.mean([member_probs[i] for i in range(len(self.members))], axis=0))
+        probs = np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
         # no calibration of the average itself: its uncertainty is unknown (None)
         return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
+
+
+def _statistics_dim(member: Any) -> int:
+    """How many statistics a member's PyTorch model computes (0: none, or not a PyTorch model)."""
+    model = getattr(member, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return 0
+    return max((int(getattr(m, "dim", 0)) for m in model.modules() if isinstance(m, StatFeatures)), default=0)
 
 
 def combine(members: list) -> Any:
