@@ -13,7 +13,9 @@ the NLL of all of them, the threshold as the ``max_clean_flagged`` quantile of t
 that share of clean images is flagged), its effect reported cross-fitted (fitted on one half of the images,
 measured on the other): the share of clean images flagged and of wrong answers flagged on the perturbed copies.
 
-The result goes into a checkpoint's metadata (``calibration``); ``Classifier.predict`` applies it.
+The result goes into a checkpoint's metadata (``calibration``); ``Classifier.predict`` applies it. An ensemble's goes
+into its ensemble file (``calibrate_ensemble``, ``models.ensemble_file``), fitted on the log of its averaged
+probabilities; ``EnsembleClassifier.predict`` applies it.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ from fakeprint.core.errors import FakeprintError
 from fakeprint.core.metrics import ece, softmax
 from fakeprint.data.dataset import to_rgb_array
 from fakeprint.data.demo import render
-from fakeprint.engine.evaluate import load_eval_split
-from fakeprint.engine.predict import load
+from fakeprint.engine.evaluate import load_eval_split, load_scored
+from fakeprint.engine.predict import EnsembleClassifier, load
 from fakeprint.features.perturb import perturbed_images, suite
 from fakeprint.models.checkpoint import resolve_checkpoint, update_metadata
+from fakeprint.models.ensemble_file import write_ensemble
 
 QUANTILE = 0.05
 BINS = 10
@@ -168,4 +171,34 @@ def calibrate_checkpoint(checkpoint: Any, data: Any, split: str = "internal", wr
         clf = load(checkpoint)
         cal["flagged_share_probes"] = flagged_shares(clf)
         update_metadata(checkpoint, {"calibration": cal})
+    return cal
+
+
+def calibrate_ensemble(members: list, data: Any, out: str | Path, split: str = "internal",
+                       perturbed: str | None = None, max_clean_flagged: float = MAX_CLEAN_FLAGGED) -> dict[str, Any]:
+    """Fit the calibration of the members' averaged probabilities (each member with its own test-time augmentation
+    and calibration) on a held-out ``split`` that every member held out, as ``calibrate_checkpoint`` fits one
+    model's, and write the ensemble file ``out`` (``NAME.ensemble.json``) naming the members and holding it."""
+    if len(members) < 2:
+        raise FakeprintError("an ensemble's calibration needs two or more models")
+    if split == "train":
+        raise FakeprintError("the train split was trained on; calibration needs held-out images")
+    specs = suite(perturbed) if perturbed else []
+    clf, ds = load_scored(list(members), data, split, progress=False)
+    assert isinstance(clf, EnsembleClassifier)
+
+    def logits(images: np.ndarray) -> np.ndarray:  # the log of the average: what the ensemble's calibration scales
+        return np.log(np.clip(clf.predict(images).probs, 1e-12, 1.0))
+
+    clean = logits(ds.images)
+    if specs:
+        cal = calibrate_perturbed(clean, ds.labels, {s: logits(perturbed_images(ds.images, s)) for s in specs
+                                                     if s != "none"}, max_clean_flagged)
+    else:
+        cal = calibrate(clean, ds.labels)
+    cal |= {"split": split if split != "internal" else "internal split (held out by every member)",
+            "tta": "each member's own", "members_calibrated": [bool(m.meta.get("calibration")) for m in clf.members]}
+    write_ensemble(out, [str(m) for m in members], cal)
+    cal["flagged_share_probes"] = flagged_shares(load(out))
+    write_ensemble(out, [str(m) for m in members], cal)
     return cal

@@ -16,6 +16,7 @@ from fakeprint.engine.onnx import load_backend
 from fakeprint.engine.predict import Classifier, EnsembleClassifier, combine, predict_with_progress
 from fakeprint.features.preprocess import tta_mode
 from fakeprint.models.checkpoint import read_metadata, resolve_checkpoint
+from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble
 
 
 def load_eval_split(data: Path, split: str, checkpoint: Path, cache_dir: str | None = None,
@@ -106,7 +107,9 @@ def load_scored(checkpoints: list, data: str | Path, split: str, device: str = "
     must be held out by every member)."""
     paths = [Path(c) for c in checkpoints]
     clf = combine([load_backend(p, "auto", device) for p in paths])
-    return clf, load_eval_split(Path(data), split, paths[0], progress=progress, others=tuple(paths[1:]))
+    # an ensemble file's members each hold out the split (the file itself has no split.csv)
+    held = [Path(m) for p in paths for m in (read_ensemble(p)[0] if is_ensemble_path(p) else [p])]
+    return clf, load_eval_split(Path(data), split, held[0], progress=progress, others=tuple(held[1:]))
 
 
 def default_split(checkpoint: str | Path) -> str:

@@ -19,6 +19,7 @@ from fakeprint.features.preprocess import tta_mode
 from fakeprint.features.stat_ops import shared_statistics
 from fakeprint.features.statistics import StatFeatures
 from fakeprint.models.checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
+from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble
 from fakeprint.models.fuse import fuse_for_inference
 
 
@@ -185,9 +186,12 @@ def _array_to_rgb(a: np.ndarray, i: int) -> np.ndarray:
 
 
 class EnsembleClassifier:
-    """Several classifiers of any registered models, combined by averaging their class probabilities."""
+    """Several classifiers of any registered models, combined by averaging their class probabilities. With a
+    ``calibration`` (an ensemble file's, ``models.ensemble_file``) the average is temperature-scaled and flagged
+    ``uncertain`` as one calibrated model's probabilities are; without, ``uncertain`` is None (unknown)."""
 
-    def __init__(self, members: list[Classifier]):
+    def __init__(self, members: list[Classifier], calibration: dict[str, Any] | None = None,
+                 path: Path | None = None):
         if not members:
             raise FakeprintError("an ensemble needs at least one checkpoint")
         classes = members[0].classes
@@ -196,7 +200,9 @@ class EnsembleClassifier:
                 raise FakeprintError(f"{m.path}: classes {m.classes} differ from {members[0].path}: {classes}")
         self.members, self.classes = members, classes
         self.meta = {"model": "+".join(m.name for m in members), "num_classes": len(classes), "classes": classes}
-        self.path = Path(str(members[0].path)) if len(members) == 1 else None
+        if calibration:
+            self.meta["calibration"] = calibration
+        self.path = path if path is not None else Path(str(members[0].path)) if len(members) == 1 else None
         modes = {m.tta for m in members}
         self.tta = modes.pop() if len(modes) == 1 else "mixed"
         norms = {m.normalize for m in members}
@@ -226,6 +232,8 @@ class EnsembleClassifier:
                 member_probs = {i: self.members[i].predict(chunk, batch_size, tta).probs for i in order}
             parts.append(np.mean([member_probs[i] for i in range(len(self.members))], axis=0))
         probs = np.concatenate(parts) if parts else np.zeros((0, len(self.classes)), np.float32)
+        if self.meta.get("calibration"):  # the log of the average as its logits: softmax(log p / T) = p^(1/T), scaled
+            return calibrated(np.log(np.clip(probs, 1e-12, 1.0)), self.meta, self.classes, flat_images(arr))
         # no calibration of the average itself: its uncertainty is unknown (None)
         return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
 
@@ -267,6 +275,9 @@ def load(path: str | Path | list | tuple | None = None, device: str = "cpu") -> 
     shipped default model; a list of several: their ensemble (``EnsembleClassifier``, averaged probabilities)."""
     if isinstance(path, (list, tuple)):
         return combine([load(p, device) for p in path])
+    if is_ensemble_path(path):  # NAME.ensemble.json: its members and the calibration of their average
+        members, cal = read_ensemble(path)
+        return EnsembleClassifier([load(m, device) for m in members], cal, Path(path))
     if path is None:
         path = default_model_path()
         if path is None:

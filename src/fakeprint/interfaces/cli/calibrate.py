@@ -12,7 +12,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "probability) on a held-out split, store them in the checkpoint's metadata, and print "
                                    "the calibration error before and after (cross-fitted) and the share of plain-colour, "
                                    "noise and synthetic images flagged. Training does this for the last checkpoint.")
-    s.add_argument("checkpoint", help="a run folder or NAME.safetensors (or a shipped model: default, accurate, fast, robust)")
+    s.add_argument("checkpoint", nargs="+",
+                   help="a run folder or NAME.safetensors (or a shipped model: default, accurate, fast, robust); several: "
+                        "their ensemble, whose calibration goes into the ensemble file --out")
     s.add_argument("--data", required=True, help="the dataset the run trained on")
     s.add_argument("--split", default="internal", choices=("internal", "validation"),
                    help="held-out images to fit on (default internal: the run's split.csv)")
@@ -21,13 +23,29 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "so that the flag holds on re-encoded, resized or cropped files")
     s.add_argument("--max-clean-flagged", type=float, default=0.10,
                    help="with --perturbed: the share of clean held-out images the flag may take (default 0.10)")
+    s.add_argument("--out", default=None, metavar="NAME.ensemble.json",
+                   help="for several models: the ensemble file to write (members and the calibration of their "
+                        "average); load, predict, evaluate, robustness and serve take it as one model")
     s.set_defaults(fn=_cmd_calibrate)
 
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
-    from fakeprint.engine.calibration import calibrate_checkpoint
+    from fakeprint.core.errors import FakeprintError
+    from fakeprint.engine.calibration import calibrate_checkpoint, calibrate_ensemble
+    from fakeprint.models.ensemble_file import SUFFIX
 
-    cal = calibrate_checkpoint(args.checkpoint, args.data, args.split, perturbed=args.perturbed,
+    if len(args.checkpoint) > 1:
+        if not args.out or not args.out.endswith(SUFFIX):
+            raise FakeprintError(f"several models are calibrated as an ensemble: name the file to write with "
+                                 f"--out NAME{SUFFIX}")
+        cal = calibrate_ensemble(args.checkpoint, args.data, args.out, args.split, perturbed=args.perturbed,
+                                 max_clean_flagged=args.max_clean_flagged)
+        print(json.dumps(cal, indent=2))
+        return 0
+    if args.out:
+        raise FakeprintError("--out names an ensemble's file: give two or more models (one model's calibration is "
+                             "stored in its checkpoint)")
+    cal = calibrate_checkpoint(args.checkpoint[0], args.data, args.split, perturbed=args.perturbed,
                                max_clean_flagged=args.max_clean_flagged)
     print(json.dumps(cal, indent=2))
     return 0

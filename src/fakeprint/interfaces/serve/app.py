@@ -63,6 +63,7 @@ from fakeprint.interfaces.serve.uploads import (
     uploaded_files,
 )
 from fakeprint.models.checkpoint import load_checkpoint, resolve_checkpoint
+from fakeprint.models.ensemble_file import is_ensemble_path
 from fakeprint.reports.gradcam import GradCAM, to_png_data_url
 
 log = logging.getLogger("fakeprint.serve")
@@ -95,6 +96,10 @@ def build_service(path: str | Path | list | tuple | None, backend: str = "auto",
         if len(path) > 1:
             return _ensemble_service(list(path), backend, device, threads)
         path = path[0] if path else None
+    if is_ensemble_path(path):  # NAME.ensemble.json: its members, the average calibrated
+        ens = load_backend(path, backend, device, threads)
+        return Service(ens, resolve_backend(None, backend), Path(str(path)).name, None,
+                       f"an ensemble of {len(ens.members)} models has no single Grad-CAM map")
     backend = resolve_backend(path, backend)  # the same choice as predict and evaluate
     torch_model, note = None, ""
     if is_onnx_path(path):
