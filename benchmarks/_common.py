@@ -53,6 +53,19 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def cpu_isa() -> str:
+    """The CPU's widest vector instructions and whether it has native bf16 (AVX512-BF16 or AMX), from /proc/cpuinfo:
+    timings on AVX2-only cores and on bf16 cores are not comparable."""
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), [])
+    except OSError:
+        return "unknown"
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    bf16 = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
+    return f"{isa}, " + (f"native bf16 ({', '.join(bf16)})" if bf16 else "no native bf16")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -84,6 +97,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
+        "cpu_isa": cpu_isa(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_start": load_average(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
