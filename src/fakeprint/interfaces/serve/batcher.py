@@ -172,9 +172,9 @@ class Batcher:
 
     async def _call(self, jobs: list[_Job]) -> None:
         start = time.monotonic()
-        batch = jobs[0].images if len(jobs) == 1 else np.concatenate([j.images for j in jobs])
         t = time.perf_counter()
         try:
+            batch = jobs[0].images if len(jobs) == 1 else np.concatenate([j.images for j in jobs])
             pred = await anyio.to_thread.run_sync(self.predict, batch)
         except Exception as e:  # noqa: BLE001 - handed to the jobs, never lost
             self.metrics.batch_failures.inc()
