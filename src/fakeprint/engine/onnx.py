@@ -50,17 +50,17 @@ from fakeprint.core.versions import versions
 from fakeprint.data.dataset import IMAGE_SIZE
 from fakeprint.engine.predict import (
     Classifier,
-    EnsembleClassifier,
     Predictions,
     calibrated,
     checkpoint_tta,
     flat_images,
     load,
+    load_ensemble_file,
 )
 from fakeprint.engine.runtime import predict_logits
 from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD, tta_mode, tta_views
 from fakeprint.models.checkpoint import load_checkpoint, read_json_metadata, resolve_checkpoint
-from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble
+from fakeprint.models.ensemble_file import is_ensemble_path
 from fakeprint.models.metadata import check_metadata_fields
 
 FORMAT = "fakeprint-onnx/1"
@@ -420,9 +420,8 @@ def load_backend(path: str | Path | None, backend: str = "auto", device: str = "
                  threads: int | None = None) -> Classifier | OnnxClassifier:
     """A classifier for ``path`` (None: the shipped default model) on ``backend`` (auto, torch or onnx)."""
 
-    if is_ensemble_path(path):  # NAME.ensemble.json: each member on this backend, the average calibrated
-        members, cal = read_ensemble(path)
-        return EnsembleClassifier([load_backend(m, backend, device, threads) for m in members], cal, Path(path))
+    if is_ensemble_path(path):  # NAME.ensemble.json: each member on this backend, the average calibrated (or routed)
+        return load_ensemble_file(path, lambda m: load_backend(m, backend, device, threads))
     kind = resolve_backend(path, backend)
     if is_onnx_path(path):
         return load_onnx(path, threads)

@@ -14,13 +14,15 @@ from tqdm import tqdm
 from fakeprint.core.errors import FakeprintError
 from fakeprint.core.metrics import softmax
 from fakeprint.data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
+from fakeprint.data.loader import tensor_view
 from fakeprint.engine.runtime import pick_device, predict_logits
-from fakeprint.features.preprocess import tta_mode
+from fakeprint.features.preprocess import normalize, to_float, tta_mode
 from fakeprint.features.stat_ops import shared_statistics
 from fakeprint.features.statistics import StatFeatures
 from fakeprint.models.checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
-from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble
+from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble, read_route
 from fakeprint.models.fuse import fuse_for_inference
+from fakeprint.models.router import FileDetector, load_detector
 
 
 def default_model_path() -> Path | None:
@@ -38,15 +40,20 @@ class Predictions:
     probs: np.ndarray
     classes: list[str]
     uncertain: np.ndarray | None = None
+    file_perturbed: np.ndarray | None = None  # a routed ensemble's: P(the file was re-encoded, resized, ...)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def as_dicts(self) -> list[dict[str, Any]]:
         flags = [None] * len(self.labels) if self.uncertain is None else [bool(u) for u in self.uncertain]
-        return [{"label": self.classes[int(lab)], "label_index": int(lab),
-                 "probabilities": {c: float(p) for c, p in zip(self.classes, pr, strict=True)}, "uncertain": u}
-                for lab, pr, u in zip(self.labels, self.probs, flags, strict=True)]
+        out = [{"label": self.classes[int(lab)], "label_index": int(lab),
+                "probabilities": {c: float(p) for c, p in zip(self.classes, pr, strict=True)}, "uncertain": u}
+               for lab, pr, u in zip(self.labels, self.probs, flags, strict=True)]
+        if self.file_perturbed is not None:
+            for d, p in zip(out, self.file_perturbed, strict=True):
+                d["file_perturbed"] = round(float(p), 4)
+        return out
 
 
 FLAT_STD = 1.0  # pixel standard deviation (0-255) below which an input is one flat colour: no generator's output
@@ -238,6 +245,56 @@ class EnsembleClassifier:
         return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
 
 
+class RoutedClassifier(EnsembleClassifier):
+    """Two classifiers and a file detector (``models.router``): an image whose file the detector calls pristine
+    (P(perturbed) below ``threshold``) is classified by the first member, any other by the second; each answer
+    (probabilities, ``uncertain``) is its member's, calibrated as that member is. The statistics are computed once
+    per image, by the detector, and hybrid members take theirs from there (``features.stat_ops.shared_statistics``):
+    routing costs about what the first member alone costs."""
+
+    def __init__(self, members: list[Classifier], detector: FileDetector, threshold: float,
+                 path: Path | None = None):
+        if len(members) != 2:
+            raise FakeprintError("a routed ensemble has two members: one for pristine files, one for perturbed ones")
+        super().__init__(members, None, path)
+        self.detector, self.threshold = detector, float(threshold)
+        self.meta["model"] = "|".join(m.name for m in members)
+        self.meta["route"] = {"threshold": self.threshold, "feature_set": detector.feature_set}
+
+    @property
+    def name(self) -> str:
+        return f"routed({self.members[0].name} | {self.members[1].name})"
+
+    def file_perturbed(self, arr: np.ndarray) -> np.ndarray:
+        """P(perturbed) of each N x 100 x 100 x 3 uint8 image; call inside ``shared_statistics`` to share them."""
+        x = normalize(to_float(tensor_view(arr)), self.detector.stats.input_norm)
+        return self.detector.probability(self.detector.statistics(x)).numpy()
+
+    def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
+        arr = self.members[0].to_array(images)
+        n, k = len(arr), len(self.classes)
+        probs, labels = np.zeros((n, k), np.float32), np.zeros(n, np.int64)
+        flags: np.ndarray | None = np.zeros(n, bool)
+        p_all = np.zeros(n, np.float32)
+        for start in range(0, n, max(1, batch_size)):
+            chunk = arr[start:start + max(1, batch_size)]
+            with shared_statistics():
+                p = self.file_perturbed(chunk)
+                to_second = p >= self.threshold
+                for which, member in enumerate(self.members):
+                    idx = np.flatnonzero(to_second == bool(which))
+                    if not len(idx):
+                        continue
+                    got = member.predict(chunk[idx], batch_size, tta)
+                    probs[start + idx], labels[start + idx] = got.probs, got.labels
+                    if got.uncertain is None:
+                        flags = None
+                    elif flags is not None:
+                        flags[start + idx] = got.uncertain
+            p_all[start:start + len(chunk)] = p
+        return Predictions(labels, probs, self.classes, flags, p_all)
+
+
 def _statistics_dim(member: Any) -> int:
     """How many statistics a member's PyTorch model computes (0: none, or not a PyTorch model)."""
     model = getattr(member, "model", None)
@@ -266,8 +323,21 @@ def predict_with_progress(clf: Any, images: Any, desc: str = "predicting", progr
     if len(parts) == 1:
         return parts[0]
     flags = None if any(p.uncertain is None for p in parts) else np.concatenate([p.uncertain for p in parts])
+    perturbed = None if any(p.file_perturbed is None for p in parts) else np.concatenate(
+        [p.file_perturbed for p in parts])
     return Predictions(np.concatenate([p.labels for p in parts]), np.concatenate([p.probs for p in parts]),
-                       parts[0].classes, flags)
+                       parts[0].classes, flags, perturbed)
+
+
+def load_ensemble_file(path: str | Path, load_member: Any) -> EnsembleClassifier:
+    """The ensemble an ensemble file describes, each member loaded by ``load_member(path_or_name)``: averaged and
+    calibrated, or routed (``RoutedClassifier``)."""
+    members, cal = read_ensemble(path)
+    route = read_route(path)
+    if route is None:
+        return EnsembleClassifier([load_member(m) for m in members], cal, Path(path))
+    return RoutedClassifier([load_member(m) for m in members], load_detector(route["detector"]), route["threshold"],
+                            Path(path))
 
 
 def load(path: str | Path | list | tuple | None = None, device: str = "cpu") -> Classifier | EnsembleClassifier:
@@ -275,9 +345,8 @@ def load(path: str | Path | list | tuple | None = None, device: str = "cpu") -> 
     shipped default model; a list of several: their ensemble (``EnsembleClassifier``, averaged probabilities)."""
     if isinstance(path, (list, tuple)):
         return combine([load(p, device) for p in path])
-    if is_ensemble_path(path):  # NAME.ensemble.json: its members and the calibration of their average
-        members, cal = read_ensemble(path)
-        return EnsembleClassifier([load(m, device) for m in members], cal, Path(path))
+    if is_ensemble_path(path):  # NAME.ensemble.json: its members and the calibration of their average, or a route
+        return load_ensemble_file(path, lambda m: load(m, device))
     if path is None:
         path = default_model_path()
         if path is None:

@@ -5,11 +5,16 @@ loaded, served and scored as one model, with an ``uncertain`` flag that means wh
     {"format": "fakeprint-ensemble/1", "members": ["accurate", "default", "fast"], "calibration": {...}}
 
 A member is a shipped model's name, or a checkpoint path: relative paths are read from the file's folder.
+
+A routed ensemble (``fakeprint route PRISTINE PERTURBED --data DIR --out NAME.ensemble.json``) has two members and a
+``route``: each image goes to the first member when its file detector (``models.router``, the safetensors file
+``route.detector``) calls it pristine (probability of a perturbed file below ``route.threshold``), else to the second.
 """
 
 from __future__ import annotations
 
 import json
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +28,34 @@ FORMAT = "fakeprint-ensemble/1"
 SUFFIX = ".ensemble.json"
 
 
+# ensembles shipped inside the package (``weights/NAME.ensemble.json``), by the name every command accepts: ``routed``
+# (``default`` for pristine files, ``robust`` for re-encoded, resized or blurred ones; docs/ROBUSTNESS.md)
+SHIPPED_ENSEMBLES = ("routed",)
+
+
+def shipped_ensemble_path(name: str) -> Path | None:
+    path = Path(str(resources.files("fakeprint") / "weights" / f"{name}{SUFFIX}"))
+    return path if path.is_file() else None
+
+
+def _file(path: str | Path) -> Path:
+    """An ensemble file's path: a shipped ensemble's name (unless a file of that name is here) or the path itself."""
+    if str(path) in SHIPPED_ENSEMBLES and not Path(path).exists():
+        shipped = shipped_ensemble_path(str(path))
+        if shipped is None:
+            raise CheckpointError(f"{str(path)!r}: no such ensemble is shipped in this installation")
+        return shipped
+    return Path(path)
+
+
 def is_ensemble_path(path: Any) -> bool:
-    return isinstance(path, (str, Path)) and str(path).endswith(SUFFIX)
+    return isinstance(path, (str, Path)) and (str(path).endswith(SUFFIX) or (
+        str(path) in SHIPPED_ENSEMBLES and not Path(path).exists()))
 
 
 def read_ensemble(path: str | Path) -> tuple[list[str], dict[str, Any] | None]:
     """The members (paths resolved against the file's folder; shipped names as they are) and the calibration."""
-    path = Path(path)
+    path = _file(path)
     meta = read_json_metadata(path, FORMAT, f"an ensemble is one {SUFFIX} file", "a fakeprint ensemble")
     members = meta.get("members")
     if not isinstance(members, list) or len(members) < 2 or not all(isinstance(m, str) and m for m in members):
@@ -38,6 +64,23 @@ def read_ensemble(path: str | Path) -> tuple[list[str], dict[str, Any] | None]:
     check_metadata_fields({"calibration": meta.get("calibration")}, path)
     resolved = [m if m in SHIPPED_NAMES and not (path.parent / m).exists() else str(path.parent / m) for m in members]
     return resolved, meta.get("calibration") or None
+
+
+def read_route(path: str | Path) -> dict[str, Any] | None:
+    """An ensemble file's ``route`` (its detector's path resolved against the file's folder), or None: averaged."""
+    path = _file(path)
+    meta = read_json_metadata(path, FORMAT, f"an ensemble is one {SUFFIX} file", "a fakeprint ensemble")
+    route = meta.get("route")
+    if route is None:
+        return None
+    if not isinstance(route, dict) or not isinstance(route.get("detector"), str):
+        raise CheckpointError(f"{path}: field 'route' must hold 'detector' (a .safetensors file) and 'threshold'")
+    t = route.get("threshold")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
+        raise CheckpointError(f"{path}: field 'route.threshold' must be a number between 0 and 1, got {t!r}")
+    if len(meta.get("members") or []) != 2:
+        raise CheckpointError(f"{path}: a routed ensemble has two members (pristine files, perturbed files)")
+    return route | {"detector": str(path.parent / route["detector"]), "threshold": float(t)}
 
 
 def write_ensemble(path: str | Path, members: list[str], calibration: dict[str, Any] | None,

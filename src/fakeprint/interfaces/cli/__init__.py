@@ -13,7 +13,7 @@ from fakeprint.core.errors import FakeprintError
 from fakeprint.core.versions import __version__
 
 # in the order ``fakeprint --help`` lists them
-COMMANDS = ("demo", "models", "data_check", "train", "evaluate", "predict", "calibrate", "export", "serve", "study",
+COMMANDS = ("demo", "models", "data_check", "train", "evaluate", "predict", "calibrate", "route", "export", "serve", "study",
             "analyze", "robustness", "label_issues")
 
 
