@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -75,7 +76,7 @@ def main() -> None:
         row["soft"] = float((soft.argmax(1) == held.labels).mean())
         rows.append(row)
         print(json.dumps(row), flush=True)
-    json.dump({"rows": rows, "n_train": args.n, "seconds": time.perf_counter() - t0}, open(args.out, "w"), indent=1)
+    Path(args.out).write_text(json.dumps({"rows": rows, "n_train": args.n, "seconds": time.perf_counter() - t0}, indent=1))
 
 
 if __name__ == "__main__":

@@ -113,3 +113,21 @@ def test_the_shipped_routed_ensemble_loads_by_name():
     blank = np.full((2, 100, 100, 3), 128, np.uint8)
     got = clf.predict(blank)
     assert got.uncertain is not None and got.uncertain.all()  # flat inputs: both members are calibrated
+
+
+def test_predict_and_serve_take_the_shipped_routed_ensemble_by_name(cli, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from conftest_service import encode, random_images
+    from fakeprint.interfaces.serve import build_service, create_app
+
+    img = tmp_path / "a.png"
+    img.write_bytes(encode(random_images(1, seed=3)[0]))
+    proc = cli("predict", "routed", str(img), "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)[0]["label"] in {"0", "1", "2", "3", "4"}
+    with TestClient(create_app(build_service("routed"))) as c:
+        info = c.get("/v1/model").json()
+        r = c.post("/v1/predict", files={"files": ("a.png", img.read_bytes(), "image/png")})
+    assert r.status_code == 200 and isinstance(r.json()["results"][0]["uncertain"], bool)
+    assert info["name"].startswith("routed(") and len(info["members"]) == 2

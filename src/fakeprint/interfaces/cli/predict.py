@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = sub.add_parser("predict", help="classify image files, or write a submission for a dataset split")
     s.add_argument("items", nargs="*", metavar="[CKPT ...] IMAGE",
                    help="checkpoints (optional: run folders, NAME.safetensors, MODEL.onnx, or shipped models: "
-                        "'default', 'accurate', 'fast', 'robust'; several: an ensemble), then image files or folders of images")
+                        "'default', 'accurate', 'fast', 'robust', 'routed'; several: an ensemble), then image files or folders of images")
     s.add_argument("--model", action="append", default=None,
                    help="checkpoint (default: the leading arguments that are checkpoints, or the shipped model); "
                         "repeat it, or give several leading checkpoints, for an ensemble (their averaged "
@@ -104,9 +104,10 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 def _is_checkpoint(item: str) -> bool:
     """A run folder (it holds checkpoints), a checkpoint or ONNX file, or a shipped model's name."""
     from fakeprint.models.checkpoint import SHIPPED_NAMES
+    from fakeprint.models.ensemble_file import SHIPPED_ENSEMBLES
 
     p = Path(item)
-    if item in SHIPPED_NAMES and not p.exists():
+    if item in SHIPPED_NAMES + SHIPPED_ENSEMBLES and not p.exists():
         return True
     if p.is_dir():
         return any(p.glob("*.safetensors"))

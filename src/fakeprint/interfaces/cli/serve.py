@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("checkpoint", nargs="*", default=None,
                    help="a run folder, NAME.safetensors, MODEL.onnx or a shipped model's name (default: the shipped "
                         "model 'default'; 'accurate': 0.8 points more accurate, weaker on class 4; 'fast': twice as fast, "
-                        "less accurate; 'robust': trained on re-encoded, resized and cropped copies of its files too); "
+                        "less accurate; 'robust': trained on re-encoded, resized and cropped copies of its files too; 'routed': pristine files to "
+                        "'default', others to 'robust'); "
                         "several: their ensemble (averaged probabilities, no Grad-CAM, no "
                         "'uncertain' flag), e.g. 'accurate default fast'")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
