@@ -130,4 +130,5 @@ def test_predict_and_serve_take_the_shipped_routed_ensemble_by_name(cli, tmp_pat
         info = c.get("/v1/model").json()
         r = c.post("/v1/predict", files={"files": ("a.png", img.read_bytes(), "image/png")})
     assert r.status_code == 200 and isinstance(r.json()["results"][0]["uncertain"], bool)
+    assert 0.0 <= r.json()["results"][0]["file_perturbed"] <= 1.0
     assert info["name"].startswith("routed(") and len(info["members"]) == 2

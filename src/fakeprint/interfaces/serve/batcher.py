@@ -72,7 +72,8 @@ class _Job:
 def rows(pred: Predictions, start: int, stop: int) -> Predictions:
     """Rows ``start:stop`` of ``pred``."""
     unc = None if pred.uncertain is None else pred.uncertain[start:stop]
-    return Predictions(pred.labels[start:stop], pred.probs[start:stop], pred.classes, unc)
+    fp = None if pred.file_perturbed is None else pred.file_perturbed[start:stop]
+    return Predictions(pred.labels[start:stop], pred.probs[start:stop], pred.classes, unc, fp)
 
 
 class Batcher:

@@ -36,6 +36,8 @@ class ImageResult(BaseModel):
                                            "was not 100x100 and had to be resized (which blurs the traces the model "
                                            "reads); absent for 100x100 images")
     probabilities: dict[str, float] = Field(description="class name -> probability (they sum to 1)")
+    file_perturbed: float | None = Field(default=None, description="a routed model's: the probability that the file "
+                                         "was re-encoded, resized, cropped or blurred (absent for other models)")
     time_ms: float = Field(description="this image's decoding plus its share of the batched model call "
                                        "(and of the Grad-CAM pass when asked for)")
     cam: CamBody | None = None
