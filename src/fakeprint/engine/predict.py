@@ -14,13 +14,12 @@ from tqdm import tqdm
 from fakeprint.core.errors import FakeprintError
 from fakeprint.core.metrics import softmax
 from fakeprint.data.dataset import IMAGE_SIZE, decode_image, to_rgb_array
-from fakeprint.data.loader import tensor_view
 from fakeprint.engine.runtime import pick_device, predict_logits
-from fakeprint.features.preprocess import normalize, to_float, tta_mode
+from fakeprint.features.preprocess import tta_mode
 from fakeprint.features.stat_ops import shared_statistics
 from fakeprint.features.statistics import StatFeatures
 from fakeprint.models.checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
-from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble, read_route
+from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble_file
 from fakeprint.models.fuse import fuse_for_inference
 from fakeprint.models.router import FileDetector, load_detector
 
@@ -267,8 +266,7 @@ class RoutedClassifier(EnsembleClassifier):
 
     def file_perturbed(self, arr: np.ndarray) -> np.ndarray:
         """P(perturbed) of each N x 100 x 100 x 3 uint8 image; call inside ``shared_statistics`` to share them."""
-        x = normalize(to_float(tensor_view(arr)), self.detector.stats.input_norm)
-        return self.detector.probability(self.detector.statistics(x)).numpy()
+        return self.detector.probability(self.detector.image_statistics(arr)).numpy()
 
     def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
         arr = self.members[0].to_array(images)
@@ -332,8 +330,7 @@ def predict_with_progress(clf: Any, images: Any, desc: str = "predicting", progr
 def load_ensemble_file(path: str | Path, load_member: Any) -> EnsembleClassifier:
     """The ensemble an ensemble file describes, each member loaded by ``load_member(path_or_name)``: averaged and
     calibrated, or routed (``RoutedClassifier``)."""
-    members, cal = read_ensemble(path)
-    route = read_route(path)
+    members, cal, route = read_ensemble_file(path)
     if route is None:
         return EnsembleClassifier([load_member(m) for m in members], cal, Path(path))
     return RoutedClassifier([load_member(m) for m in members], load_detector(route["detector"]), route["threshold"],

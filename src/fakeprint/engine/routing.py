@@ -19,22 +19,19 @@ from sklearn.preprocessing import StandardScaler
 
 from fakeprint.core.errors import FakeprintError
 from fakeprint.data.cache import load_split
-from fakeprint.data.loader import tensor_view
 from fakeprint.engine.evaluate import load_eval_split
 from fakeprint.engine.predict import load
 from fakeprint.features.file_augment import random_spec
 from fakeprint.features.perturb import decoded_copies
-from fakeprint.features.preprocess import normalize, to_float
 from fakeprint.models.checkpoint import resolve_checkpoint
-from fakeprint.models.ensemble_file import SUFFIX, is_ensemble_path, write_ensemble
+from fakeprint.models.ensemble_file import SUFFIX, write_ensemble
 from fakeprint.models.router import FileDetector, save_detector
 
 C = 0.1  # the regression's inverse regularisation: 3,705 statistics, a few thousand images
 
 
 def _statistics(det: FileDetector, images: np.ndarray) -> np.ndarray:
-    out = [det.statistics(normalize(to_float(tensor_view(images[s:s + 256])), det.stats.input_norm)).numpy()
-           for s in range(0, len(images), 256)]
+    out = [det.image_statistics(images[s:s + 256]).numpy() for s in range(0, len(images), 256)]
     return np.concatenate(out) if out else np.zeros((0, det.stats.dim), np.float32)
 
 
@@ -48,7 +45,7 @@ def fit_router(pristine: str, perturbed: str, data: str | Path, out: str | Path,
     """Fit the detector on ``images`` training images and a perturbed copy of each, write it beside ``out`` (an
     ensemble file routing between ``pristine`` and ``perturbed``) and return what was measured."""
     out = Path(out)
-    if not is_ensemble_path(out) or not str(out).endswith(SUFFIX):
+    if not str(out).endswith(SUFFIX):
         raise FakeprintError(f"--out {out}: a routed ensemble is written as NAME{SUFFIX}")
     if not 0.0 < threshold < 1.0:
         raise FakeprintError(f"--threshold must be between 0 and 1, got {threshold}")

@@ -4,6 +4,7 @@ co-occurrences, local binary patterns (``statistics.StatFeatures`` composes them
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import threading
@@ -229,7 +230,18 @@ def _triples(r: torch.Tensor, axis: int) -> torch.Tensor:
 
 
 _SHARED = threading.local()
-_PRINTS: dict[int, tuple[torch.Tensor, list]] = {}  # fingerprints of the inputs in shared_statistics entries
+
+
+@dataclasses.dataclass
+class _Entry:
+    """What one ``StatFeatures`` call computed inside ``shared_statistics``; ``prints``: its rows' fingerprints,
+    made the first time another call looks for its rows."""
+
+    key: tuple
+    groups: tuple[str, ...]
+    x: torch.Tensor
+    out: tuple[torch.Tensor, ...]
+    prints: list[tuple[float, ...]] | None = None
 
 
 @contextlib.contextmanager
@@ -244,8 +256,6 @@ def shared_statistics() -> Iterator[None]:
     try:
         yield
     finally:
-        for e in _SHARED.entries:
-            _PRINTS.pop(id(e[2]), None)
         _SHARED.entries = before
 
 
@@ -255,20 +265,20 @@ def shared_or_computed(key: tuple, groups: tuple[str, ...], dim: int, x: torch.T
     same ``key`` (what is computed, the input's normalisation) by groups that begin with ``groups``, for an input
     equal to ``x``, or for inputs whose rows, taken together, hold every row of ``x`` (a routed ensemble computes
     every image's statistics once, then gives each member its share: ``engine.predict.RoutedClassifier``)."""
-    entries = getattr(_SHARED, "entries", None)
+    entries: list[_Entry] | None = getattr(_SHARED, "entries", None)
     if entries is None:
         return compute()
     n = len(groups)
-    same = [e for e in entries if e[0] == key and e[1][:n] == groups and e[2].shape[1:] == x.shape[1:]
-            and e[2].dtype == x.dtype and e[2].device == x.device]
-    for _, _, e_x, e_out in same:
-        if e_x.shape == x.shape and torch.equal(e_x, x):
-            return tuple(o[:, :dim] for o in e_out)
+    same = [e for e in entries if e.key == key and e.groups[:n] == groups and e.x.shape[1:] == x.shape[1:]
+            and e.x.dtype == x.dtype and e.x.device == x.device]
+    for e in same:
+        if e.x.shape == x.shape and torch.equal(e.x, x):
+            return tuple(o[:, :dim] for o in e.out)
     rows = _rows_of(x, same) if same else None
     if rows is not None:
-        return tuple(torch.stack([same[e][3][k][r, :dim] for e, r in rows]) for k in range(len(same[0][3])))
+        return tuple(torch.stack([same[e].out[k][r, :dim] for e, r in rows]) for k in range(len(same[0].out)))
     out = compute()
-    entries.append((key, groups, x, out))
+    entries.append(_Entry(key, groups, x, out))
     return out
 
 
@@ -280,18 +290,17 @@ def _fingerprint(x: torch.Tensor) -> list[tuple[float, ...]]:
     return [tuple(r) for r in x[(slice(None), *(torch.from_numpy(p) for p in pos))].tolist()]
 
 
-def _rows_of(x: torch.Tensor, entries: list) -> list[tuple[int, int]] | None:
+def _rows_of(x: torch.Tensor, entries: list[_Entry]) -> list[tuple[int, int]] | None:
     """(entry, row) of a row equal to each row of ``x``, in ``x``'s order; None unless every row is found."""
     index: dict[tuple, list[tuple[int, int]]] = {}
     for e, entry in enumerate(entries):
-        prints = _PRINTS.get(id(entry[2]))
-        if prints is None or prints[0] is not entry[2]:
-            prints = _PRINTS[id(entry[2])] = (entry[2], _fingerprint(entry[2]))
-        for r, f in enumerate(prints[1]):
+        if entry.prints is None:
+            entry.prints = _fingerprint(entry.x)
+        for r, f in enumerate(entry.prints):
             index.setdefault(f, []).append((e, r))
     found = []
     for i, f in enumerate(_fingerprint(x)):
-        match = next(((e, r) for e, r in index.get(f, ()) if torch.equal(entries[e][2][r], x[i])), None)
+        match = next(((e, r) for e, r in index.get(f, ()) if torch.equal(entries[e].x[r], x[i])), None)
         if match is None:
             return None
         found.append(match)

@@ -55,6 +55,13 @@ def is_ensemble_path(path: Any) -> bool:
 
 def read_ensemble(path: str | Path) -> tuple[list[str], dict[str, Any] | None]:
     """The members (paths resolved against the file's folder; shipped names as they are) and the calibration."""
+    members, calibration, _ = read_ensemble_file(path)
+    return members, calibration
+
+
+def read_ensemble_file(path: str | Path) -> tuple[list[str], dict[str, Any] | None, dict[str, Any] | None]:
+    """The members and the calibration (as ``read_ensemble``) and the ``route`` (its detector's path resolved
+    against the file's folder; None: the members are averaged), from one reading of the file."""
     path = _file(path)
     meta = read_json_metadata(path, FORMAT, f"an ensemble is one {SUFFIX} file", "a fakeprint ensemble")
     members = meta.get("members")
@@ -63,13 +70,10 @@ def read_ensemble(path: str | Path) -> tuple[list[str], dict[str, Any] | None]:
                               f"got {members!r}"[:300])
     check_metadata_fields({"calibration": meta.get("calibration")}, path)
     resolved = [m if m in SHIPPED_NAMES and not (path.parent / m).exists() else str(path.parent / m) for m in members]
-    return resolved, meta.get("calibration") or None
+    return resolved, meta.get("calibration") or None, _route(meta, path)
 
 
-def read_route(path: str | Path) -> dict[str, Any] | None:
-    """An ensemble file's ``route`` (its detector's path resolved against the file's folder), or None: averaged."""
-    path = _file(path)
-    meta = read_json_metadata(path, FORMAT, f"an ensemble is one {SUFFIX} file", "a fakeprint ensemble")
+def _route(meta: dict[str, Any], path: Path) -> dict[str, Any] | None:
     route = meta.get("route")
     if route is None:
         return None
@@ -78,7 +82,7 @@ def read_route(path: str | Path) -> dict[str, Any] | None:
     t = route.get("threshold")
     if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
         raise CheckpointError(f"{path}: field 'route.threshold' must be a number between 0 and 1, got {t!r}")
-    if len(meta.get("members") or []) != 2:
+    if len(meta["members"]) != 2:
         raise CheckpointError(f"{path}: a routed ensemble has two members (pristine files, perturbed files)")
     return route | {"detector": str(path.parent / route["detector"]), "threshold": float(t)}
 

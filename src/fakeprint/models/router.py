@@ -12,12 +12,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import nn
 
 from fakeprint.core.errors import CheckpointError
+from fakeprint.data.loader import tensor_view
+from fakeprint.features.preprocess import normalize, to_float
 from fakeprint.features.statistics import FEATURE_SETS, StatFeatures
 
 FORMAT = "fakeprint-router/1"
@@ -42,6 +45,10 @@ class FileDetector(nn.Module):
         in slices of STATS_SLICE), so that a hybrid member given the same images takes them from here."""
         return torch.cat([self.stats.forward_and_mirror(c)[0] for c in x.split(STATS_SLICE)]) if len(x) else (
             torch.zeros(0, self.stats.dim))
+
+    def image_statistics(self, images: np.ndarray) -> torch.Tensor:
+        """``statistics`` of N x H x W x 3 uint8 images, normalised as the model that shares them sees them."""
+        return self.statistics(normalize(to_float(tensor_view(images)), self.stats.input_norm))
 
     def probability(self, f: torch.Tensor) -> torch.Tensor:
         """P(perturbed) of statistics ``f`` (N x dim)."""
