@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None, help="the started server's --threads")
     p.add_argument("--max-batch", type=int, default=None, help="the started server's --max-batch")
     p.add_argument("--max-wait-ms", type=float, default=None, help="the started server's --max-wait-ms")
+    p.add_argument("--model-calls", type=int, default=None, help="the started server's --model-calls")
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
     for name, lo, hi in (("requests", 1, 10000), ("concurrency", 1, 64), ("images_per_request", 1, 32),
@@ -229,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         url = args.url
         if not url:
             log = Path(tmp.name) / "server.log"
-            extra = [f for flag, v in (("--max-batch", args.max_batch), ("--max-wait-ms", args.max_wait_ms))
+            extra = [f for flag, v in (("--max-batch", args.max_batch), ("--max-wait-ms", args.max_wait_ms),
+                                       ("--model-calls", args.model_calls))
                      if v is not None for f in (flag, str(v))]
             proc, url = start_server(checkpoint, args.backend, args.workers, args.threads, log, extra)
             try:

@@ -80,7 +80,7 @@ def test_requests_that_arrive_together_share_one_call_and_get_their_own_rows_in_
 
 def test_a_call_never_holds_more_than_max_batch_images_and_jobs_keep_their_order():
     model = FakeModel()
-    batcher = Batcher(model.predict, BatchPolicy(max_batch=4, max_wait_ms=50))
+    batcher = Batcher(model.predict, BatchPolicy(max_batch=4, max_wait_ms=50, model_calls=1))
 
     async def main():
         sizes = [3, 2, 6, 1, 1]  # the 6 runs alone: a job is never split
@@ -114,7 +114,7 @@ def test_a_failing_call_is_retried_job_by_job_so_only_the_bad_job_fails():
 def test_a_job_past_its_deadline_is_refused_without_running():
     gate = threading.Event()
     model = FakeModel(gate)
-    batcher = Batcher(model.predict, BatchPolicy(max_batch=1, max_wait_ms=0, deadline_s=0.2))
+    batcher = Batcher(model.predict, BatchPolicy(max_batch=1, max_wait_ms=0, deadline_s=0.2, model_calls=1))
 
     async def main():
         first = asyncio.ensure_future(batcher.submit(marked(1)))
@@ -135,7 +135,7 @@ def test_a_job_past_its_deadline_is_refused_without_running():
 def test_a_cancelled_request_never_reaches_the_model():
     gate = threading.Event()
     model = FakeModel(gate)
-    batcher = Batcher(model.predict, BatchPolicy(max_batch=1, max_wait_ms=0))
+    batcher = Batcher(model.predict, BatchPolicy(max_batch=1, max_wait_ms=0, model_calls=1))
 
     async def main():
         first = asyncio.ensure_future(batcher.submit(marked(1)))
@@ -152,6 +152,33 @@ def test_a_cancelled_request_never_reaches_the_model():
     (first, kept), cancelled = run(main())
     assert cancelled and model.calls == [[1], [3]]
     assert list(kept.predictions.labels) == [3]
+
+
+def test_with_two_model_calls_the_next_batch_starts_while_the_first_runs_and_batches_keep_arrival_order():
+    gate = threading.Event()
+    model = FakeModel(gate)
+    batcher = Batcher(model.predict, BatchPolicy(max_batch=3, max_wait_ms=0, model_calls=2))
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(marked(1)))
+        await asyncio.to_thread(model.started.wait, 5)  # the first call holds its worker until the gate opens
+        rest = [asyncio.ensure_future(batcher.submit(marked(m))) for m in range(2, 9)]
+        for _ in range(200):  # the second call starts without waiting for the first
+            if len(model.calls) == 2:
+                break
+            await asyncio.sleep(0.01)
+        started_before_gate = [list(c) for c in model.calls]
+        gate.set()
+        out = await asyncio.gather(first, *rest)
+        await batcher.close()
+        return started_before_gate, out
+
+    started, out = run(main())
+    assert started == [[1], [2, 3, 4]]  # at most two calls at once; the second took the oldest jobs that fit
+    assert [int(r.predictions.labels[0]) for r in out] == [m % 5 for m in range(1, 9)]
+    marks = sorted(m for c in model.calls for m in c)
+    assert marks == list(range(1, 9)) and all(c == sorted(c) and len(c) <= 3 for c in model.calls)
+    assert all(c == list(range(c[0], c[0] + len(c))) for c in model.calls)  # each call: consecutive arrivals
 
 
 def test_a_lone_request_waits_at_most_max_wait():
@@ -232,7 +259,7 @@ def test_a_bad_image_fails_only_its_own_request_beside_a_shared_call(service):
 
 def test_a_request_past_its_deadline_gets_503_with_retry_after(service):
     recording(service, delay=1.0)
-    app = create_app(service, batching=BatchPolicy(max_batch=1, max_wait_ms=0, deadline_s=0.3))
+    app = create_app(service, batching=BatchPolicy(max_batch=1, max_wait_ms=0, deadline_s=0.3, model_calls=1))
     blob = encode(random_images(1)[0])
     with running_server(app) as url:
         with ThreadPoolExecutor(2) as pool:
@@ -286,15 +313,39 @@ def test_metrics_need_the_token_like_the_api_and_unknown_paths_are_one_series(se
 def test_model_info_says_how_requests_are_batched(service):
     with TestClient(create_app(service, batching=BatchPolicy(max_batch=16, max_wait_ms=3, deadline_s=9))) as c:
         info = c.get("/v1/model").json()
-    assert info["batching"] == {"max_batch": 16, "max_wait_ms": 3, "deadline_s": 9}
+    assert info["batching"] == {"max_batch": 16, "max_wait_ms": 3, "deadline_s": 9, "model_calls": 2}
     assert info["limits"]["heavy_pixels"] == Limits().heavy_pixels
 
 
 @pytest.mark.parametrize("flag,value", [("--max-batch", "0"), ("--max-wait-ms", "-1"), ("--deadline", "0"),
-                                        ("--threads", "0")])
+                                        ("--threads", "0"), ("--model-calls", "0")])
 def test_serve_refuses_bad_batching_options(flag, value, capsys):
     from fakeprint.interfaces.cli import main
 
     assert main(["serve", flag, value]) == 2
     err = capsys.readouterr().err
     assert flag in err and "Traceback" not in err
+
+
+def test_the_shipped_models_answer_the_same_when_called_from_two_threads_at_once():
+    """What ``model_calls`` 2 does to a classifier: two predictions in flight in two threads (the routed model
+    shares statistics between its detector and members in thread-local state)."""
+    from fakeprint.engine.predict import load
+
+    clf = load("routed")
+    images = [random_images(6, seed=s) for s in (11, 12)]
+    alone = [clf.predict(im) for im in images]
+    barrier = threading.Barrier(2)
+
+    def together(im):
+        barrier.wait(10)
+        return [clf.predict(im) for _ in range(3)]
+
+    with ThreadPoolExecutor(2) as pool:
+        both = list(pool.map(together, images))
+    for want, got in zip(alone, both, strict=True):
+        for pred in got:
+            assert np.array_equal(pred.labels, want.labels)
+            assert np.allclose(pred.probs, want.probs, atol=1e-6)
+            assert np.array_equal(pred.uncertain, want.uncertain)
+            assert np.allclose(pred.file_perturbed, want.file_perturbed, atol=1e-6)

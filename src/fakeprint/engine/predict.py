@@ -44,6 +44,12 @@ class Predictions:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def subset(self, rows: slice | np.ndarray) -> Predictions:
+        """The predictions of ``rows`` (a slice or an index array), in that order."""
+        return Predictions(self.labels[rows], self.probs[rows], self.classes,
+                           None if self.uncertain is None else self.uncertain[rows],
+                           None if self.file_perturbed is None else self.file_perturbed[rows])
+
     def as_dicts(self) -> list[dict[str, Any]]:
         flags = [None] * len(self.labels) if self.uncertain is None else [bool(u) for u in self.uncertain]
         out = [{"label": self.classes[int(lab)], "label_index": int(lab),

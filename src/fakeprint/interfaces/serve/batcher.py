@@ -1,12 +1,14 @@
 """Dynamic batching: the images of requests that arrive together go through the model in one call.
 
 Each request's images, already decoded (N x 100 x 100 x 3 uint8), become one job in a first-in first-out queue.
-One task per event loop takes the oldest job, waits at most ``max_wait_ms`` for company, takes the jobs behind it
-in arrival order while their images fit in ``max_batch`` (a job is never split: one larger than ``max_batch`` runs
-alone), and calls the model once, in a worker thread, for all of them; each request gets its own rows back. While
-the model runs, new jobs queue up, so under load every call is as full as the queue allows, and when the service
-is idle a lone request waits ``max_wait_ms`` at most. This is what Triton's dynamic batcher and Ray Serve's
-``@serve.batch`` do.
+A task takes the oldest job, waits at most ``max_wait_ms`` for company, takes the jobs behind it in arrival order
+while their images fit in ``max_batch`` (a job is never split: one larger than ``max_batch`` runs alone), and
+calls the model once, in a worker thread, for all of them; each request gets its own rows back. While the model
+runs, new jobs queue up, so under load every call is as full as the queue allows, and when the service is idle a
+lone request waits ``max_wait_ms`` at most. This is what Triton's dynamic batcher and Ray Serve's ``@serve.batch``
+do. ``model_calls`` such tasks run per event loop (Triton's instance count): one batch forms at a time, in arrival
+order, and starts while the others' calls run, so the cores are not idle while a call's answers travel back and the
+next requests arrive (on 2 cores, one model thread a call: 82 against 73 requests/s at concurrency 8).
 
 - **Deadlines.** A job not started within ``deadline_s`` of its arrival is answered ``DeadlineExceeded`` (the app
   says 503 ``deadline_exceeded``, Retry-After) instead of running late for a client that has likely given up.
@@ -36,14 +38,16 @@ from fakeprint.interfaces.serve.metrics import ServiceMetrics
 @dataclass(frozen=True)
 class BatchPolicy:
     """``max_batch``: images per model call; ``max_wait_ms``: how long the oldest job waits for company;
-    ``deadline_s``: how long a job may wait for its model call at all."""
+    ``deadline_s``: how long a job may wait for its model call at all; ``model_calls``: calls in flight at once."""
 
     max_batch: int = 64
     max_wait_ms: float = 5.0
     deadline_s: float = 30.0
+    model_calls: int = 2
 
     def as_dict(self) -> dict[str, float]:
-        return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms, "deadline_s": self.deadline_s}
+        return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait_ms, "deadline_s": self.deadline_s,
+                "model_calls": self.model_calls}
 
 
 class DeadlineExceeded(Exception):
@@ -69,16 +73,9 @@ class _Job:
     deadline: float
 
 
-def rows(pred: Predictions, start: int, stop: int) -> Predictions:
-    """Rows ``start:stop`` of ``pred``."""
-    unc = None if pred.uncertain is None else pred.uncertain[start:stop]
-    fp = None if pred.file_perturbed is None else pred.file_perturbed[start:stop]
-    return Predictions(pred.labels[start:stop], pred.probs[start:stop], pred.classes, unc, fp)
-
-
 class Batcher:
     """Gathers jobs into model calls (see the module's docstring). ``predict``: N images -> ``Predictions``,
-    called from one worker thread at a time."""
+    called from up to ``policy.model_calls`` worker threads at once (the torch and onnx classifiers allow it)."""
 
     def __init__(self, predict: Callable[[np.ndarray], Predictions], policy: BatchPolicy | None = None,
                  metrics: ServiceMetrics | None = None):
@@ -86,7 +83,8 @@ class Batcher:
         self.policy = policy or BatchPolicy()
         self.metrics = metrics or ServiceMetrics()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._collecting: asyncio.Lock | None = None
         self._queue: collections.deque[_Job] = collections.deque()
         self._wakeup: asyncio.Event | None = None
 
@@ -103,29 +101,33 @@ class Batcher:
 
     async def close(self) -> None:
         """Stop the batching task (the app's shutdown); jobs still queued are cancelled."""
-        task, self._task = self._task, None
-        if task is not None and not task.done():
+        tasks, self._tasks = [t for t in self._tasks if not t.done()], []
+        for task in tasks:
             task.cancel()
+        if tasks:
             with anyio.CancelScope(shield=True):
-                await asyncio.gather(task, return_exceptions=True)
+                await asyncio.gather(*tasks, return_exceptions=True)
         while self._queue:
             self._queue.popleft().future.cancel()
 
     def _ensure_running(self) -> None:
         loop = asyncio.get_running_loop()
-        if self._loop is not loop or self._task is None or self._task.done():
-            self._loop, self._wakeup = loop, asyncio.Event()
+        if self._loop is not loop:  # a new event loop (the app restarted): the old loop's tasks and jobs are gone
+            self._loop, self._wakeup, self._collecting, self._tasks = loop, asyncio.Event(), asyncio.Lock(), []
             self._queue = collections.deque(j for j in self._queue if j.future.get_loop() is loop)
-            self._task = loop.create_task(self._run(), name="fakeprint-batcher")
+        self._tasks = [t for t in self._tasks if not t.done()]  # a running call is never cancelled to make room
+        while len(self._tasks) < max(1, self.policy.model_calls):
+            self._tasks.append(loop.create_task(self._run(), name=f"fakeprint-batcher-{len(self._tasks)}"))
 
     async def _run(self) -> None:
-        assert self._wakeup is not None
+        assert self._wakeup is not None and self._collecting is not None
         while True:
             if not self._queue:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            jobs = await self._collect()
+            async with self._collecting:  # one batch forms at a time; the others' model calls run meanwhile
+                jobs = await self._collect()
             if jobs:
                 await self._call(jobs)
 
@@ -197,6 +199,6 @@ class Batcher:
             n = len(job.images)
             m.queue_seconds.observe(start - job.arrived)
             if not job.future.done():
-                job.future.set_result(BatchResult(rows(pred, offset, offset + n), per_image, len(batch), len(jobs),
+                job.future.set_result(BatchResult(pred.subset(slice(offset, offset + n)), per_image, len(batch), len(jobs),
                                                   (start - job.arrived) * 1e3))
             offset += n
