@@ -204,3 +204,29 @@ def test_a_service_with_an_api_token_asks_for_it_once(browser, run):
         pg.wait_for_selector('.card.done[data-filename="tok.png"]')
         context.close()
     assert len(asked) == 1 and "API token" in asked[0]
+
+
+def test_a_routed_model_says_which_kind_of_file_and_which_member_answered(browser, tmp_path):
+    """With ``routed`` each card says whether the file detector took it for a pristine or a re-saved file, and so
+    which member answered. (Synthetic images look re-saved to the detector, so the route's threshold is moved to
+    send the same file each way.)"""
+    png = tmp_path / "image.png"
+    png.write_bytes(encode(render(1, np.random.default_rng(8))))
+    for threshold, perturbed in ((1.5, False), (0.0, True)):
+        service = build_service("routed", cam=False)
+        service.classifier.threshold = threshold
+        with running_server(create_app(service)) as base:
+            context = browser.new_context()
+            pg = context.new_page()
+            pg.set_default_timeout(60_000)
+            pg.goto(base + "/")
+            expect(pg.locator("#model .chip.strong")).to_contain_text("routed")
+            pg.set_input_files("#file-input", [str(png)])
+            note = pg.locator('.card.done[data-filename="image.png"] p.route')
+            expect(note).to_have_count(1)
+            text, classes = note.text_content(), note.get_attribute("class")
+            context.close()
+        if perturbed:
+            assert "perturbed" in classes and "re-saved" in text and "answered by robust" in text
+        else:
+            assert "perturbed" not in classes and "as its generator wrote it" in text and "answered by default" in text

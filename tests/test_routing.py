@@ -132,3 +132,91 @@ def test_predict_and_serve_take_the_shipped_routed_ensemble_by_name(cli, tmp_pat
     assert r.status_code == 200 and isinstance(r.json()["results"][0]["uncertain"], bool)
     assert 0.0 <= r.json()["results"][0]["file_perturbed"] <= 1.0
     assert info["name"].startswith("routed(") and len(info["members"]) == 2
+    assert info["route"] == {"threshold": 0.5, "pristine": "default", "perturbed": "robust"}
+    with TestClient(create_app(build_service("default"))) as c:
+        assert c.get("/v1/model").json()["route"] is None
+        js = c.get("/static/app.js").text
+    assert "r.file_perturbed" in js and "route.threshold" in js  # the page says which kind of file, which member
+
+
+def _preds(top: list[float], wrong: list[bool], second: list[bool], own: list[bool] | None = None):
+    """Predictions of two classes whose top probability, correctness (against label 0), route and own flag are given."""
+    from fakeprint.engine.predict import Predictions
+
+    top_a = np.asarray(top, np.float32)
+    labels = np.asarray(wrong, np.int64)  # wrong: predicted 1, right: predicted 0
+    probs = np.where(labels[:, None] == 1, np.c_[1 - top_a, top_a], np.c_[top_a, 1 - top_a]).astype(np.float32)
+    return Predictions(labels, probs, ["0", "1"], np.asarray(own or [False] * len(top), bool),
+                       np.where(np.asarray(second), 0.9, 0.1).astype(np.float32))
+
+
+def test_the_route_threshold_is_the_lowest_that_flags_the_share_of_wrong_answers_asked_for():
+    from fakeprint.engine.routing import route_threshold
+
+    tops = [0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99]
+    wrong = [True] * 10
+    labels = np.zeros(10, np.int64)
+    u = route_threshold([_preds(tops, wrong, [True] * 10)], labels, 0.5, 0.7)
+    assert 0.85 < u < 0.851  # seven of ten below it, the eighth (0.9) not
+    u = route_threshold([_preds(tops[:5], wrong[:5], [True] * 5), _preds(tops[5:], wrong[5:], [True] * 5)],
+                        labels[:5], 0.5, 0.7)
+    assert 0.85 < u < 0.851  # the same answers in two perturbations
+    own = [False] * 6 + [True] * 4  # the member already flags the four surest: three more are needed
+    assert 0.65 < route_threshold([_preds(tops, wrong, [True] * 10, own)], labels, 0.5, 0.7) < 0.651
+    assert route_threshold([_preds(tops, wrong, [True] * 10, [True] * 10)], labels, 0.5, 0.7) == 0.0
+    # first-route wrong answers are never flagged by it: when they are too many, no threshold reaches the share
+    assert route_threshold([_preds(tops, wrong, [False] * 5 + [True] * 5)], labels, 0.5, 0.7) == 1.0
+
+
+def test_calibrating_a_route_writes_its_flag_and_flags_only_second_route_answers_below_it(routed, tmp_path, cli):
+    import shutil
+
+    from fakeprint.engine.calibration import calibrate_checkpoint
+
+    base, data, runs, out, route, full = routed
+    copy = tmp_path / "copy"
+    shutil.copytree(base, copy)
+    for r in ("r1/m", "r2/m"):
+        calibrate_checkpoint(copy / r, data)
+    pair = copy / "pair.ensemble.json"
+    proc = cli("calibrate", str(pair), "--data", str(data), "--perturbed", "jpeg:q=60;blur:r=1.0",
+               "--wrong-flagged", "0.8")
+    assert proc.returncode == 0, proc.stderr
+    fit = json.loads(proc.stdout)
+    saved = json.loads(pair.read_text())["route"]
+    assert saved["uncertain_below"] == fit["uncertain_below"] and saved["uncertain_fit"]["n"] == 40
+    assert saved["detector"] == "pair.router.safetensors" and saved["threshold"] == 0.5  # the rest kept
+    assert set(fit["cross_fitted"]) == {"clean_flagged", "wrong_flagged_under_perturbations",
+                                        "right_flagged_under_perturbations"}
+    assert fit["in_sample"]["wrong_flagged_under_perturbations"] >= 0.8 or fit["uncertain_below"] == 1.0
+    clf = fakeprint.load(pair)
+    assert clf.uncertain_below == fit["uncertain_below"]
+    x = np.concatenate([full.images[160:200], perturbed_images(full.images[160:200], "jpeg:q=60")])
+    got = clf.predict(x)
+    clf.uncertain_below = None
+    own = clf.predict(x)
+    second = got.file_perturbed >= clf.threshold
+    extra = got.uncertain & ~own.uncertain
+    assert not extra[~second].any()  # pristine-route answers keep their member's flag
+    np.testing.assert_array_equal(extra[second], (got.probs.max(1) < fit["uncertain_below"])[second]
+                                  & ~own.uncertain[second])
+    np.testing.assert_array_equal(got.labels, own.labels)  # only the flag changes
+
+
+def test_route_calibration_refuses_what_it_cannot_use(routed, tmp_path, cli):
+    base, data, runs, out, route, full = routed
+    proc = cli("calibrate", str(out), "--data", str(data), "--wrong-flagged", "1.5")
+    assert proc.returncode == 2 and "--wrong-flagged" in proc.stderr and "Traceback" not in proc.stderr
+    proc = cli("calibrate", str(out), "--data", str(data))  # the fixture's members are not calibrated
+    assert proc.returncode == 2 and "calibrated first" in proc.stderr
+    proc = cli("calibrate", str(out), "--data", str(data), "--out", str(tmp_path / "x.ensemble.json"))
+    assert proc.returncode == 2 and "--out" in proc.stderr
+    proc = cli("calibrate", str(runs[0]), "--data", str(data), "--wrong-flagged", "0.7")
+    assert proc.returncode == 2 and "routed" in proc.stderr
+    body = json.loads(out.read_text())
+    bad = tmp_path / "bad.ensemble.json"
+    for value in (2, "high", True):
+        bad.write_text(json.dumps(body | {"route": body["route"] | {"detector": str(base / "pair.router.safetensors"),
+                                                                   "uncertain_below": value}}))
+        with pytest.raises(CheckpointError, match="route.uncertain_below"):
+            fakeprint.load(bad)

@@ -253,18 +253,21 @@ class EnsembleClassifier:
 class RoutedClassifier(EnsembleClassifier):
     """Two classifiers and a file detector (``models.router``): an image whose file the detector calls pristine
     (P(perturbed) below ``threshold``) is classified by the first member, any other by the second; each answer
-    (probabilities, ``uncertain``) is its member's, calibrated as that member is. The statistics are computed once
-    per image, by the detector, and hybrid members take theirs from there (``features.stat_ops.shared_statistics``):
-    routing costs about what the first member alone costs."""
+    (probabilities, ``uncertain``) is its member's, calibrated as that member is; ``uncertain_below`` (fitted by
+    ``engine.routing.calibrate_route``) also flags a second-member answer whose top probability is below it. The
+    statistics are computed once per image, by the detector, and hybrid members take theirs from there
+    (``features.stat_ops.shared_statistics``): routing costs about what the first member alone costs."""
 
     def __init__(self, members: list[Classifier], detector: FileDetector, threshold: float,
-                 path: Path | None = None):
+                 path: Path | None = None, uncertain_below: float | None = None):
         if len(members) != 2:
             raise FakeprintError("a routed ensemble has two members: one for pristine files, one for perturbed ones")
         super().__init__(members, None, path)
         self.detector, self.threshold = detector, float(threshold)
+        self.uncertain_below = uncertain_below  # the second route's own flag threshold (engine.routing)
         self.meta["model"] = "|".join(m.name for m in members)
-        self.meta["route"] = {"threshold": self.threshold, "feature_set": detector.feature_set}
+        self.meta["route"] = {"threshold": self.threshold, "feature_set": detector.feature_set,
+                              "uncertain_below": uncertain_below}
 
     @property
     def name(self) -> str:
@@ -295,6 +298,8 @@ class RoutedClassifier(EnsembleClassifier):
                         flags = None
                     elif flags is not None:
                         flags[start + idx] = got.uncertain
+                        if which == 1 and self.uncertain_below is not None:  # a re-saved file: a higher bar
+                            flags[start + idx] |= got.probs.max(1) < self.uncertain_below
             p_all[start:start + len(chunk)] = p
         return Predictions(labels, probs, self.classes, flags, p_all)
 
@@ -340,7 +345,7 @@ def load_ensemble_file(path: str | Path, load_member: Any) -> EnsembleClassifier
     if route is None:
         return EnsembleClassifier([load_member(m) for m in members], cal, Path(path))
     return RoutedClassifier([load_member(m) for m in members], load_detector(route["detector"]), route["threshold"],
-                            Path(path))
+                            Path(path), route.get("uncertain_below"))
 
 
 def load(path: str | Path | list | tuple | None = None, device: str = "cpu") -> Classifier | EnsembleClassifier:

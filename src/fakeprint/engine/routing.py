@@ -5,6 +5,14 @@ resized, cropped, blurred or noisy, the copies drawn from the training augmentat
 (``features.file_augment.random_spec``: a different seed from any suite's). It is a logistic regression on the
 standardised statistics (scikit-learn), its accuracy measured on a quarter of the fitting images held out before
 it is refitted on all of them.
+
+``calibrate_route`` (``fakeprint calibrate NAME.ensemble.json --data DIR``) then gives the perturbed route a flag of
+its own. Its member is calibrated on clean images, but on re-saved files it is wrong more often (about 11% against
+6%) and is sure of more of its mistakes. On the held-out split and its perturbed copies, the route's threshold on the
+top probability is the lowest at which ``wrong_flagged`` (0.75) of the wrong answers among those copies are flagged
+(the member's own flag counts). Clean images mostly take the first route, so its cost falls on right answers for
+re-saved files, and it is reported: cross-fitted (fitted on one half of the images, measured on the other, both
+ways), the shares of clean images, of wrong answers and of right answers flagged.
 """
 
 from __future__ import annotations
@@ -19,12 +27,12 @@ from sklearn.preprocessing import StandardScaler
 
 from fakeprint.core.errors import FakeprintError
 from fakeprint.data.cache import load_split
-from fakeprint.engine.evaluate import load_eval_split
-from fakeprint.engine.predict import load
+from fakeprint.engine.evaluate import load_eval_split, load_scored
+from fakeprint.engine.predict import Predictions, RoutedClassifier, load
 from fakeprint.features.file_augment import random_spec
-from fakeprint.features.perturb import decoded_copies
+from fakeprint.features.perturb import decoded_copies, perturbed_images, suite
 from fakeprint.models.checkpoint import resolve_checkpoint
-from fakeprint.models.ensemble_file import SUFFIX, write_ensemble
+from fakeprint.models.ensemble_file import SUFFIX, update_route, write_ensemble
 from fakeprint.models.router import FileDetector, save_detector
 
 C = 0.1  # the regression's inverse regularisation: 3,705 statistics, a few thousand images
@@ -89,3 +97,77 @@ def fit_router(pristine: str, perturbed: str, data: str | Path, out: str | Path,
              "measured": measured}
     write_ensemble(out, [str(pristine), str(perturbed)], None, {"route": route})
     return route
+
+
+WRONG_FLAGGED = 0.75
+
+
+def route_threshold(outputs: list[Predictions], labels: np.ndarray, threshold: float, wrong_flagged: float) -> float:
+    """The lowest threshold on the top probability of second-route answers at which ``wrong_flagged`` of the wrong
+    answers in ``outputs`` (predictions of perturbed copies of images labelled ``labels``, members' own flags
+    included) are flagged; 0.0 when the members' flags already reach it."""
+    top = np.concatenate([o.probs.max(1) for o in outputs])
+    wrong = np.concatenate([o.labels != labels for o in outputs])
+    own = np.concatenate([np.asarray(o.uncertain, bool) for o in outputs])
+    second = np.concatenate([o.file_perturbed >= threshold for o in outputs])
+    if not wrong.any() or own[wrong].mean() >= wrong_flagged:
+        return 0.0
+    # flagged at threshold u: own | (second & top < u); try each second-route wrong answer's score, just above it
+    for u in np.unique(top[wrong & second & ~own]):
+        u = float(np.nextafter(np.float32(u), np.float32(2)))
+        if (own | (second & (top < u)))[wrong].mean() >= wrong_flagged:
+            return u
+    return 1.0
+
+
+def _flag_shares(outputs: list[Predictions], clean: Predictions, labels: np.ndarray, threshold: float,
+                 u: float) -> dict[str, float]:
+    def flags(o: Predictions) -> np.ndarray:
+        return np.asarray(o.uncertain, bool) | ((o.file_perturbed >= threshold) & (o.probs.max(1) < u))
+
+    wrong = [o.labels != labels for o in outputs]
+    f = [flags(o) for o in outputs]
+    return {"clean_flagged": float(flags(clean).mean()),
+            "wrong_flagged_under_perturbations": float(np.mean([x[w].mean() for x, w in zip(f, wrong, strict=True)
+                                                                if w.any()])),
+            "right_flagged_under_perturbations": float(np.mean([x[~w].mean() for x, w in zip(f, wrong, strict=True)
+                                                                if (~w).any()]))}
+
+
+def calibrate_route(path: str | Path, data: str | Path, split: str = "internal", perturbed: str = "quick",
+                    wrong_flagged: float = WRONG_FLAGGED, seed: int = 0) -> dict[str, Any]:
+    """Fit ``route.uncertain_below`` of the routed ensemble file ``path`` on the held-out ``split`` of ``data`` and
+    perturbed copies of it (the ``perturbed`` suite), write it into the file, and return it with the cross-fitted
+    figures (see the module's docstring)."""
+    if split == "train":
+        raise FakeprintError("the train split was trained on; calibration needs held-out images")
+    if not 0.0 < wrong_flagged < 1.0:
+        raise FakeprintError(f"--wrong-flagged must be between 0 and 1, got {wrong_flagged}")
+    specs = [s for s in suite(perturbed) if s != "none"]
+    if not specs:
+        raise FakeprintError(f"--perturbed {perturbed!r}: the route's flag is fitted on perturbed copies; name some")
+    clf, ds = load_scored([path], data, split, progress=False)
+    if not isinstance(clf, RoutedClassifier):
+        raise FakeprintError(f"{path}: not a routed ensemble (fakeprint route writes one)")
+    if any(not m.meta.get("calibration") for m in clf.members):
+        raise FakeprintError(f"{path}: both members must be calibrated first (fakeprint calibrate MEMBER --data DIR)")
+    clf.uncertain_below = None  # fitted on the members' own flags
+    clean = clf.predict(ds.images)
+    outputs = [clf.predict(perturbed_images(ds.images, s)) for s in specs]
+    labels, n = ds.labels, len(ds.labels)
+    if n < 20:
+        raise FakeprintError(f"calibration needs at least 20 held-out images, got {n}")
+    order = np.random.default_rng(seed).permutation(n)
+    halves = (order[: n // 2], order[n // 2:])
+    crossed = []
+    for fit, test in (halves, halves[::-1]):
+        u = route_threshold([o.subset(fit) for o in outputs], labels[fit], clf.threshold, wrong_flagged)
+        crossed.append(_flag_shares([o.subset(test) for o in outputs], clean.subset(test), labels[test],
+                                    clf.threshold, u))
+    u = route_threshold(outputs, labels, clf.threshold, wrong_flagged)
+    fit = {"uncertain_below": u, "wrong_flagged_target": wrong_flagged, "perturbations": specs,
+           "split": split if split != "internal" else "internal split (held out by both members)", "n": int(n),
+           "cross_fitted": {k: float(np.mean([c[k] for c in crossed])) for k in crossed[0]},
+           "in_sample": _flag_shares(outputs, clean, labels, clf.threshold, u)}
+    update_route(path, {"uncertain_below": u, "uncertain_fit": fit})
+    return fit

@@ -9,6 +9,8 @@ A member is a shipped model's name, or a checkpoint path: relative paths are rea
 A routed ensemble (``fakeprint route PRISTINE PERTURBED --data DIR --out NAME.ensemble.json``) has two members and a
 ``route``: each image goes to the first member when its file detector (``models.router``, the safetensors file
 ``route.detector``) calls it pristine (probability of a perturbed file below ``route.threshold``), else to the second.
+``route.uncertain_below`` (``fakeprint calibrate NAME.ensemble.json --data DIR``, optional): an image sent to the
+second member is also flagged ``uncertain`` when its top probability is below it.
 """
 
 from __future__ import annotations
@@ -84,7 +86,24 @@ def _route(meta: dict[str, Any], path: Path) -> dict[str, Any] | None:
         raise CheckpointError(f"{path}: field 'route.threshold' must be a number between 0 and 1, got {t!r}")
     if len(meta["members"]) != 2:
         raise CheckpointError(f"{path}: a routed ensemble has two members (pristine files, perturbed files)")
-    return route | {"detector": str(path.parent / route["detector"]), "threshold": float(t)}
+    u = route.get("uncertain_below")
+    if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 <= u <= 1.0):
+        raise CheckpointError(f"{path}: field 'route.uncertain_below' must be a number between 0 and 1, got {u!r}")
+    return route | {"detector": str(path.parent / route["detector"]), "threshold": float(t),
+                    "uncertain_below": None if u is None else float(u)}
+
+
+def update_route(path: str | Path, fields: dict[str, Any]) -> Path:
+    """Merge ``fields`` into a routed ensemble file's ``route`` (atomically; every other field kept as it is)."""
+    path = _file(path)
+    read_ensemble_file(path)  # a broken or unrouted file is refused before anything is written
+    meta = json.loads(path.read_text())
+    if meta.get("route") is None:
+        raise CheckpointError(f"{path}: not a routed ensemble (no 'route'); fit one with fakeprint route")
+    meta["route"] = meta["route"] | fields
+    atomic_write(path, (json.dumps(meta, indent=2) + "\n").encode())
+    read_ensemble_file(path)
+    return path
 
 
 def write_ensemble(path: str | Path, members: list[str], calibration: dict[str, Any] | None,

@@ -113,7 +113,17 @@
     $(".confidence", card).textContent = pct(r.confidence) + (r.uncertain ? " \u00b7 uncertain" : "");
     if (r.uncertain) {
       card.classList.add("uncertain");
-      $(".confidence", card).title = "below the confidence the model shows on 95% of its held-out images";
+      $(".confidence", card).title = "below the confidence its calibration on held-out images trusts";
+    }
+    const route = state.model && state.model.route;
+    if (typeof r.file_perturbed === "number" && route) {  // a routed model: which kind of file, so which member
+      const perturbed = r.file_perturbed >= route.threshold;
+      const note = el("p", { className: perturbed ? "route perturbed" : "route" },
+        perturbed ? `file looks re-saved, resized or edited (${pct(r.file_perturbed)}): answered by ${route.perturbed}`
+                  : `file looks as its generator wrote it (${pct(1 - r.file_perturbed)}): answered by ${route.pristine}`);
+      note.title = `A file detector gives ${pct(r.file_perturbed)} that this file was re-encoded, resized, ` +
+        `cropped or blurred; from ${pct(route.threshold)} the model trained on such files answers.`;
+      $(".meta", card).after(note);
     }
     const bars = $(".bars", card);
     bars.replaceChildren();

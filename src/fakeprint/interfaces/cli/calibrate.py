@@ -14,7 +14,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "noise and synthetic images flagged. Training does this for the last checkpoint.")
     s.add_argument("checkpoint", nargs="+",
                    help="a run folder or NAME.safetensors (or a shipped model: default, accurate, fast, robust); several: "
-                        "their ensemble, whose calibration goes into the ensemble file --out")
+                        "their ensemble, whose calibration goes into the ensemble file --out; a routed ensemble file "
+                        "(fakeprint route): the flag of its perturbed route, fitted on --perturbed copies (default "
+                        "quick) and written into that file")
     s.add_argument("--data", required=True, help="the dataset the run trained on")
     s.add_argument("--split", default="internal", choices=("internal", "validation"),
                    help="held-out images to fit on (default internal: the run's split.csv)")
@@ -23,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "so that the flag holds on re-encoded, resized or cropped files")
     s.add_argument("--max-clean-flagged", type=float, default=0.10,
                    help="with --perturbed: the share of clean held-out images the flag may take (default 0.10)")
+    s.add_argument("--wrong-flagged", type=float, default=None,
+                   help="a routed ensemble: the share of wrong answers on the perturbed copies its perturbed route's "
+                        "flag must take (default 0.75)")
     s.add_argument("--out", default=None, metavar="NAME.ensemble.json",
                    help="for several models: the ensemble file to write (members and the calibration of their "
                         "average); load, predict, evaluate, robustness and serve take it as one model")
@@ -34,6 +39,17 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     from fakeprint.engine.calibration import calibrate_checkpoint, calibrate_ensemble
     from fakeprint.models.ensemble_file import SUFFIX
 
+    if len(args.checkpoint) == 1 and _is_routed(args.checkpoint[0]):
+        from fakeprint.engine.routing import WRONG_FLAGGED, calibrate_route
+
+        if args.out:
+            raise FakeprintError("a routed ensemble's flag is written into its own file: drop --out")
+        fit = calibrate_route(args.checkpoint[0], args.data, args.split, args.perturbed or "quick",
+                              WRONG_FLAGGED if args.wrong_flagged is None else args.wrong_flagged)
+        print(json.dumps(fit, indent=2))
+        return 0
+    if args.wrong_flagged is not None:
+        raise FakeprintError("--wrong-flagged is for a routed ensemble's file (fakeprint route writes one)")
     if len(args.checkpoint) > 1:
         if not args.out or not args.out.endswith(SUFFIX):
             raise FakeprintError(f"several models are calibrated as an ensemble: name the file to write with "
@@ -49,3 +65,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
                                max_clean_flagged=args.max_clean_flagged)
     print(json.dumps(cal, indent=2))
     return 0
+
+
+def _is_routed(path: str) -> bool:
+    from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble_file
+
+    return is_ensemble_path(path) and read_ensemble_file(path)[2] is not None

@@ -41,7 +41,7 @@ from fakeprint.engine.onnx import (
     onnx_from_classifier,
     resolve_backend,
 )
-from fakeprint.engine.predict import Classifier, EnsembleClassifier, combine, load
+from fakeprint.engine.predict import Classifier, EnsembleClassifier, RoutedClassifier, combine, load
 from fakeprint.interfaces.serve.batcher import Batcher, BatchPolicy, BatchResult, DeadlineExceeded
 from fakeprint.interfaces.serve.guards import add_guards, error_response
 from fakeprint.interfaces.serve.metrics import ServiceMetrics
@@ -62,7 +62,7 @@ from fakeprint.interfaces.serve.uploads import (
     read_form,
     uploaded_files,
 )
-from fakeprint.models.checkpoint import load_checkpoint, resolve_checkpoint
+from fakeprint.models.checkpoint import is_shipped, load_checkpoint, resolve_checkpoint
 from fakeprint.models.ensemble_file import is_ensemble_path
 from fakeprint.reports.gradcam import GradCAM, to_png_data_url
 
@@ -135,6 +135,13 @@ def _source_name(path: str | Path | None, clf: Classifier | OnnxClassifier) -> s
         return "default"
     p = Path(str(clf.path)) if is_onnx_path(clf.path) else resolve_checkpoint(clf.path)
     return f"{p.parent.name}/{p.name}" if p.parent.name else p.name
+
+
+def _member_name(clf: Classifier) -> str:
+    """A member by the name a user gives it: a shipped model's (``robust``), else its run folder and file."""
+    if clf.path is not None and is_shipped(clf.path):
+        return Path(clf.path).stem
+    return _source_name(clf.path, clf)
 
 
 def _source_model(meta: dict[str, Any]):
@@ -318,6 +325,9 @@ def model_info_of(service: Service, limits: Limits, batching: BatchPolicy | None
     if isinstance(clf, EnsembleClassifier):
         info.members = [{"name": m.name, "tta": m.tta, "held_out": m.meta.get("held_out") or None,
                          "calibrated": bool(m.meta.get("calibration"))} for m in clf.members]
+    if isinstance(clf, RoutedClassifier):
+        pristine, perturbed = (_member_name(m) for m in clf.members)
+        info.route = {"threshold": clf.threshold, "pristine": pristine, "perturbed": perturbed}
     return info
 
 

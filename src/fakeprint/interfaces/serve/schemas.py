@@ -72,11 +72,16 @@ class ModelInfo(BaseModel):
     members: list[dict[str, Any]] | None = Field(
         default=None, description="for an ensemble: each member's name, backend, TTA and its own held-out figure "
                                   "(the ensemble's probabilities are their mean, uncalibrated); null for one model")
+    route: dict[str, Any] | None = Field(
+        default=None, description="for a routed model: the detector's threshold on the probability that a file was "
+                                  "re-encoded, resized or edited (from it, the second member answers) and the two "
+                                  "members (pristine files, perturbed files); null otherwise")
     limits: dict[str, int | float]
     batching: dict[str, int | float] | None = Field(
         default=None, description="dynamic batching: images per model call (max_batch), how long the oldest "
                                   "request waits for company (max_wait_ms), how long any request may wait for its "
-                                  "model call before 503 deadline_exceeded (deadline_s)")
+                                  "model call before 503 deadline_exceeded (deadline_s), how many model calls run at "
+                                  "once (model_calls)")
     version: str
 
 
