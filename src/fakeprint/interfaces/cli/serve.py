@@ -92,8 +92,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="uploads decoded at once (default 2); the decoded images of requests that arrive together "
                         "then share one model call")
     s.add_argument("--model-calls", type=int, default=None,
-                   help="model calls in flight at once (default 2): while one runs, the next batch forms and can start; "
-                        "on 2 cores 82 against 73 requests/s at concurrency 8")
+                   help="model calls in flight at once (default 1); 2: the next batch starts while one runs, on 2 cores "
+                        "about 10%% more requests/s at concurrency 8 but twice the p95 under hostile clients "
+                        "(docs/SERVICE.md)")
     s.add_argument("--max-batch", type=int, default=64, help="images per model call at most (default 64)")
     s.add_argument("--max-wait-ms", type=float, default=5.0,
                    help="how long the oldest waiting request waits for others to share its model call (default 5)")
