@@ -151,12 +151,12 @@ def calibrate_route(path: str | Path, data: str | Path, split: str = "internal",
         raise FakeprintError(f"{path}: not a routed ensemble (fakeprint route writes one)")
     if any(not m.meta.get("calibration") for m in clf.members):
         raise FakeprintError(f"{path}: both members must be calibrated first (fakeprint calibrate MEMBER --data DIR)")
-    clf.uncertain_below = None  # fitted on the members' own flags
-    clean = clf.predict(ds.images)
-    outputs = [clf.predict(perturbed_images(ds.images, s)) for s in specs]
     labels, n = ds.labels, len(ds.labels)
     if n < 20:
         raise FakeprintError(f"calibration needs at least 20 held-out images, got {n}")
+    clf.uncertain_below = None  # fitted on the members' own flags
+    clean = clf.predict(ds.images)
+    outputs = [clf.predict(perturbed_images(ds.images, s)) for s in specs]
     order = np.random.default_rng(seed).permutation(n)
     halves = (order[: n // 2], order[n // 2:])
     crossed = []

@@ -96,13 +96,13 @@ def _route(meta: dict[str, Any], path: Path) -> dict[str, Any] | None:
 def update_route(path: str | Path, fields: dict[str, Any]) -> Path:
     """Merge ``fields`` into a routed ensemble file's ``route`` (atomically; every other field kept as it is)."""
     path = _file(path)
-    read_ensemble_file(path)  # a broken or unrouted file is refused before anything is written
+    read_ensemble_file(path)  # a broken file is refused before anything is written
     meta = json.loads(path.read_text())
     if meta.get("route") is None:
         raise CheckpointError(f"{path}: not a routed ensemble (no 'route'); fit one with fakeprint route")
     meta["route"] = meta["route"] | fields
+    _route(meta, path)  # the merged route checked before it replaces the file
     atomic_write(path, (json.dumps(meta, indent=2) + "\n").encode())
-    read_ensemble_file(path)
     return path
 
 
