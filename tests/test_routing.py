@@ -139,6 +139,43 @@ def test_predict_and_serve_take_the_shipped_routed_ensemble_by_name(cli, tmp_pat
     assert "r.file_perturbed" in js and "route.threshold" in js  # the page says which kind of file, which member
 
 
+def test_a_routed_model_is_explained_by_the_member_that_answered_each_image(routed):
+    """Grad-CAM of a routed model: each image's map is its answering member's map for the class answered, and the
+    service says which member that was (the route decides it; the detector is not what answers)."""
+    from fastapi.testclient import TestClient
+
+    from conftest_service import encode
+    from fakeprint.interfaces.serve import build_service, create_app
+    from fakeprint.reports.gradcam import GradCAM, RoutedGradCAM
+
+    base, data, runs, out, route, full = routed
+    x = np.concatenate([full.images[160:164], perturbed_images(full.images[164:168], "jpeg:q=60")])
+    service = build_service(str(out))
+    clf = service.classifier
+    assert isinstance(service.cam, RoutedGradCAM) and len(service.cam.cams) == 2
+    got = clf.predict(x)
+    routes = clf.routes(got.file_perturbed)
+    assert 0 < routes.sum() < len(x)  # both members answer some of these
+    res = service.cam(x, classes=got.labels, routes=routes)
+    for which, run in enumerate(runs):
+        idx = np.flatnonzero(routes == which)
+        own = GradCAM(fakeprint.load(run).model)(x[idx], classes=got.labels[idx])
+        np.testing.assert_allclose(res.maps[idx], own.maps, atol=1e-5)
+    assert (res.members == routes).all() and (res.classes == got.labels).all()
+    with pytest.raises(ValueError, match="routes"):
+        service.cam(x, routes=np.full(len(x), 2))
+    with TestClient(create_app(service)) as c:
+        info = c.get("/v1/model").json()
+        payload = [("files", (f"{i}.png", encode(img), "image/png")) for i, img in enumerate(x[2:6])]
+        rows = c.post("/v1/predict", params={"cam": 1}, files=payload).json()["results"]
+    names = [info["route"]["pristine"], info["route"]["perturbed"]]  # what the page names the answering member by
+    assert info["gradcam"]["available"] is True and service.cam.names == names
+    for row, which in zip(rows, routes[2:6], strict=True):
+        assert row["cam"]["member"] == names[which] and row["cam"]["target"] == row["label"]
+    no_cam = build_service(str(out), cam=False)
+    assert no_cam.cam is None and no_cam.cam_note == "disabled"
+
+
 def _preds(top: list[float], wrong: list[bool], second: list[bool], own: list[bool] | None = None):
     """Predictions of two classes whose top probability, correctness (against label 0), route and own flag are given."""
     from fakeprint.engine.predict import Predictions

@@ -273,6 +273,11 @@ class RoutedClassifier(EnsembleClassifier):
     def name(self) -> str:
         return f"routed({self.members[0].name} | {self.members[1].name})"
 
+    def routes(self, file_perturbed: np.ndarray) -> np.ndarray:
+        """Which member answers each image (0: the first, pristine files; 1: the second), from the detector's
+        P(perturbed): the one place where the rule is written (``predict``, Grad-CAM)."""
+        return (np.asarray(file_perturbed) >= self.threshold).astype(np.int64)
+
     def file_perturbed(self, arr: np.ndarray) -> np.ndarray:
         """P(perturbed) of each N x 100 x 100 x 3 uint8 image; call inside ``shared_statistics`` to share them."""
         return self.detector.probability(self.detector.image_statistics(arr)).numpy()
@@ -287,9 +292,9 @@ class RoutedClassifier(EnsembleClassifier):
             chunk = arr[start:start + max(1, batch_size)]
             with shared_statistics():
                 p = self.file_perturbed(chunk)
-                to_second = p >= self.threshold
+                route = self.routes(p)
                 for which, member in enumerate(self.members):
-                    idx = np.flatnonzero(to_second == bool(which))
+                    idx = np.flatnonzero(route == which)
                     if not len(idx):
                         continue
                     got = member.predict(chunk[idx], batch_size, tta)

@@ -68,12 +68,15 @@ def find_target_layer(model: nn.Module, size: int = IMAGE_SIZE) -> str:
 
 @dataclass
 class CamResult:
-    """``maps[i]`` is image i's heat map (H x W floats in [0, 1]) for class ``classes[i]``."""
+    """``maps[i]`` is image i's heat map (H x W floats in [0, 1]) for class ``classes[i]``; for a routed model
+    ``members[i]`` is the index of the member whose map it is, ``grids[i]`` that member's grid (None otherwise)."""
 
     maps: np.ndarray
     classes: np.ndarray
     layer: str
     grid: tuple[int, int]  # the resolution of the target layer's activations
+    members: np.ndarray | None = None
+    grids: list[tuple[int, int]] | None = None
 
 
 class GradCAM:
@@ -156,6 +159,46 @@ class GradCAM:
             peak = cam.flatten(1).amax(dim=1).view(-1, 1, 1)
             cam = torch.where(peak > 0, cam / peak.clamp_min(1e-12), torch.zeros_like(cam)).clamp_(0, 1)
         return cam.cpu().numpy().astype(np.float32), classes.cpu().numpy(), grid
+
+
+class RoutedGradCAM:
+    """Grad-CAM for a routed model (``engine.predict.RoutedClassifier``): each image's map is the one of the member
+    that answered it. The file detector only chooses the member; the answer, probabilities included, is that
+    member's, so its map explains the answer exactly. ``cams[i]`` explains member i; ``names[i]`` is its name.
+
+    >>> cam = RoutedGradCAM([GradCAM(pristine_model), GradCAM(robust_model)], ["default", "robust"])
+    >>> result = cam(uint8_images, classes=labels, routes=clf.routes(predictions.file_perturbed))
+    """
+
+    def __init__(self, cams: list[GradCAM], names: list[str]):
+        if len(cams) != len(names) or not cams:
+            raise ValueError("RoutedGradCAM needs one name per member's GradCAM")
+        self.cams, self.names = list(cams), list(names)
+        layers = {c.layer for c in self.cams}
+        self.layer = layers.pop() if len(layers) == 1 else "; ".join(
+            f"{n}: {c.layer}" for n, c in zip(self.names, self.cams, strict=True))
+
+    def __call__(self, images: np.ndarray | torch.Tensor, classes: np.ndarray | list[int] | None = None,
+                 routes: np.ndarray | None = None, batch_size: int = 32) -> CamResult:
+        """Heat maps of N x H x W x 3 uint8 images; ``routes[i]``: the member that answered image i (None: all the
+        first member's)."""
+        n = int(images.shape[0])
+        routes = np.zeros(n, np.int64) if routes is None else np.asarray(routes, np.int64)
+        if routes.shape != (n,) or (n and not 0 <= routes.min() <= routes.max() < len(self.cams)):
+            raise ValueError(f"routes must hold one member index (0-{len(self.cams) - 1}) per image")
+        maps = np.zeros((n, *images.shape[1:3]), np.float32)
+        chosen = np.zeros(n, np.int64)
+        grid, grids = (0, 0), [(0, 0)] * n
+        for which, cam in enumerate(self.cams):
+            idx = np.flatnonzero(routes == which)
+            if not len(idx):
+                continue
+            part = images[torch.from_numpy(idx)] if isinstance(images, torch.Tensor) else images[idx]
+            got = cam(part, None if classes is None else np.asarray(classes)[idx], batch_size)
+            maps[idx], chosen[idx], grid = got.maps, got.classes, got.grid
+            for i in idx:
+                grids[i] = got.grid
+        return CamResult(maps, chosen, self.layer, grid, routes, grids)
 
 
 def colorize(cam: np.ndarray, colormap: str = "inferno") -> np.ndarray:

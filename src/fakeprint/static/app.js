@@ -151,7 +151,8 @@
       const heat = $(".heat", card);
       heat.src = r.cam.png;
       heat.alt = `Grad-CAM heat map for ${displayName(r.cam.target)}`;
-      camFrame.title = `Grad-CAM for ${displayName(r.cam.target)}: layer ${r.cam.layer}, ` +
+      const who = r.cam.member ? ` of ${r.cam.member}, the member that answered` : "";
+      camFrame.title = `Grad-CAM${who} for ${displayName(r.cam.target)}: layer ${r.cam.layer}, ` +
         `${r.cam.grid.join("\u00d7")} grid; bright = weighed most`;
     } else if (r.cam) {
       camFrame.classList.add("empty");  // no positive evidence anywhere: say so rather than show black

@@ -64,7 +64,7 @@ from fakeprint.interfaces.serve.uploads import (
 )
 from fakeprint.models.checkpoint import is_shipped, load_checkpoint, resolve_checkpoint
 from fakeprint.models.ensemble_file import is_ensemble_path
-from fakeprint.reports.gradcam import GradCAM, to_png_data_url
+from fakeprint.reports.gradcam import GradCAM, RoutedGradCAM, to_png_data_url
 
 log = logging.getLogger("fakeprint.serve")
 STATIC_DIR = Path(str(resources.files("fakeprint") / "static"))
@@ -78,7 +78,7 @@ class Service:
     classifier: Classifier | OnnxClassifier | EnsembleClassifier
     backend: str
     source: str
-    cam: GradCAM | None = None
+    cam: GradCAM | RoutedGradCAM | None = None
     cam_note: str = ""
 
 
@@ -96,10 +96,11 @@ def build_service(path: str | Path | list | tuple | None, backend: str = "auto",
         if len(path) > 1:
             return _ensemble_service(list(path), backend, device, threads)
         path = path[0] if path else None
-    if is_ensemble_path(path):  # NAME.ensemble.json: its members, the average calibrated
+    if is_ensemble_path(path):  # NAME.ensemble.json: its members, the average calibrated (or routed)
         ens = load_backend(path, backend, device, threads)
-        return Service(ens, resolve_backend(None, backend), Path(str(path)).name, None,
-                       f"an ensemble of {len(ens.members)} models has no single Grad-CAM map")
+        explainer, note = (_routed_cam(ens) if cam else (None, "disabled")) if isinstance(ens, RoutedClassifier) \
+            else (None, f"an ensemble of {len(ens.members)} models has no single Grad-CAM map")
+        return Service(ens, resolve_backend(None, backend), Path(str(path)).name, explainer, note)
     backend = resolve_backend(path, backend)  # the same choice as predict and evaluate
     torch_model, note = None, ""
     if is_onnx_path(path):
@@ -118,6 +119,26 @@ def build_service(path: str | Path | list | tuple | None, backend: str = "auto",
         except ValueError as e:  # a model without convolutions (statmlp): no map to show, said so on the page
             note = str(e)
     return Service(clf, backend, _source_name(path, clf), explainer, note)
+
+
+def _routed_cam(clf: RoutedClassifier) -> tuple[RoutedGradCAM | None, str]:
+    """Grad-CAM of each member of a routed model (a copy of each PyTorch model, or of an ONNX member's source
+    checkpoint): each answer is one member's, so that member's map explains it."""
+    cams = []
+    for m in clf.members:
+        if isinstance(m, OnnxClassifier):
+            model, note = _source_model(m.meta)
+        elif isinstance(m, Classifier):
+            model, note = copy.deepcopy(m.model), ""
+        else:
+            model, note = None, f"member {m.name} is an ensemble: no single Grad-CAM map"
+        if model is None:
+            return None, note
+        try:
+            cams.append(GradCAM(model, norm=m.normalize))
+        except ValueError as e:  # a member without convolutions
+            return None, str(e)
+    return RoutedGradCAM(cams, [_member_name(m) for m in clf.members]), ""
 
 
 def _ensemble_service(paths: list, backend: str, device: str, threads: int | None) -> Service:
@@ -239,7 +260,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
             cam_ms = 0.0
             if cam and service.cam is not None:
                 cams, cam_ms = await anyio.to_thread.run_sync(cam_maps, service, batch, res.predictions.labels,
-                                                              limiter=limiter)
+                                                              res.predictions.file_perturbed, limiter=limiter)
         finally:
             admitted[0] -= 1
             metrics.uploads_in_progress.set(admitted[0])
@@ -348,14 +369,24 @@ def decoder(limits: Limits):
     return decode_all
 
 
-def cam_maps(service: Service, batch: np.ndarray, labels: np.ndarray) -> tuple[list[dict[str, Any] | None], float]:
+def cam_maps(service: Service, batch: np.ndarray, labels: np.ndarray,
+             file_perturbed: np.ndarray | None = None) -> tuple[list[dict[str, Any] | None], float]:
     """Grad-CAM maps of the predicted classes (run in a worker thread) and their time per image in ms."""
     assert service.cam is not None
     t = time.perf_counter()
-    res = service.cam(batch, classes=labels)
-    cams: list[dict[str, Any] | None] = [
-        {"png": to_png_data_url(m), "layer": res.layer, "target": service.classifier.classes[int(c)],
-         "grid": list(res.grid), "empty": bool(m.max() <= 0)} for m, c in zip(res.maps, res.classes, strict=True)]
+    clf = service.classifier
+    if isinstance(service.cam, RoutedGradCAM):  # each image's map from the member that answered it
+        assert isinstance(clf, RoutedClassifier) and file_perturbed is not None
+        res = service.cam(batch, classes=labels, routes=clf.routes(file_perturbed))
+    else:
+        res = service.cam(batch, classes=labels)
+    cams: list[dict[str, Any] | None] = []
+    for i, (m, c) in enumerate(zip(res.maps, res.classes, strict=True)):
+        row = {"png": to_png_data_url(m), "layer": res.layer, "target": clf.classes[int(c)],
+               "grid": list(res.grids[i] if res.grids else res.grid), "empty": bool(m.max() <= 0)}
+        if res.members is not None and isinstance(service.cam, RoutedGradCAM):
+            row["member"] = service.cam.names[int(res.members[i])]
+        cams.append(row)
     return cams, (time.perf_counter() - t) * 1e3 / len(batch)
 
 

@@ -22,6 +22,8 @@ class CamBody(BaseModel):
     target: str = Field(description="the class the map explains (the predicted one)")
     grid: list[int] = Field(description="the resolution of that layer's activations (height, width)")
     empty: bool = Field(description="true when no location raised the class score (the map is all zeros)")
+    member: str | None = Field(default=None, description="a routed model's: the member whose map it is, the one "
+                                                         "that answered (absent for other models)")
 
 
 class ImageResult(BaseModel):
