@@ -69,6 +69,27 @@ def make_checkpoint(root: Path, model: str = "fpnet_tiny", seed: int = 0, sharpe
     return run
 
 
+def make_routed(base: Path):
+    """Two demo hybrids (seeds 1 and 2, the last 40 of 200 training images held out) and a routed ensemble file of
+    them: (data folder, [run folders], the ensemble file, its route, the decoded training split)."""
+    from fakeprint.data.cache import load_split
+    from fakeprint.data.demo import make_demo_dataset
+    from fakeprint.data.splits import write_split_csv
+    from fakeprint.engine.routing import fit_router
+
+    data = make_demo_dataset(base / "data", n_train=200, n_val=20, n_test=1, seed=5)
+    full = load_split(data, "train", progress=False)
+    idx = np.arange(len(full.ids))
+    runs = []
+    for seed in (1, 2):
+        run = make_checkpoint(base / f"r{seed}", model="hybrid", seed=seed, sharpen=4.0, tta="flip")
+        write_split_csv(run / "split.csv", full.ids, full.labels, idx[:160], idx[160:])  # the last 40 held out
+        runs.append(run)
+    out = base / "pair.ensemble.json"
+    route = fit_router(str(runs[0]), str(runs[1]), data, out, images=120, seed=0)
+    return data, runs, out, route, full
+
+
 def random_images(n: int, seed: int = 0, size: int = 100) -> np.ndarray:
     """N x size x size x 3 uint8: smooth colour fields plus noise, different per image."""
     rng = np.random.default_rng(seed)

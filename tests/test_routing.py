@@ -10,13 +10,9 @@ import pytest
 import torch
 
 import fakeprint
-from conftest_service import make_checkpoint
+from conftest_service import make_routed
 from fakeprint.core.errors import CheckpointError
-from fakeprint.data.cache import load_split
-from fakeprint.data.demo import make_demo_dataset
-from fakeprint.data.splits import write_split_csv
 from fakeprint.engine.predict import RoutedClassifier
-from fakeprint.engine.routing import fit_router
 from fakeprint.features.perturb import perturbed_images
 from fakeprint.features.stat_ops import shared_statistics
 from fakeprint.features.statistics import StatFeatures
@@ -25,17 +21,7 @@ from fakeprint.features.statistics import StatFeatures
 @pytest.fixture(scope="module")
 def routed(tmp_path_factory):
     base = tmp_path_factory.mktemp("route")
-    data = make_demo_dataset(base / "data", n_train=200, n_val=20, n_test=1, seed=5)
-    full = load_split(data, "train", progress=False)
-    idx = np.arange(len(full.ids))
-    runs = []
-    for seed in (1, 2):
-        run = make_checkpoint(base / f"r{seed}", model="hybrid", seed=seed, sharpen=4.0, tta="flip")
-        write_split_csv(run / "split.csv", full.ids, full.labels, idx[:160], idx[160:])  # the last 40 held out
-        runs.append(run)
-    out = base / "pair.ensemble.json"
-    route = fit_router(str(runs[0]), str(runs[1]), data, out, images=120, seed=0)
-    return base, data, runs, out, route, full
+    return (base, *make_routed(base))
 
 
 def test_fitting_writes_a_detector_that_tells_re_encoded_files_apart(routed):

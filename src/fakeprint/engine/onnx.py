@@ -56,6 +56,7 @@ from fakeprint.engine.predict import (
     flat_images,
     load,
     load_ensemble_file,
+    route_flags,
 )
 from fakeprint.engine.runtime import predict_logits
 from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD, tta_mode, tta_views
@@ -323,7 +324,33 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
     if not isinstance(classes, list) or len(classes) < 2:
         raise CheckpointError(f"{p}: 'classes' must list at least two class names")
     check_metadata_fields(meta, p)
+    if meta.get("route") is not None:
+        _check_route(meta["route"], p)
     return meta
+
+
+def _check_route(route: Any, p: Path) -> None:
+    """A routed graph's ``route`` (``engine.onnx_routed``): its threshold, its own bar and two members'
+    calibrations, each usable as it says (``CheckpointError`` naming the field)."""
+    def fail(field: str, what: str, value: Any) -> CheckpointError:
+        return CheckpointError(f"{p}: field 'route.{field}' {what}, got {value!r}"[:300])
+
+    if not isinstance(route, dict):
+        raise CheckpointError(f"{p}: field 'route' must be a mapping")
+    t = route.get("threshold")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
+        raise fail("threshold", "must be a number between 0 and 1", t)
+    u = route.get("uncertain_below")
+    if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 <= u <= 1.0):
+        raise fail("uncertain_below", "must be a probability from 0 to 1 (or null)", u)
+    members = route.get("members")
+    if not isinstance(members, list) or len(members) != 2 or not all(isinstance(m, dict) for m in members):
+        raise fail("members", "must list the two members", members)
+    for i, m in enumerate(members):
+        check_metadata_fields({"calibration": m.get("calibration")}, f"{p}: route.members[{i}]")
+    if route.get("tta_in_graph") is not True:
+        raise fail("tta_in_graph", "must be true (the graph does its members' test-time augmentation)",
+                   route.get("tta_in_graph"))
 
 
 class OnnxClassifier:
@@ -341,8 +368,10 @@ class OnnxClassifier:
         if INPUT_NAME not in inputs or inputs[INPUT_NAME].type != "tensor(uint8)":
             raise CheckpointError(f"{path}: expected a uint8 input named {INPUT_NAME!r} (a model from fakeprint export)")
         outputs = {o.name for o in session.get_outputs()}
-        if not {"logits", "probs"} <= outputs:
-            raise CheckpointError(f"{path}: expected outputs 'logits' and 'probs', found {sorted(outputs)}")
+        self.route: dict[str, Any] | None = meta.get("route")  # a routed graph (engine.onnx_routed)
+        want = {"logits", "probs"} | ({"file_perturbed"} if self.route else set())
+        if not want <= outputs:
+            raise CheckpointError(f"{path}: expected outputs {sorted(want)}, found {sorted(outputs)}")
 
     @property
     def name(self) -> str:
@@ -361,12 +390,41 @@ class OnnxClassifier:
         if batch_size < 1:
             raise FakeprintError(f"batch_size must be at least 1, got {batch_size}")
         arr = self.to_array(images)
+        if self.route:
+            return self._routed(arr, tta, batch_size)
         if not len(arr):
             return Predictions(np.zeros(0, np.int64), np.zeros((0, len(self.classes)), np.float32), self.classes)
         # the one set of test-time views (features.preprocess.tta_views), taken on the uint8 images laid out NCHW
         views = tta_views(torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2), tta)
         logits = sum(self.logits(v.permute(0, 2, 3, 1).contiguous().numpy(), batch_size) for v in views) / len(views)
         return calibrated(logits, self.meta, self.classes, flat_images(arr))
+
+
+    def routes(self, file_perturbed: np.ndarray) -> np.ndarray:
+        """A routed graph's: which member answered each image (0: the first; 1: the second), as its graph chose."""
+        assert self.route is not None
+        return (np.asarray(file_perturbed) >= float(self.route["threshold"])).astype(np.int64)
+
+    def _routed(self, arr: np.ndarray, tta: str, batch_size: int) -> Predictions:
+        """A routed graph's predictions: its TTA is inside it, the flags from each route's calibration."""
+        assert self.route is not None
+        if tta != self.tta:
+            raise FakeprintError(f"{self.path}: a routed ONNX model's test-time augmentation ({self.tta}) is inside "
+                                 f"its graph; it cannot be changed to {tta}")
+        k = len(self.classes)
+        probs, p = np.zeros((0, k), np.float32), np.zeros(0, np.float32)
+        for s in range(0, len(arr), batch_size):
+            got, q = self.session.run(["probs", "file_perturbed"], {INPUT_NAME: np.ascontiguousarray(arr[s:s + batch_size])})
+            probs, p = np.concatenate([probs, got.astype(np.float32)]), np.concatenate([p, q.astype(np.float32)])
+        second = self.routes(p) == 1
+        cals = [m.get("calibration") for m in self.route["members"]]
+        flags = None
+        if all(cals):
+            top = probs.max(1) if len(probs) else np.zeros(0, np.float32)
+            bar = np.where(second, float(cals[1]["uncertain_below"]), float(cals[0]["uncertain_below"]))
+            flags = route_flags((top < bar) | flat_images(arr), second, top, self.route.get("uncertain_below"))
+        labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+        return Predictions(labels, probs, self.classes, flags, p)
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxClassifier:

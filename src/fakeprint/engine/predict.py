@@ -250,6 +250,16 @@ class EnsembleClassifier:
         return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
 
 
+def route_flags(own: np.ndarray, second: np.ndarray, top: np.ndarray, uncertain_below: float | None) -> np.ndarray:
+    """A routed model's ``uncertain`` flags: each answer's member's own flag, and for an answer of the second route
+    (a file the detector calls re-saved, resized, ...) also a top probability below ``uncertain_below`` (None: no
+    bar of the route's own). The one place the rule is written (prediction, both backends; its calibration)."""
+    flags = np.array(own, dtype=bool)
+    if uncertain_below is not None:
+        flags |= np.asarray(second, bool) & (np.asarray(top) < uncertain_below)
+    return flags
+
+
 class RoutedClassifier(EnsembleClassifier):
     """Two classifiers and a file detector (``models.router``): an image whose file the detector calls pristine
     (P(perturbed) below ``threshold``) is classified by the first member, any other by the second; each answer
@@ -301,10 +311,9 @@ class RoutedClassifier(EnsembleClassifier):
                     probs[start + idx], labels[start + idx] = got.probs, got.labels
                     if got.uncertain is None:
                         flags = None
-                    elif flags is not None:
-                        flags[start + idx] = got.uncertain
-                        if which == 1 and self.uncertain_below is not None:  # a re-saved file: a higher bar
-                            flags[start + idx] |= got.probs.max(1) < self.uncertain_below
+                    elif flags is not None:  # a re-saved file's answer: a higher bar of its own
+                        flags[start + idx] = route_flags(got.uncertain, np.full(len(idx), which == 1),
+                                                         got.probs.max(1), self.uncertain_below)
             p_all[start:start + len(chunk)] = p
         return Predictions(labels, probs, self.classes, flags, p_all)
 

@@ -28,7 +28,7 @@ from sklearn.preprocessing import StandardScaler
 from fakeprint.core.errors import FakeprintError
 from fakeprint.data.cache import load_split
 from fakeprint.engine.evaluate import load_eval_split, load_scored
-from fakeprint.engine.predict import Predictions, RoutedClassifier, load
+from fakeprint.engine.predict import Predictions, RoutedClassifier, load, route_flags
 from fakeprint.features.file_augment import random_spec
 from fakeprint.features.perturb import decoded_copies, perturbed_images, suite
 from fakeprint.models.checkpoint import resolve_checkpoint
@@ -115,7 +115,7 @@ def route_threshold(outputs: list[Predictions], labels: np.ndarray, threshold: f
     # flagged at threshold u: own | (second & top < u); try each second-route wrong answer's score, just above it
     for u in np.unique(top[wrong & second & ~own]):
         u = float(np.nextafter(np.float32(u), np.float32(2)))
-        if (own | (second & (top < u)))[wrong].mean() >= wrong_flagged:
+        if route_flags(own, second, top, u)[wrong].mean() >= wrong_flagged:
             return u
     return 1.0
 
@@ -123,7 +123,7 @@ def route_threshold(outputs: list[Predictions], labels: np.ndarray, threshold: f
 def _flag_shares(outputs: list[Predictions], clean: Predictions, labels: np.ndarray, threshold: float,
                  u: float) -> dict[str, float]:
     def flags(o: Predictions) -> np.ndarray:
-        return np.asarray(o.uncertain, bool) | ((o.file_perturbed >= threshold) & (o.probs.max(1) < u))
+        return route_flags(o.uncertain, o.file_perturbed >= threshold, o.probs.max(1), u)
 
     wrong = [o.labels != labels for o in outputs]
     f = [flags(o) for o in outputs]

@@ -186,7 +186,7 @@ class StatFeatures(TextureGroups, nn.Module):
                 elif g == "spectrum":
                     h, w = int(x.shape[2]), int(x.shape[3])
                     power = shared["power"][:, :, (-torch.arange(w, device=x.device)) % w]  # frequency v -> -v
-                    blocks = F.avg_pool2d((power + 1e-8).log().unsqueeze(1), (h // 10, w // 10)).reshape(len(x), -1)
+                    blocks = F.avg_pool2d((power + 1e-8).log().unsqueeze(1), (h // 10, w // 10)).reshape(x.shape[0], -1)
                     mirrored.append(torch.cat([p[:, :RINGS], blocks, p[:, RINGS + blocks.shape[1]:]], 1))
                 elif g in RECOMPUTED_ON_MIRROR:
                     mirrored.append(getattr(self, "_" + g)(x.flip(3), {}))

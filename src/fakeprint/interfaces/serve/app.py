@@ -105,6 +105,9 @@ def build_service(path: str | Path | list | tuple | None, backend: str = "auto",
     torch_model, note = None, ""
     if is_onnx_path(path):
         clf: Classifier | OnnxClassifier = load_onnx(path, threads)
+        if clf.route:  # a routed graph: each member's map from its source checkpoint
+            explainer, note = _routed_cam(clf) if cam else (None, "disabled")
+            return Service(clf, backend, _source_name(path, clf), explainer, note)
         torch_model, note = _source_model(clf.meta) if cam else (None, "disabled")
     else:
         tclf = load(path, device)
@@ -121,24 +124,32 @@ def build_service(path: str | Path | list | tuple | None, backend: str = "auto",
     return Service(clf, backend, _source_name(path, clf), explainer, note)
 
 
-def _routed_cam(clf: RoutedClassifier) -> tuple[RoutedGradCAM | None, str]:
-    """Grad-CAM of each member of a routed model (a copy of each PyTorch model, or of an ONNX member's source
-    checkpoint): each answer is one member's, so that member's map explains it."""
+def _routed_cam(clf: RoutedClassifier | OnnxClassifier) -> tuple[RoutedGradCAM | None, str]:
+    """Grad-CAM of each member of a routed model (a copy of each PyTorch model, or an ONNX member's or a routed
+    graph's member's source checkpoint): each answer is one member's, so that member's map explains it."""
     cams = []
-    for m in clf.members:
-        if isinstance(m, OnnxClassifier):
-            model, note = _source_model(m.meta)
-        elif isinstance(m, Classifier):
-            model, note = copy.deepcopy(m.model), ""
+    for name, source, norm in _route_members(clf):
+        if isinstance(source, dict):  # ONNX metadata naming the source checkpoint
+            model, note = _source_model(source)
+        elif isinstance(source, Classifier):
+            model, note = copy.deepcopy(source.model), ""
         else:
-            model, note = None, f"member {m.name} is an ensemble: no single Grad-CAM map"
+            model, note = None, f"member {name} is an ensemble: no single Grad-CAM map"
         if model is None:
             return None, note
         try:
-            cams.append(GradCAM(model, norm=m.normalize))
+            cams.append(GradCAM(model, norm=norm))
         except ValueError as e:  # a member without convolutions
             return None, str(e)
-    return RoutedGradCAM(cams, [_member_name(m) for m in clf.members]), ""
+    return RoutedGradCAM(cams, [name for name, _, _ in _route_members(clf)]), ""
+
+
+def _route_members(clf: RoutedClassifier | OnnxClassifier) -> list[tuple[str, Any, str]]:
+    """(name, what explains it, its normalisation) of each member of a routed model, in route order."""
+    if isinstance(clf, OnnxClassifier):
+        assert clf.route is not None
+        return [(m["name"], m, m.get("normalization", "imagenet")) for m in clf.route["members"]]
+    return [(_member_name(m), m.meta if isinstance(m, OnnxClassifier) else m, m.normalize) for m in clf.members]
 
 
 def _ensemble_service(paths: list, backend: str, device: str, threads: int | None) -> Service:
@@ -346,9 +357,10 @@ def model_info_of(service: Service, limits: Limits, batching: BatchPolicy | None
     if isinstance(clf, EnsembleClassifier):
         info.members = [{"name": m.name, "tta": m.tta, "held_out": m.meta.get("held_out") or None,
                          "calibrated": bool(m.meta.get("calibration"))} for m in clf.members]
-    if isinstance(clf, RoutedClassifier):
-        pristine, perturbed = (_member_name(m) for m in clf.members)
-        info.route = {"threshold": clf.threshold, "pristine": pristine, "perturbed": perturbed}
+    if isinstance(clf, RoutedClassifier) or (isinstance(clf, OnnxClassifier) and clf.route):
+        pristine, perturbed = (name for name, _, _ in _route_members(clf))
+        threshold = clf.threshold if isinstance(clf, RoutedClassifier) else float(clf.route["threshold"])
+        info.route = {"threshold": threshold, "pristine": pristine, "perturbed": perturbed}
     return info
 
 
@@ -376,7 +388,7 @@ def cam_maps(service: Service, batch: np.ndarray, labels: np.ndarray,
     t = time.perf_counter()
     clf = service.classifier
     if isinstance(service.cam, RoutedGradCAM):  # each image's map from the member that answered it
-        assert isinstance(clf, RoutedClassifier) and file_perturbed is not None
+        assert isinstance(clf, (RoutedClassifier, OnnxClassifier)) and file_perturbed is not None
         res = service.cam(batch, classes=labels, routes=clf.routes(file_perturbed))
     else:
         res = service.cam(batch, classes=labels)
