@@ -361,6 +361,8 @@ def test_serve_option_mistakes(run, onnx_file, capsys):
     assert "is an ONNX model" in capsys.readouterr().err
     assert main(["serve", str(run), "--max-files", "0"]) == 2
     assert "--max-files must be positive" in capsys.readouterr().err
+    assert main(["serve", str(run), "--refusal-delay", "-1"]) == 2
+    assert "--refusal-delay must be between 0 and 10" in capsys.readouterr().err
 
 
 # --- Grad-CAM -------------------------------------------------------------------------------------------------

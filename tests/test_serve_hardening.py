@@ -88,6 +88,7 @@ def test_per_image_and_per_request_pixel_limits_are_read_from_headers():
 def test_defaults_suit_a_100x100_model():
     limits = Limits()
     assert limits.max_pixels == 2048 * 2048 and limits.max_request_pixels == 4 * limits.max_pixels
+    assert 0 < limits.refusal_delay <= 1
 
 
 def test_a_16_bit_4096_png_is_refused_before_decoding(service):
@@ -100,6 +101,41 @@ def test_a_16_bit_4096_png_is_refused_before_decoding(service):
     assert r.status_code == 413 and r.json()["error"] == "image_too_large", r.text
     assert time.perf_counter() - t < 5.0  # header only: decoding it took 1.4 s of CPU and 385 MB
 
+
+
+def test_a_client_repeating_refused_uploads_gets_few_answers_and_leaves_the_cores_to_others(service):
+    """Refusals for what a request sent wait ``refusal_delay`` without CPU (issue 40: a big-image client posting
+    what is refused as fast as it can got 9,459 answers in 17 s and held normal requests' p95 at 1 s); answers to
+    good requests do not wait, and they are served while refusals wait."""
+    big = encode(Image.new("I;16", (4096, 4096)), compress_level=9)
+    good = encode(random_images(1, seed=4)[0])
+    delay = 0.6
+    with running_server(create_app(service, Limits(refusal_delay=delay))) as url, \
+            httpx.Client(base_url=url, timeout=30) as c:
+        t = time.perf_counter()
+        r = c.post("/v1/predict", files={"files": ("big.png", big, "image/png")})
+        refused_s = time.perf_counter() - t
+        assert r.status_code == 413 and r.json()["error"] == "image_too_large"
+        assert refused_s >= delay * 0.95
+        r = c.post("/v1/predict", files={"files": ("x.png", b"not an image", "image/png")})
+        assert r.status_code in (415, 422)
+        t = time.perf_counter()
+        assert c.post("/v1/predict", files={"files": ("a.png", good, "image/png")}).status_code == 200
+        assert time.perf_counter() - t < delay  # a good request is answered at once
+        import concurrent.futures as cf
+
+        with cf.ThreadPoolExecutor(4) as pool, httpx.Client(base_url=url, timeout=30) as other:
+            refusals = [pool.submit(c.post, "/v1/predict", files={"files": ("big.png", big, "image/png")})
+                        for _ in range(3)]
+            time.sleep(0.05)
+            t = time.perf_counter()
+            assert other.post("/v1/predict", files={"files": ("a.png", good, "image/png")}).status_code == 200
+            assert time.perf_counter() - t < delay  # served while the refusals wait
+            assert [f.result().status_code for f in refusals] == [413] * 3
+    with running_server(create_app(service, Limits(refusal_delay=0))) as url, httpx.Client(base_url=url) as c:
+        t = time.perf_counter()
+        assert c.post("/v1/predict", files={"files": ("big.png", big, "image/png")}).status_code == 413
+        assert time.perf_counter() - t < delay  # 0: answered at once
 
 def test_large_jpegs_decode_at_reduced_scale_and_agree_with_a_full_decode():
     from fakeprint.data.dataset import decode_reduced, to_rgb_array

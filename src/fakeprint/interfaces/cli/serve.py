@@ -22,6 +22,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             raise FakeprintError(f"--{name.replace('_', '-')} must be positive")
     if args.queue < 0:
         raise FakeprintError("--queue must be 0 or more")
+    if not 0 <= args.refusal_delay <= 10:
+        raise FakeprintError("--refusal-delay must be between 0 and 10 seconds")
     if args.model_calls is not None and args.model_calls < 1:
         raise FakeprintError("--model-calls must be 1 or more")
     if args.max_batch < 1 or args.deadline <= 0:
@@ -54,7 +56,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                     max_request_bytes=int(args.max_request_mb * 1024 * 1024),
                     max_files=args.max_files, max_pixels=args.max_pixels, max_request_pixels=args.max_request_pixels,
                     header_timeout=args.header_timeout, body_idle_timeout=args.body_idle_timeout,
-                    body_timeout=args.body_timeout, queue=args.queue)
+                    body_timeout=args.body_timeout, queue=args.queue, refusal_delay=args.refusal_delay)
     if args.host not in LOOPBACK:
         print(f"fakeprint: warning: listening on {args.host}, reachable beyond this machine (API token required"
               f"{'; any Host header accepted: consider --allowed-hosts' if hosts is None else ''})", file=sys.stderr)
@@ -110,6 +112,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--queue", type=int, default=16,
                    help="uploads that may be read or wait beside the busy workers; beyond that 503 with "
                         "Retry-After (default 16)")
+    s.add_argument("--refusal-delay", type=float, default=0.25,
+                   help="seconds after its arrival before a request refused for what it sent (400, 401, 413, 415, "
+                        "422) is answered, waiting without CPU, so that a client repeating it cannot take the cores "
+                        "(default 0.25; 0: at once)")
     s.add_argument("--header-timeout", type=float, default=10.0,
                    help="seconds a connection may take to send a request's headers (default 10)")
     s.add_argument("--body-idle-timeout", type=float, default=10.0,

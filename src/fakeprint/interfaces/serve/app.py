@@ -232,7 +232,7 @@ def create_app(service: Service, limits: Limits | None = None, workers: int = 2,
     )
     app.state.service, app.state.limits, app.state.metrics, app.state.batcher = service, limits, metrics, batcher
     add_error_handlers(app, capacity, metrics)
-    add_guards(app, token, allowed_hosts, metrics)
+    add_guards(app, token, allowed_hosts, metrics, limits.refusal_delay)
     info = model_info_of(service, limits, batcher.policy)
     decode_all = decoder(limits)
 

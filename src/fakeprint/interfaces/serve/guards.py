@@ -9,6 +9,7 @@ import re
 import time
 import uuid
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
@@ -31,9 +32,14 @@ def error_response(status: int, code: str, detail: str, headers: dict[str, str] 
     return JSONResponse({"error": code, "detail": detail}, status_code=status, headers=headers)
 
 
+# answers to requests refused for what they sent: held back until ``refusal_delay`` after their arrival
+REFUSALS = frozenset({400, 401, 413, 415, 422})
+
+
 def add_guards(app: FastAPI, token: str | None, allowed_hosts: list[str] | None,
-               metrics: ServiceMetrics | None = None) -> None:
-    """The Host check and the API token (before anything else runs), and the security headers of every answer."""
+               metrics: ServiceMetrics | None = None, refusal_delay: float = 0.0) -> None:
+    """The Host check and the API token (before anything else runs), the security headers of every answer, and
+    refusals held back until ``refusal_delay`` seconds after the request arrived (``uploads.Limits``)."""
     hosts = [h.lower() for h in allowed_hosts] if allowed_hosts else None
     public = ("/healthz", "/", "/favicon.ico")
 
@@ -85,6 +91,8 @@ def add_guards(app: FastAPI, token: str | None, allowed_hosts: list[str] | None,
             raise
         if metrics is not None:
             metrics.count_request(request.url.path, response.status_code)
+        if response.status_code in REFUSALS and refusal_delay > 0:  # no CPU while it waits: others get the cores
+            await anyio.sleep(max(0.0, refusal_delay - (time.perf_counter() - t0)))
         response.headers["X-Request-ID"] = rid
         log.info("%s %s %s %s %d %.1f ms", rid, client, request.method, request.url.path, response.status_code,
                  (time.perf_counter() - t0) * 1e3)

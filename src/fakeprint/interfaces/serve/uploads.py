@@ -43,7 +43,10 @@ class Limits:
     ``queue``: uploads that may wait for a worker; beyond ``workers + queue`` the service answers 503 with
     Retry-After before reading the body, so memory stays bounded by ``(workers + queue) * max_request_bytes``.
     ``heavy_pixels``: a request whose images declare more pixels than this together decodes on at most half of
-    the workers, so that clients of big images never hold every decoder."""
+    the workers, so that clients of big images never hold every decoder. ``refusal_delay``: a request refused for
+    what it sent (400, 401, 413, 415, 422) is answered no sooner than this many seconds after it arrived, waiting
+    without CPU: a client that keeps sending what is refused (oversized images, a wrong token) gets a few answers a
+    second, not hundreds, and leaves the cores to the others; 0 answers at once."""
 
     max_file_bytes: int = 10 * MB
     max_request_bytes: int = 32 * MB
@@ -56,6 +59,7 @@ class Limits:
     body_timeout: float = 60.0
     queue: int = 16
     heavy_pixels: int = 1024 * 1024
+    refusal_delay: float = 0.25
 
     def as_dict(self) -> dict[str, int | float]:
         return asdict(self)
