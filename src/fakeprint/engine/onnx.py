@@ -19,21 +19,16 @@ Parity: a seeded batch of images (random noise, smooth gradients, flat colours) 
 through onnxruntime at two batch sizes; the export is refused (nothing written, the previous file left as it
 was) when any class probability differs by ``tolerance`` (default 1e-4) or more.
 
-The runtime side: the onnxruntime backend: ``OnnxClassifier`` has the ``Classifier`` interface (``predict(images)``).
-
-It reads a model written by ``fakeprint export`` (``MODEL.onnx`` + ``MODEL.onnx.json``), whose graph takes
-uint8 N x 100 x 100 x 3 images and does the normalisation itself. ``load_backend(path, backend)`` picks a
-backend for the CLI and the service: ``auto`` is ``onnx`` for ``.onnx`` files and ``torch`` otherwise;
-``onnx`` with a PyTorch checkpoint exports it in memory first (with the same parity check as
-``fakeprint export``).
+The runtime side: ``OnnxClassifier`` (the ``Classifier`` interface) reads ``MODEL.onnx`` + ``MODEL.onnx.json``
+(a routed graph too, ``engine.onnx_routes``). ``load_backend(path, backend)`` picks the backend for the CLI and the
+service: ``auto`` is ``onnx`` for ``.onnx`` files, else ``torch``; ``onnx`` with a PyTorch checkpoint exports it in
+memory first (with the same parity check as ``fakeprint export``).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
-import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -45,9 +40,9 @@ import torch
 from torch import nn
 
 from fakeprint.core.errors import CheckpointError, FakeprintError
-from fakeprint.core.io import atomic_write
-from fakeprint.core.versions import versions
 from fakeprint.data.dataset import IMAGE_SIZE
+from fakeprint.engine.onnx_files import export_versions, metadata_path, sha256_of, write_export
+from fakeprint.engine.onnx_routes import check_route, route_of, routed_predictions
 from fakeprint.engine.predict import (
     Classifier,
     Predictions,
@@ -56,7 +51,6 @@ from fakeprint.engine.predict import (
     flat_images,
     load,
     load_ensemble_file,
-    route_flags,
 )
 from fakeprint.engine.runtime import predict_logits
 from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD, tta_mode, tta_views
@@ -69,12 +63,6 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probs")
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
-
-
-def metadata_path(onnx_path: str | Path) -> Path:
-    """``MODEL.onnx`` -> ``MODEL.onnx.json``."""
-    p = Path(onnx_path)
-    return p.with_name(p.name + ".json")
 
 
 class _MatrixAdaptiveAvgPool2d(nn.Module):
@@ -234,14 +222,6 @@ def check_parity(model: nn.Module, session, norm: str, images: np.ndarray) -> fl
     return diff
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OPSET,
                 tolerance: float = DEFAULT_TOLERANCE, n_images: int = 16) -> ExportResult:
     """Export ``checkpoint`` to ``out`` (.onnx) and ``out.json`` after the parity check; raise
@@ -284,7 +264,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
                     {"name": "probs", "dtype": "float32", "shape": ["batch", len(classes)],
                      "note": "softmax of logits"}],
         "opset": opset,
-        "source_checkpoint": {"path": str(weights.resolve()), "sha256": _sha256(weights),
+        "source_checkpoint": {"path": str(weights.resolve()), "sha256": sha256_of(weights),
                               "created": meta.get("created"), "model_args": meta.get("model_args") or {}},
         "metrics": meta.get("metrics") or {},
         "tta": checkpoint_tta(meta),
@@ -292,25 +272,9 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
         "calibration": meta.get("calibration"),
         "parity": {"max_abs_prob_diff": diff, "tolerance": tolerance, "images": int(n_images),
                    "batch_sizes": [int(n_images), 3]},
-        "versions": versions() | {"onnxruntime": _ort_version()},
+        "versions": export_versions(),
     }
-    atomic_write(out, data)
-    meta_out = metadata_path(out)
-    try:
-        atomic_write(meta_out, (json.dumps(info, indent=2, default=str) + "\n").encode())
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    return ExportResult(out, meta_out, diff, int(n_images), time.perf_counter() - t0)
-
-
-def _ort_version() -> str:
-    try:
-        import onnxruntime
-
-        return onnxruntime.__version__
-    except ImportError:
-        return "missing"
+    return ExportResult(out, write_export(out, data, info), diff, int(n_images), time.perf_counter() - t0)
 
 
 BACKENDS = ("auto", "torch", "onnx")
@@ -325,32 +289,8 @@ def read_onnx_metadata(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{p}: 'classes' must list at least two class names")
     check_metadata_fields(meta, p)
     if meta.get("route") is not None:
-        _check_route(meta["route"], p)
+        check_route(meta["route"], p)
     return meta
-
-
-def _check_route(route: Any, p: Path) -> None:
-    """A routed graph's ``route`` (``engine.onnx_routed``): its threshold, its own bar and two members'
-    calibrations, each usable as it says (``CheckpointError`` naming the field)."""
-    def fail(field: str, what: str, value: Any) -> CheckpointError:
-        return CheckpointError(f"{p}: field 'route.{field}' {what}, got {value!r}"[:300])
-
-    if not isinstance(route, dict):
-        raise CheckpointError(f"{p}: field 'route' must be a mapping")
-    t = route.get("threshold")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
-        raise fail("threshold", "must be a number between 0 and 1", t)
-    u = route.get("uncertain_below")
-    if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 <= u <= 1.0):
-        raise fail("uncertain_below", "must be a probability from 0 to 1 (or null)", u)
-    members = route.get("members")
-    if not isinstance(members, list) or len(members) != 2 or not all(isinstance(m, dict) for m in members):
-        raise fail("members", "must list the two members", members)
-    for i, m in enumerate(members):
-        check_metadata_fields({"calibration": m.get("calibration")}, f"{p}: route.members[{i}]")
-    if route.get("tta_in_graph") is not True:
-        raise fail("tta_in_graph", "must be true (the graph does its members' test-time augmentation)",
-                   route.get("tta_in_graph"))
 
 
 class OnnxClassifier:
@@ -390,8 +330,11 @@ class OnnxClassifier:
         if batch_size < 1:
             raise FakeprintError(f"batch_size must be at least 1, got {batch_size}")
         arr = self.to_array(images)
-        if self.route:
-            return self._routed(arr, tta, batch_size)
+        if self.route:  # a routed graph (engine.onnx_routes): its members' TTA is inside it
+            if tta != self.tta:
+                raise FakeprintError(f"{self.path}: a routed ONNX model's test-time augmentation ({self.tta}) is "
+                                     f"inside its graph; it cannot be changed to {tta}")
+            return routed_predictions(self.session, self.route, self.classes, arr, batch_size)
         if not len(arr):
             return Predictions(np.zeros(0, np.int64), np.zeros((0, len(self.classes)), np.float32), self.classes)
         # the one set of test-time views (features.preprocess.tta_views), taken on the uint8 images laid out NCHW
@@ -402,29 +345,7 @@ class OnnxClassifier:
 
     def routes(self, file_perturbed: np.ndarray) -> np.ndarray:
         """A routed graph's: which member answered each image (0: the first; 1: the second), as its graph chose."""
-        assert self.route is not None
-        return (np.asarray(file_perturbed) >= float(self.route["threshold"])).astype(np.int64)
-
-    def _routed(self, arr: np.ndarray, tta: str, batch_size: int) -> Predictions:
-        """A routed graph's predictions: its TTA is inside it, the flags from each route's calibration."""
-        assert self.route is not None
-        if tta != self.tta:
-            raise FakeprintError(f"{self.path}: a routed ONNX model's test-time augmentation ({self.tta}) is inside "
-                                 f"its graph; it cannot be changed to {tta}")
-        k = len(self.classes)
-        probs, p = np.zeros((0, k), np.float32), np.zeros(0, np.float32)
-        for s in range(0, len(arr), batch_size):
-            got, q = self.session.run(["probs", "file_perturbed"], {INPUT_NAME: np.ascontiguousarray(arr[s:s + batch_size])})
-            probs, p = np.concatenate([probs, got.astype(np.float32)]), np.concatenate([p, q.astype(np.float32)])
-        second = self.routes(p) == 1
-        cals = [m.get("calibration") for m in self.route["members"]]
-        flags = None
-        if all(cals):
-            top = probs.max(1) if len(probs) else np.zeros(0, np.float32)
-            bar = np.where(second, float(cals[1]["uncertain_below"]), float(cals[0]["uncertain_below"]))
-            flags = route_flags((top < bar) | flat_images(arr), second, top, self.route.get("uncertain_below"))
-        labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
-        return Predictions(labels, probs, self.classes, flags, p)
+        return route_of(self.route or {}, file_perturbed)
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxClassifier:

@@ -19,7 +19,6 @@ written.
 from __future__ import annotations
 
 import io
-import json
 import time
 import warnings
 from pathlib import Path
@@ -30,8 +29,6 @@ import torch
 from torch import nn
 
 from fakeprint.core.errors import FakeprintError
-from fakeprint.core.io import atomic_write
-from fakeprint.core.versions import versions
 from fakeprint.data.dataset import IMAGE_SIZE
 from fakeprint.engine.onnx import (
     DEFAULT_OPSET,
@@ -40,12 +37,10 @@ from fakeprint.engine.onnx import (
     INPUT_NAME,
     ExportResult,
     _exportable,
-    _ort_version,
-    _sha256,
-    metadata_path,
     onnx_session,
     parity_images,
 )
+from fakeprint.engine.onnx_files import export_versions, sha256_of, write_export
 from fakeprint.engine.predict import Classifier, RoutedClassifier, load
 from fakeprint.features.perturb import perturbed_images
 from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -174,7 +169,7 @@ def export_routed_onnx(path: str | Path, out: str | Path, opset: int = DEFAULT_O
         members.append({"name": _member_name(m), "model": m.name, "tta": m.tta, "normalization": m.normalize,
                         "calibration": m.meta.get("calibration"),
                         "held_out": m.meta.get("held_out"),
-                        "source_checkpoint": {"path": str(weights.resolve()), "sha256": _sha256(weights)}})
+                        "source_checkpoint": {"path": str(weights.resolve()), "sha256": sha256_of(weights)}})
     ttas = {m.tta for m in clf.members}
     info: dict[str, Any] = {
         "format": FORMAT, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "model": clf.name,
@@ -199,13 +194,6 @@ def export_routed_onnx(path: str | Path, out: str | Path, opset: int = DEFAULT_O
                   "members": members},
         "parity": {"max_abs_diff": diff, "tolerance": tolerance, "images": len(images), "batch_sizes": [len(images), 3],
                    "routes_checked": sorted(routes)},
-        "versions": versions() | {"onnxruntime": _ort_version()},
+        "versions": export_versions(),
     }
-    atomic_write(out, data)
-    meta_out = metadata_path(out)
-    try:
-        atomic_write(meta_out, (json.dumps(info, indent=2, default=str) + "\n").encode())
-    except BaseException:
-        out.unlink(missing_ok=True)
-        raise
-    return ExportResult(out, meta_out, diff, len(images), time.perf_counter() - t0)
+    return ExportResult(out, write_export(out, data, info), diff, len(images), time.perf_counter() - t0)

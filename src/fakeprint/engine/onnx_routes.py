@@ -1,0 +1,64 @@
+"""The runtime side of a routed ONNX graph (``engine.onnx_routed`` writes it): its metadata's ``route`` checked,
+which member answered each image, and its predictions with the flags PyTorch gives (``engine.predict.route_flags``).
+``engine.onnx.OnnxClassifier`` uses these for a model whose metadata has a ``route``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fakeprint.core.errors import CheckpointError
+from fakeprint.engine.predict import Predictions, flat_images, route_flags
+from fakeprint.models.metadata import check_metadata_fields
+
+INPUT_NAME = "images"
+
+
+def check_route(route: Any, p: Path) -> None:
+    """A routed graph's ``route`` (``engine.onnx_routed``): its threshold, its own bar and two members'
+    calibrations, each usable as it says (``CheckpointError`` naming the field)."""
+    def fail(field: str, what: str, value: Any) -> CheckpointError:
+        return CheckpointError(f"{p}: field 'route.{field}' {what}, got {value!r}"[:300])
+
+    if not isinstance(route, dict):
+        raise CheckpointError(f"{p}: field 'route' must be a mapping")
+    t = route.get("threshold")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 < t < 1.0:
+        raise fail("threshold", "must be a number between 0 and 1", t)
+    u = route.get("uncertain_below")
+    if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 <= u <= 1.0):
+        raise fail("uncertain_below", "must be a probability from 0 to 1 (or null)", u)
+    members = route.get("members")
+    if not isinstance(members, list) or len(members) != 2 or not all(isinstance(m, dict) for m in members):
+        raise fail("members", "must list the two members", members)
+    for i, m in enumerate(members):
+        check_metadata_fields({"calibration": m.get("calibration")}, f"{p}: route.members[{i}]")
+    if route.get("tta_in_graph") is not True:
+        raise fail("tta_in_graph", "must be true (the graph does its members' test-time augmentation)",
+                   route.get("tta_in_graph"))
+
+
+def route_of(route: dict[str, Any], file_perturbed: np.ndarray) -> np.ndarray:
+    """Which member answered each image (0: the first; 1: the second), as the graph chose: from the threshold."""
+    return (np.asarray(file_perturbed) >= float(route["threshold"])).astype(np.int64)
+
+
+def routed_predictions(session: Any, route: dict[str, Any], classes: list[str], arr: np.ndarray,
+                       batch_size: int) -> Predictions:
+    """The graph's probabilities and ``file_perturbed`` for N x 100 x 100 x 3 uint8 images, flagged as PyTorch
+    flags them: each member's own bar for its answers (flat inputs always), and the route's own for the second's."""
+    probs, p = np.zeros((0, len(classes)), np.float32), np.zeros(0, np.float32)
+    for s in range(0, len(arr), batch_size):
+        got, q = session.run(["probs", "file_perturbed"], {INPUT_NAME: np.ascontiguousarray(arr[s:s + batch_size])})
+        probs, p = np.concatenate([probs, got.astype(np.float32)]), np.concatenate([p, q.astype(np.float32)])
+    second = route_of(route, p) == 1
+    cals = [m.get("calibration") for m in route["members"]]
+    flags = None
+    if all(cals):
+        top = probs.max(1) if len(probs) else np.zeros(0, np.float32)
+        bar = np.where(second, float(cals[1]["uncertain_below"]), float(cals[0]["uncertain_below"]))
+        flags = route_flags((top < bar) | flat_images(arr), second, top, route.get("uncertain_below"))
+    labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
+    return Predictions(labels, probs, classes, flags, p)
