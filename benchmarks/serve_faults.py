@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--big", type=int, default=2, help="clients posting 4096x4096 16-bit PNGs (default 2)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--threads", type=int, default=None, help="the server's --threads")
+    p.add_argument("--refusal-delay", type=float, default=None,
+                   help="the server's --refusal-delay (default: the server's own, 0.25 s)")
     p.add_argument("--max-seconds", type=float, default=120)
     p.add_argument("--out", help="also write the JSON here")
     args = p.parse_args(argv)
@@ -134,7 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     port = free_port()
     cmd = [sys.executable, "-m", "fakeprint", "serve", *([args.checkpoint] if args.checkpoint else []),
            "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers), "--max-connections", "32",
-           "--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else [])
+           "--log-level", "warning"] + (["--threads", str(args.threads)] if args.threads else []) \
+        + (["--refusal-delay", str(args.refusal_delay)] if args.refusal_delay is not None else [])
     url = f"http://127.0.0.1:{port}"
     log_path = Path(tmp.name) / "server.log"
     import subprocess
