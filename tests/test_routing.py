@@ -162,6 +162,24 @@ def test_a_routed_model_is_explained_by_the_member_that_answered_each_image(rout
     assert no_cam.cam is None and no_cam.cam_note == "disabled"
 
 
+def test_a_routed_model_whose_member_is_an_ensemble_file_is_scored_on_the_split_every_checkpoint_held_out(routed):
+    """An ensemble file may name another (two seeds averaged on the perturbed route): scoring finds the checkpoints
+    behind both and the split each of them held out."""
+    from fakeprint.engine.evaluate import load_scored
+    from fakeprint.models.ensemble_file import write_ensemble
+
+    base, data, runs, out, route, full = routed
+    pair = base / "avg.ensemble.json"
+    write_ensemble(pair, [str(runs[1]), str(runs[0])], None)
+    nested = base / "nested.ensemble.json"
+    body = json.loads(out.read_text())
+    nested.write_text(json.dumps(body | {"members": [str(runs[0]), "avg.ensemble.json"]}))
+    clf, ds = load_scored([nested], data, "internal", progress=False)
+    assert isinstance(clf, RoutedClassifier) and len(ds.labels) == 40  # the 40 images every checkpoint held out
+    got = clf.predict(ds.images)
+    assert got.probs.shape == (40, 5) and got.file_perturbed.shape == (40,)
+
+
 def _preds(top: list[float], wrong: list[bool], second: list[bool], own: list[bool] | None = None):
     """Predictions of two classes whose top probability, correctness (against label 0), route and own flag are given."""
     from fakeprint.engine.predict import Predictions

@@ -107,9 +107,16 @@ def load_scored(checkpoints: list, data: str | Path, split: str, device: str = "
     must be held out by every member)."""
     paths = [Path(c) for c in checkpoints]
     clf = combine([load_backend(p, "auto", device) for p in paths])
-    # an ensemble file's members each hold out the split (the file itself has no split.csv)
-    held = [Path(m) for p in paths for m in (read_ensemble(p)[0] if is_ensemble_path(p) else [p])]
+    held = [m for p in paths for m in _checkpoints_of(p)]
     return clf, load_eval_split(Path(data), split, held[0], progress=progress, others=tuple(held[1:]))
+
+
+def _checkpoints_of(path: Path) -> list[Path]:
+    """The checkpoints behind ``path``: itself, or an ensemble file's members', also where a member is an ensemble
+    file (each holds out the split; the file itself has no split.csv)."""
+    if not is_ensemble_path(path):
+        return [path]
+    return [c for m in read_ensemble(path)[0] for c in _checkpoints_of(Path(m))]
 
 
 def default_split(checkpoint: str | Path) -> str:
