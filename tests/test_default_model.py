@@ -78,7 +78,20 @@ def test_cli_predict_without_a_checkpoint_uses_the_default_model(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip().split("\t")
     assert line[0] == str(path) and line[1] in {"0", "1", "2", "3", "4"}
-    assert "default.safetensors" in proc.stderr
+    assert "routed.ensemble.json" in proc.stderr  # the shipped default: routed (docs/results.md)
+
+
+def test_load_without_a_name_is_routed_and_the_checkpoint_default_where_routed_is_not_shipped(monkeypatch):
+    """``fakeprint.load()`` answers files of unknown history: ``default`` for files that look pristine, ``robust``
+    for the others; a package that ships no routed ensemble falls back to the checkpoint ``default``."""
+    import fakeprint.engine.predict as predict_mod
+    from fakeprint.engine.predict import RoutedClassifier
+
+    clf = fakeprint.load()
+    assert isinstance(clf, RoutedClassifier) and default_model_path().name == "routed.ensemble.json"
+    assert [m.path for m in clf.members] == [shipped_model_path("default"), shipped_model_path("robust")]
+    monkeypatch.setattr(predict_mod, "shipped_ensemble_path", lambda name: None)
+    assert default_model_path() == shipped_model_path("default") == fakeprint.load().path
 
 
 @each_shipped

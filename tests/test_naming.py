@@ -26,7 +26,9 @@ def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 @needs_default
 def test_default_names_the_shipped_model_and_results_stay_out_of_the_package(tiny_data, tmp_path):
-    assert resolve_checkpoint("default") == default_model_path()
+    from fakeprint.models.checkpoint import shipped_model_path
+
+    assert resolve_checkpoint("default") == shipped_model_path("default")  # the checkpoint, routed's pristine member
     package = default_model_path().parent
     before = sorted(p.name for p in package.iterdir())
     work = tmp_path / "work"
@@ -36,14 +38,13 @@ def test_default_names_the_shipped_model_and_results_stay_out_of_the_package(tin
     metrics = json.loads((work / "eval-validation-default" / "metrics.json").read_text())
     assert metrics["n"] == 50 and metrics["tta"] == "flip"  # the shipped model's own TTA, applied by default
     assert sorted(p.name for p in package.iterdir()) == before
-    assert output_dir(default_model_path(), "x") == Path.cwd() / "x-default"
-    from fakeprint.models.checkpoint import shipped_model_path
+    assert output_dir(shipped_model_path("default"), "x") == Path.cwd() / "x-default"
 
     if shipped_model_path("fast") is not None:  # another shipped model, by its own name
         assert resolve_checkpoint("fast") == shipped_model_path("fast")
         assert output_dir(shipped_model_path("fast"), "x") == Path.cwd() / "x-fast"
     if shipped_model_path("accurate") is not None:  # the most accurate shipped model: a file of its own
-        assert resolve_checkpoint("accurate") == shipped_model_path("accurate") != default_model_path()
+        assert resolve_checkpoint("accurate") == shipped_model_path("accurate") != shipped_model_path("default")
 
 
 def test_a_file_named_default_in_the_working_directory_wins(tmp_path):

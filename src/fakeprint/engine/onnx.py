@@ -51,6 +51,7 @@ from fakeprint.engine.predict import (
     flat_images,
     load,
     load_ensemble_file,
+    shipped_default,
 )
 from fakeprint.engine.runtime import predict_logits
 from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD, tta_mode, tta_views
@@ -399,6 +400,8 @@ def load_backend(path: str | Path | None, backend: str = "auto", device: str = "
                  threads: int | None = None) -> Classifier | OnnxClassifier:
     """A classifier for ``path`` (None: the shipped default model) on ``backend`` (auto, torch or onnx)."""
 
+    if path is None:
+        path = shipped_default()
     if is_ensemble_path(path):  # NAME.ensemble.json: each member on this backend, the average calibrated (or routed)
         return load_ensemble_file(path, lambda m: load_backend(m, backend, device, threads))
     kind = resolve_backend(path, backend)

@@ -19,13 +19,21 @@ from fakeprint.features.preprocess import tta_mode
 from fakeprint.features.stat_ops import shared_statistics
 from fakeprint.features.statistics import StatFeatures
 from fakeprint.models.checkpoint import load_checkpoint, resolve_checkpoint, shipped_model_path
-from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble_file
+from fakeprint.models.ensemble_file import is_ensemble_path, read_ensemble_file, shipped_ensemble_path
 from fakeprint.models.fuse import fuse_for_inference
 from fakeprint.models.router import FileDetector, load_detector
 
+DEFAULT_ENSEMBLE = "routed"  # what load() returns where it is shipped (docs/results.md: the rule that decided it)
+
 
 def default_model_path() -> Path | None:
-    """The model shipped inside the package, if there is one (also named ``default`` on the command line)."""
+    """What ``fakeprint.load()`` with no name loads (and the commands without a model): the routed ensemble
+    ``routed`` where it is shipped with its members (``default`` for files that look as their generator wrote
+    them, ``robust`` for re-saved, resized or edited ones; docs/ROBUSTNESS.md), else the checkpoint ``default``;
+    None when the package ships neither."""
+    routed = shipped_ensemble_path(DEFAULT_ENSEMBLE)
+    if routed is not None and all(shipped_model_path(m) is not None for m in ("default", "robust")):
+        return routed
     return shipped_model_path()
 
 
@@ -362,18 +370,25 @@ def load_ensemble_file(path: str | Path, load_member: Any) -> EnsembleClassifier
                             Path(path), route.get("uncertain_below"))
 
 
+def shipped_default() -> Path:
+    """``default_model_path()``, or the clear error that nothing is shipped."""
+    path = default_model_path()
+    if path is None:
+        raise FakeprintError("no default model is shipped in this installation; pass a checkpoint path "
+                             "(a run folder or a .safetensors file)")
+    return path
+
+
 def load(path: str | Path | list | tuple | None = None, device: str = "cpu") -> Classifier | EnsembleClassifier:
-    """Load a checkpoint (a run folder, ``NAME.safetensors`` or its stem, a shipped model's name); no path: the
-    shipped default model; a list of several: their ensemble (``EnsembleClassifier``, averaged probabilities)."""
+    """Load a checkpoint (a run folder, ``NAME.safetensors`` or its stem, a shipped model's name) or an ensemble
+    file; no path: what ``default_model_path`` names (the routed ``routed``); a list of several: their ensemble
+    (``EnsembleClassifier``, averaged probabilities)."""
     if isinstance(path, (list, tuple)):
         return combine([load(p, device) for p in path])
+    if path is None:
+        path = shipped_default()
     if is_ensemble_path(path):  # NAME.ensemble.json: its members and the calibration of their average, or a route
         return load_ensemble_file(path, lambda m: load(m, device))
-    if path is None:
-        path = default_model_path()
-        if path is None:
-            raise FakeprintError("no default model is shipped in this installation; pass a checkpoint path "
-                                 "(a run folder or a .safetensors file)")
     dev = pick_device(device)
     model, meta = load_checkpoint(path, map_location=dev)
     return Classifier(model, meta, dev, resolve_checkpoint(path))

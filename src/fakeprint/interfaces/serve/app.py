@@ -41,7 +41,14 @@ from fakeprint.engine.onnx import (
     onnx_from_classifier,
     resolve_backend,
 )
-from fakeprint.engine.predict import Classifier, EnsembleClassifier, RoutedClassifier, combine, load
+from fakeprint.engine.predict import (
+    Classifier,
+    EnsembleClassifier,
+    RoutedClassifier,
+    combine,
+    load,
+    shipped_default,
+)
 from fakeprint.interfaces.serve.batcher import Batcher, BatchPolicy, BatchResult, DeadlineExceeded
 from fakeprint.interfaces.serve.guards import add_guards, error_response
 from fakeprint.interfaces.serve.metrics import ServiceMetrics
@@ -96,6 +103,8 @@ def build_service(path: str | Path | list | tuple | None, backend: str = "auto",
         if len(path) > 1:
             return _ensemble_service(list(path), backend, device, threads)
         path = path[0] if path else None
+    if path is None:  # the shipped default: routed, where it is shipped
+        path = shipped_default()
     if is_ensemble_path(path):  # NAME.ensemble.json: its members, the average calibrated (or routed)
         ens = load_backend(path, backend, device, threads)
         explainer, note = (_routed_cam(ens) if cam else (None, "disabled")) if isinstance(ens, RoutedClassifier) \
