@@ -41,7 +41,13 @@ from torch import nn
 
 from fakeprint.core.errors import CheckpointError, FakeprintError
 from fakeprint.data.dataset import IMAGE_SIZE
-from fakeprint.engine.onnx_files import export_versions, metadata_path, sha256_of, write_export
+from fakeprint.engine.onnx_files import (
+    checked_export_args,
+    export_versions,
+    metadata_path,
+    sha256_of,
+    write_export,
+)
 from fakeprint.engine.onnx_routes import check_route, route_of, routed_predictions
 from fakeprint.engine.predict import (
     Classifier,
@@ -228,11 +234,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = DEFAULT_OP
     """Export ``checkpoint`` to ``out`` (.onnx) and ``out.json`` after the parity check; raise
     ``FakeprintError`` and write nothing when the check fails."""
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise FakeprintError(f"{out}: the ONNX file name must end in .onnx")
-    if n_images < 1:
-        raise FakeprintError("the parity check needs at least one image")
+    out = checked_export_args(out, n_images)
     weights = resolve_checkpoint(checkpoint)
     model, meta = load_checkpoint(weights, map_location="cpu")
     norm = (meta.get("normalization") or {}).get("mode", "imagenet")

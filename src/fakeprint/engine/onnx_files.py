@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fakeprint.core.errors import FakeprintError
 from fakeprint.core.io import atomic_write
 from fakeprint.core.versions import versions
 
@@ -16,6 +17,16 @@ def metadata_path(onnx_path: str | Path) -> Path:
     """``MODEL.onnx`` -> ``MODEL.onnx.json``."""
     p = Path(onnx_path)
     return p.with_name(p.name + ".json")
+
+
+def checked_export_args(out: str | Path, n_images: int) -> Path:
+    """The ONNX file to write (its name must end in .onnx) once the parity batch is known to be non-empty."""
+    out = Path(out)
+    if out.suffix != ".onnx":
+        raise FakeprintError(f"{out}: the ONNX file name must end in .onnx")
+    if n_images < 1:
+        raise FakeprintError("the parity check needs at least one image")
+    return out
 
 
 def write_export(out: Path, data: bytes, info: dict[str, Any]) -> Path:

@@ -40,7 +40,7 @@ from fakeprint.engine.onnx import (
     onnx_session,
     parity_images,
 )
-from fakeprint.engine.onnx_files import export_versions, sha256_of, write_export
+from fakeprint.engine.onnx_files import checked_export_args, export_versions, sha256_of, write_export
 from fakeprint.engine.predict import Classifier, RoutedClassifier, load
 from fakeprint.features.perturb import perturbed_images
 from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -123,11 +123,7 @@ def export_routed_onnx(path: str | Path, out: str | Path, opset: int = DEFAULT_O
     """Export the routed ensemble file ``path`` to ``out`` (.onnx) and ``out.json`` after a parity check against
     PyTorch (probabilities and ``file_perturbed`` within ``tolerance``); write nothing when it fails."""
     t0 = time.perf_counter()
-    out = Path(out)
-    if out.suffix != ".onnx":
-        raise FakeprintError(f"{out}: the ONNX file name must end in .onnx")
-    if n_images < 1:
-        raise FakeprintError("the parity check needs at least one image")
+    out = checked_export_args(out, n_images)
     clf = load(path) if is_ensemble_path(path) else None
     if not isinstance(clf, RoutedClassifier):
         raise FakeprintError(f"{path}: an averaged ensemble is not exported as one graph; export each member "
