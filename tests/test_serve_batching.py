@@ -61,6 +61,20 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def gated(policy: BatchPolicy) -> tuple[threading.Event, FakeModel, Batcher]:
+    """A batcher over a fake model whose calls wait until the returned gate is set."""
+    gate = threading.Event()
+    model = FakeModel(gate)
+    return gate, model, Batcher(model.predict, policy)
+
+
+async def busy_with_first(batcher: Batcher, model: FakeModel) -> asyncio.Future:
+    """Submit job 1 and return once the model is running it (held there by its gate)."""
+    first = asyncio.ensure_future(batcher.submit(marked(1)))
+    await asyncio.to_thread(model.started.wait, 5)
+    return first
+
+
 def test_requests_that_arrive_together_share_one_call_and_get_their_own_rows_in_order():
     model = FakeModel()
     batcher = Batcher(model.predict, BatchPolicy(max_batch=64, max_wait_ms=50))
@@ -112,13 +126,10 @@ def test_a_failing_call_is_retried_job_by_job_so_only_the_bad_job_fails():
 
 
 def test_a_job_past_its_deadline_is_refused_without_running():
-    gate = threading.Event()
-    model = FakeModel(gate)
-    batcher = Batcher(model.predict, BatchPolicy(max_batch=1, max_wait_ms=0, deadline_s=0.2, model_calls=1))
+    gate, model, batcher = gated(BatchPolicy(max_batch=1, max_wait_ms=0, deadline_s=0.2, model_calls=1))
 
     async def main():
-        first = asyncio.ensure_future(batcher.submit(marked(1)))
-        await asyncio.to_thread(model.started.wait, 5)  # the model is busy with the first job
+        first = await busy_with_first(batcher, model)
         late = asyncio.ensure_future(batcher.submit(marked(2)))
         await asyncio.sleep(0.4)  # the second job's deadline passes while it waits
         gate.set()
@@ -133,13 +144,10 @@ def test_a_job_past_its_deadline_is_refused_without_running():
 
 
 def test_a_cancelled_request_never_reaches_the_model():
-    gate = threading.Event()
-    model = FakeModel(gate)
-    batcher = Batcher(model.predict, BatchPolicy(max_batch=1, max_wait_ms=0, model_calls=1))
+    gate, model, batcher = gated(BatchPolicy(max_batch=1, max_wait_ms=0, model_calls=1))
 
     async def main():
-        first = asyncio.ensure_future(batcher.submit(marked(1)))
-        await asyncio.to_thread(model.started.wait, 5)
+        first = await busy_with_first(batcher, model)
         gone = asyncio.ensure_future(batcher.submit(marked(2)))
         kept = asyncio.ensure_future(batcher.submit(marked(3)))
         await asyncio.sleep(0.05)
@@ -155,13 +163,10 @@ def test_a_cancelled_request_never_reaches_the_model():
 
 
 def test_with_two_model_calls_the_next_batch_starts_while_the_first_runs_and_batches_keep_arrival_order():
-    gate = threading.Event()
-    model = FakeModel(gate)
-    batcher = Batcher(model.predict, BatchPolicy(max_batch=3, max_wait_ms=0, model_calls=2))
+    gate, model, batcher = gated(BatchPolicy(max_batch=3, max_wait_ms=0, model_calls=2))
 
     async def main():
-        first = asyncio.ensure_future(batcher.submit(marked(1)))
-        await asyncio.to_thread(model.started.wait, 5)  # the first call holds its worker until the gate opens
+        first = await busy_with_first(batcher, model)  # the first call holds its worker until the gate opens
         rest = [asyncio.ensure_future(batcher.submit(marked(m))) for m in range(2, 9)]
         for _ in range(200):  # the second call starts without waiting for the first
             if len(model.calls) == 2:
