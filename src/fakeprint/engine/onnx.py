@@ -42,13 +42,14 @@ from torch import nn
 from fakeprint.core.errors import CheckpointError, FakeprintError
 from fakeprint.data.dataset import IMAGE_SIZE
 from fakeprint.engine.onnx_files import (
+    INPUT_NAME,
     checked_export_args,
     export_versions,
     metadata_path,
     sha256_of,
     write_export,
 )
-from fakeprint.engine.onnx_routes import check_route, route_of, routed_predictions
+from fakeprint.engine.onnx_routes import check_route, routed_predictions
 from fakeprint.engine.predict import (
     Classifier,
     Predictions,
@@ -57,6 +58,7 @@ from fakeprint.engine.predict import (
     flat_images,
     load,
     load_ensemble_file,
+    route_of,
     shipped_default,
 )
 from fakeprint.engine.runtime import predict_logits
@@ -66,7 +68,6 @@ from fakeprint.models.ensemble_file import is_ensemble_path
 from fakeprint.models.metadata import check_metadata_fields
 
 FORMAT = "fakeprint-onnx/1"
-INPUT_NAME = "images"
 OUTPUT_NAMES = ("logits", "probs")
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-4
@@ -345,10 +346,10 @@ class OnnxClassifier:
         logits = sum(self.logits(v.permute(0, 2, 3, 1).contiguous().numpy(), batch_size) for v in views) / len(views)
         return calibrated(logits, self.meta, self.classes, flat_images(arr))
 
-
     def routes(self, file_perturbed: np.ndarray) -> np.ndarray:
-        """A routed graph's: which member answered each image (0: the first; 1: the second), as its graph chose."""
-        return route_of(self.route or {}, file_perturbed)
+        """A routed graph's: which member answered each image (``route_of`` at its threshold), as its graph chose."""
+        assert self.route is not None
+        return route_of(file_perturbed, self.route["threshold"])
 
 
 def load_onnx(path: str | Path, threads: int | None = None) -> OnnxClassifier:

@@ -12,6 +12,8 @@ from fakeprint.core.errors import FakeprintError
 from fakeprint.core.io import atomic_write
 from fakeprint.core.versions import versions
 
+INPUT_NAME = "images"  # the uint8 N x 100 x 100 x 3 input of every graph fakeprint exports
+
 
 def metadata_path(onnx_path: str | Path) -> Path:
     """``MODEL.onnx`` -> ``MODEL.onnx.json``."""

@@ -1,5 +1,5 @@
 """The runtime side of a routed ONNX graph (``engine.onnx_routed`` writes it): its metadata's ``route`` checked,
-which member answered each image, and its predictions with the flags PyTorch gives (``engine.predict.route_flags``).
+and its predictions with the flags PyTorch gives (``engine.predict.route_flags``).
 ``engine.onnx.OnnxClassifier`` uses these for a model whose metadata has a ``route``."""
 
 from __future__ import annotations
@@ -10,10 +10,9 @@ from typing import Any
 import numpy as np
 
 from fakeprint.core.errors import CheckpointError
-from fakeprint.engine.predict import Predictions, flat_images, route_flags
+from fakeprint.engine.onnx_files import INPUT_NAME
+from fakeprint.engine.predict import Predictions, flat_images, route_flags, route_of
 from fakeprint.models.metadata import check_metadata_fields
-
-INPUT_NAME = "images"
 
 
 def check_route(route: Any, p: Path) -> None:
@@ -40,20 +39,15 @@ def check_route(route: Any, p: Path) -> None:
                    route.get("tta_in_graph"))
 
 
-def route_of(route: dict[str, Any], file_perturbed: np.ndarray) -> np.ndarray:
-    """Which member answered each image (0: the first; 1: the second), as the graph chose: from the threshold."""
-    return (np.asarray(file_perturbed) >= float(route["threshold"])).astype(np.int64)
-
-
 def routed_predictions(session: Any, route: dict[str, Any], classes: list[str], arr: np.ndarray,
                        batch_size: int) -> Predictions:
     """The graph's probabilities and ``file_perturbed`` for N x 100 x 100 x 3 uint8 images, flagged as PyTorch
     flags them: each member's own bar for its answers (flat inputs always), and the route's own for the second's."""
-    probs, p = np.zeros((0, len(classes)), np.float32), np.zeros(0, np.float32)
-    for s in range(0, len(arr), batch_size):
-        got, q = session.run(["probs", "file_perturbed"], {INPUT_NAME: np.ascontiguousarray(arr[s:s + batch_size])})
-        probs, p = np.concatenate([probs, got.astype(np.float32)]), np.concatenate([p, q.astype(np.float32)])
-    second = route_of(route, p) == 1
+    outs = [session.run(["probs", "file_perturbed"], {INPUT_NAME: np.ascontiguousarray(arr[s:s + batch_size])})
+            for s in range(0, len(arr), batch_size)]
+    probs = np.concatenate([np.zeros((0, len(classes)), np.float32)] + [o[0].astype(np.float32) for o in outs])
+    p = np.concatenate([np.zeros(0, np.float32)] + [o[1].astype(np.float32) for o in outs])
+    second = route_of(p, route["threshold"]) == 1
     cals = [m.get("calibration") for m in route["members"]]
     flags = None
     if all(cals):

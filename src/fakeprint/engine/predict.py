@@ -258,6 +258,12 @@ class EnsembleClassifier:
         return Predictions(probs.argmax(1) if len(arr) else np.zeros(0, np.int64), probs, self.classes)
 
 
+def route_of(file_perturbed: np.ndarray, threshold: float) -> np.ndarray:
+    """Which member of a routed model answers each image (0: the first, for pristine files; 1: the second), from the
+    detector's P(perturbed): the one place the rule is written (both backends, Grad-CAM, route calibration)."""
+    return (np.asarray(file_perturbed) >= float(threshold)).astype(np.int64)
+
+
 def route_flags(own: np.ndarray, second: np.ndarray, top: np.ndarray, uncertain_below: float | None) -> np.ndarray:
     """A routed model's ``uncertain`` flags: each answer's member's own flag, and for an answer of the second route
     (a file the detector calls re-saved, resized, ...) also a top probability below ``uncertain_below`` (None: no
@@ -292,9 +298,8 @@ class RoutedClassifier(EnsembleClassifier):
         return f"routed({self.members[0].name} | {self.members[1].name})"
 
     def routes(self, file_perturbed: np.ndarray) -> np.ndarray:
-        """Which member answers each image (0: the first, pristine files; 1: the second), from the detector's
-        P(perturbed): the one place where the rule is written (``predict``, Grad-CAM)."""
-        return (np.asarray(file_perturbed) >= self.threshold).astype(np.int64)
+        """Which member answers each image (``route_of`` at this model's threshold)."""
+        return route_of(file_perturbed, self.threshold)
 
     def file_perturbed(self, arr: np.ndarray) -> np.ndarray:
         """P(perturbed) of each N x 100 x 100 x 3 uint8 image; call inside ``shared_statistics`` to share them."""

@@ -28,7 +28,7 @@ from sklearn.preprocessing import StandardScaler
 from fakeprint.core.errors import FakeprintError
 from fakeprint.data.cache import load_split
 from fakeprint.engine.evaluate import load_eval_split, load_scored
-from fakeprint.engine.predict import Predictions, RoutedClassifier, load, route_flags
+from fakeprint.engine.predict import Predictions, RoutedClassifier, load, route_flags, route_of
 from fakeprint.features.file_augment import random_spec
 from fakeprint.features.perturb import decoded_copies, perturbed_images, suite
 from fakeprint.models.checkpoint import resolve_checkpoint
@@ -109,7 +109,7 @@ def route_threshold(outputs: list[Predictions], labels: np.ndarray, threshold: f
     top = np.concatenate([o.probs.max(1) for o in outputs])
     wrong = np.concatenate([o.labels != labels for o in outputs])
     own = np.concatenate([np.asarray(o.uncertain, bool) for o in outputs])
-    second = np.concatenate([o.file_perturbed >= threshold for o in outputs])
+    second = np.concatenate([route_of(o.file_perturbed, threshold) == 1 for o in outputs])
     if not wrong.any() or own[wrong].mean() >= wrong_flagged:
         return 0.0
     # flagged at threshold u: own | (second & top < u); try each second-route wrong answer's score, just above it
@@ -123,7 +123,7 @@ def route_threshold(outputs: list[Predictions], labels: np.ndarray, threshold: f
 def _flag_shares(outputs: list[Predictions], clean: Predictions, labels: np.ndarray, threshold: float,
                  u: float) -> dict[str, float]:
     def flags(o: Predictions) -> np.ndarray:
-        return route_flags(o.uncertain, o.file_perturbed >= threshold, o.probs.max(1), u)
+        return route_flags(o.uncertain, route_of(o.file_perturbed, threshold) == 1, o.probs.max(1), u)
 
     wrong = [o.labels != labels for o in outputs]
     f = [flags(o) for o in outputs]

@@ -136,8 +136,8 @@ def build_service(path: str | Path | list | tuple | None, backend: str = "auto",
 def _routed_cam(clf: RoutedClassifier | OnnxClassifier) -> tuple[RoutedGradCAM | None, str]:
     """Grad-CAM of each member of a routed model (a copy of each PyTorch model, or an ONNX member's or a routed
     graph's member's source checkpoint): each answer is one member's, so that member's map explains it."""
-    cams = []
-    for name, source, norm in _route_members(clf):
+    cams, members = [], _route_members(clf)
+    for name, source, norm in members:
         if isinstance(source, dict):  # ONNX metadata naming the source checkpoint
             model, note = _source_model(source)
         elif isinstance(source, Classifier):
@@ -150,7 +150,7 @@ def _routed_cam(clf: RoutedClassifier | OnnxClassifier) -> tuple[RoutedGradCAM |
             cams.append(GradCAM(model, norm=norm))
         except ValueError as e:  # a member without convolutions
             return None, str(e)
-    return RoutedGradCAM(cams, [name for name, _, _ in _route_members(clf)]), ""
+    return RoutedGradCAM(cams, [name for name, _, _ in members]), ""
 
 
 def _route_members(clf: RoutedClassifier | OnnxClassifier) -> list[tuple[str, Any, str]]:
