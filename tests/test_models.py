@@ -95,6 +95,9 @@ def test_fusing_for_inference_keeps_every_models_outputs(name):
     bn_after = sum(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
     if name.startswith(("threecnn", "fpnet", "skipconcnn")):
         assert bn_before > 0 and bn_after == 0
+    # every module of the copy in eval mode, the ones put in place too: inference.predict_logits switches a model
+    # with modules in training mode to eval and back on every call (a cost, and a model that is not what it says)
+    assert not [type(m).__name__ for m in fused.modules() if m.training]
 
 
 def test_fusing_moves_the_relu_after_the_pool_in_threecnn():

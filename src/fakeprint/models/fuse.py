@@ -29,7 +29,7 @@ def fuse_for_inference(model: nn.Module) -> nn.Module:
     for module in list(fused.modules()):
         if isinstance(module, nn.Sequential):
             _relu_after_pool(module)
-    return fused
+    return fused.eval()  # the Identity and Sequential modules put in place are new, in training mode until now
 
 
 def _fold_batchnorms(seq: nn.Sequential) -> None:
