@@ -313,7 +313,8 @@ class OnnxClassifier:
             raise CheckpointError(f"{path}: expected a uint8 input named {INPUT_NAME!r} (a model from fakeprint export)")
         outputs = {o.name for o in session.get_outputs()}
         self.route: dict[str, Any] | None = meta.get("route")  # a routed graph (engine.onnx_routed)
-        want = {"logits", "probs"} | ({"file_perturbed"} if self.route else set())
+        want = {"logits", "probs"} | ({"file_perturbed"} if self.route else set()) | (
+            {"typicality"} if self.route and self.route.get("far_above") is not None else set())
         if not want <= outputs:
             raise CheckpointError(f"{path}: expected outputs {sorted(want)}, found {sorted(outputs)}")
 

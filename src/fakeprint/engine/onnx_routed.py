@@ -5,7 +5,9 @@ The graph takes uint8 N x 100 x 100 x 3 images, as every fakeprint export does, 
 - ``file_perturbed``: the file detector's P(the file was re-encoded, resized, cropped, blurred, ...);
 - ``logits``: the answering member's logits under its test-time augmentation, divided by its temperature (its
   calibration): the first member's where ``file_perturbed`` is below the route's threshold, else the second's;
-- ``probs``: their softmax, the routed model's probabilities.
+- ``probs``: their softmax, the routed model's probabilities;
+- ``typicality``: the detector's typicality score (``models.router``; zeros for a detector without one); an image
+  above ``route.far_above`` is far from every training image and flagged ``uncertain``.
 
 ONNX cannot skip work row by row, so both members run on every image and ``Where`` picks: the graph costs about what
 the two members cost together. The statistics are computed once, by the detector, when a member reads the same
@@ -48,11 +50,12 @@ from fakeprint.models.checkpoint import is_shipped, resolve_checkpoint
 from fakeprint.models.ensemble_file import is_ensemble_path
 from fakeprint.models.hybrid import Hybrid
 
-ROUTED_OUTPUTS = ("logits", "probs", "file_perturbed")
+ROUTED_OUTPUTS = ("logits", "probs", "file_perturbed", "typicality")
 
 
 class RoutedGraph(nn.Module):
-    """uint8 N x H x W x 3 -> (calibrated logits, probabilities, P(perturbed)) of a routed model; see the module."""
+    """uint8 N x H x W x 3 -> (calibrated logits, probabilities, P(perturbed), typicality) of a routed model; see the
+    module."""
 
     def __init__(self, clf: RoutedClassifier):
         super().__init__()
@@ -78,18 +81,19 @@ class RoutedGraph(nn.Module):
     def _normalised(self, x01: torch.Tensor, norm: str) -> torch.Tensor:
         return (x01 - self.mean) / self.std if norm == "imagenet" else x01
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         x01 = images.permute(0, 3, 1, 2).float() / 255
         stats = self.detector.stats
         f, f_m = stats.forward_and_mirror(self._normalised(x01, stats.input_norm))
         p = self.detector.probability(f)
+        typ = self.detector.typicality(f) if self.detector.has_typicality else p * 0
         zs = []
         for i, member in enumerate(self.members):
             x = self._normalised(x01, self.norms[i])
             zs.append(self._logits(member, x, (f, f_m) if self.shares[i] else None, self.flips[i])
                       / self.temperatures[i])
         z = torch.where((p >= self.threshold).unsqueeze(1), zs[1], zs[0])
-        return z, z.softmax(1), p
+        return z, z.softmax(1), p, typ
 
     @staticmethod
     def _logits(member: nn.Module, x: torch.Tensor, stats: tuple[torch.Tensor, torch.Tensor] | None,
@@ -144,17 +148,19 @@ def export_routed_onnx(path: str | Path, out: str | Path, opset: int = DEFAULT_O
     session = onnx_session(data)
     images = _parity_batch(n_images)
     ref = clf.predict(images)
+    ref_typ = clf.detector.typicality(clf.detector.image_statistics(images)).double().numpy()
     diff = 0.0
     for bs in (len(images), 3):  # one batch, and batches of 3 (the dynamic batch axis)
         for s in range(0, len(images), bs):
             try:
-                probs, p = session.run(["probs", "file_perturbed"], {INPUT_NAME: images[s:s + bs]})
+                probs, p, typ = session.run(["probs", "file_perturbed", "typicality"], {INPUT_NAME: images[s:s + bs]})
             except Exception as e:  # noqa: BLE001 - onnxruntime's own exception types
                 first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
                 raise FakeprintError(f"ONNX export of {clf.name}: onnxruntime cannot run the graph ({first}); "
                                      f"nothing written to {out}") from None
             diff = max(diff, float(np.abs(probs.astype(np.float64) - ref.probs[s:s + bs]).max()),
-                       float(np.abs(p.astype(np.float64) - ref.file_perturbed[s:s + bs]).max()))
+                       float(np.abs(p.astype(np.float64) - ref.file_perturbed[s:s + bs]).max()),
+                       float((np.abs(typ.astype(np.float64) - ref_typ[s:s + bs]) / (1 + np.abs(ref_typ[s:s + bs]))).max()))
     routes = set(clf.routes(ref.file_perturbed).tolist())
     if not diff < tolerance:
         raise FakeprintError(f"ONNX parity check failed for {path}: outputs differ from PyTorch by up to {diff:.3g} "
@@ -180,12 +186,16 @@ def export_routed_onnx(path: str | Path, out: str | Path, opset: int = DEFAULT_O
                      "note": "softmax of logits"},
                     {"name": "file_perturbed", "dtype": "float32", "shape": ["batch"],
                      "note": "the detector's P(the file was re-encoded, resized, ...); the second member answers "
-                             "from route.threshold"}],
+                             "from route.threshold"},
+                    {"name": "typicality", "dtype": "float32", "shape": ["batch"],
+                     "note": "the detector's typicality score; above route.far_above an image is far from every "
+                             "training image and flagged uncertain (zeros: no typicality)"}],
         "opset": opset,
         "source_checkpoint": None,
         "tta": ttas.pop() if len(ttas) == 1 else "none",
         "calibration": None,
         "route": {"threshold": clf.threshold, "uncertain_below": clf.uncertain_below, "tta_in_graph": True,
+                  "far_above": float(clf.detector.far_above[0]) if clf.detector.has_typicality else None,
                   "feature_set": clf.detector.feature_set, "source": str(Path(str(clf.path)).resolve()),
                   "members": members},
         "parity": {"max_abs_diff": diff, "tolerance": tolerance, "images": len(images), "batch_sizes": [len(images), 3],

@@ -29,6 +29,10 @@ def check_route(route: Any, p: Path) -> None:
     u = route.get("uncertain_below")
     if u is not None and (isinstance(u, bool) or not isinstance(u, (int, float)) or not 0.0 <= u <= 1.0):
         raise fail("uncertain_below", "must be a probability from 0 to 1 (or null)", u)
+    far = route.get("far_above")
+    if far is not None and (isinstance(far, bool) or not isinstance(far, (int, float)) or not np.isfinite(far)
+                            or far < 0):
+        raise fail("far_above", "must be a non-negative number (or null)", far)
     members = route.get("members")
     if not isinstance(members, list) or len(members) != 2 or not all(isinstance(m, dict) for m in members):
         raise fail("members", "must list the two members", members)
@@ -42,17 +46,24 @@ def check_route(route: Any, p: Path) -> None:
 def routed_predictions(session: Any, route: dict[str, Any], classes: list[str], arr: np.ndarray,
                        batch_size: int) -> Predictions:
     """The graph's probabilities and ``file_perturbed`` for N x 100 x 100 x 3 uint8 images, flagged as PyTorch
-    flags them: each member's own bar for its answers (flat inputs always), and the route's own for the second's."""
-    outs = [session.run(["probs", "file_perturbed"], {INPUT_NAME: np.ascontiguousarray(arr[s:s + batch_size])})
+    flags them: each member's own bar for its answers (flat inputs always), the route's own for the second's, and
+    images whose typicality is above ``route.far_above`` (graphs exported before it have neither: not far)."""
+    far_above = route.get("far_above")
+    names = ["probs", "file_perturbed"] + (["typicality"] if far_above is not None else [])
+    outs = [session.run(names, {INPUT_NAME: np.ascontiguousarray(arr[s:s + batch_size])})
             for s in range(0, len(arr), batch_size)]
     probs = np.concatenate([np.zeros((0, len(classes)), np.float32)] + [o[0].astype(np.float32) for o in outs])
     p = np.concatenate([np.zeros(0, np.float32)] + [o[1].astype(np.float32) for o in outs])
+    far = None
+    if far_above is not None:
+        typ = np.concatenate([np.zeros(0, np.float32)] + [o[2].astype(np.float32) for o in outs])
+        far = ~(typ <= float(far_above))  # NaN: far, as models.router.FileDetector.far
     second = route_of(p, route["threshold"]) == 1
     cals = [m.get("calibration") for m in route["members"]]
     flags = None
     if all(cals):
         top = probs.max(1) if len(probs) else np.zeros(0, np.float32)
         bar = np.where(second, float(cals[1]["uncertain_below"]), float(cals[0]["uncertain_below"]))
-        flags = route_flags((top < bar) | flat_images(arr), second, top, route.get("uncertain_below"))
+        flags = route_flags((top < bar) | flat_images(arr), second, top, route.get("uncertain_below"), far)
     labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
     return Predictions(labels, probs, classes, flags, p)

@@ -264,13 +264,17 @@ def route_of(file_perturbed: np.ndarray, threshold: float) -> np.ndarray:
     return (np.asarray(file_perturbed) >= float(threshold)).astype(np.int64)
 
 
-def route_flags(own: np.ndarray, second: np.ndarray, top: np.ndarray, uncertain_below: float | None) -> np.ndarray:
-    """A routed model's ``uncertain`` flags: each answer's member's own flag, and for an answer of the second route
-    (a file the detector calls re-saved, resized, ...) also a top probability below ``uncertain_below`` (None: no
-    bar of the route's own). The one place the rule is written (prediction, both backends; its calibration)."""
+def route_flags(own: np.ndarray, second: np.ndarray, top: np.ndarray, uncertain_below: float | None,
+                far: np.ndarray | None = None) -> np.ndarray:
+    """A routed model's ``uncertain`` flags: each answer's member's own flag, for an answer of the second route (a
+    file the detector calls re-saved, resized, ...) also a top probability below ``uncertain_below`` (None: no bar
+    of the route's own), and any image the detector finds ``far`` from every training image (None: none). The one
+    place the rule is written (prediction, both backends; its calibration)."""
     flags = np.array(own, dtype=bool)
     if uncertain_below is not None:
         flags |= np.asarray(second, bool) & (np.asarray(top) < uncertain_below)
+    if far is not None:
+        flags |= np.asarray(far, bool)
     return flags
 
 
@@ -303,7 +307,13 @@ class RoutedClassifier(EnsembleClassifier):
 
     def file_perturbed(self, arr: np.ndarray) -> np.ndarray:
         """P(perturbed) of each N x 100 x 100 x 3 uint8 image; call inside ``shared_statistics`` to share them."""
-        return self.detector.probability(self.detector.image_statistics(arr)).numpy()
+        return self.file_signals(arr)[0]
+
+    def file_signals(self, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """P(perturbed) of each N x 100 x 100 x 3 uint8 image and whether it is far from every training image (the
+        detector's typicality), from one computation of the statistics (inside ``shared_statistics``: shared)."""
+        f = self.detector.image_statistics(arr)
+        return self.detector.probability(f).numpy(), self.detector.far(f).numpy()
 
     def predict(self, images: Any, batch_size: int = 256, tta: bool | str | None = None) -> Predictions:
         arr = self.members[0].to_array(images)
@@ -314,7 +324,7 @@ class RoutedClassifier(EnsembleClassifier):
         for start in range(0, n, max(1, batch_size)):
             chunk = arr[start:start + max(1, batch_size)]
             with shared_statistics():
-                p = self.file_perturbed(chunk)
+                p, far = self.file_signals(chunk)
                 route = self.routes(p)
                 for which, member in enumerate(self.members):
                     idx = np.flatnonzero(route == which)
@@ -326,7 +336,7 @@ class RoutedClassifier(EnsembleClassifier):
                         flags = None
                     elif flags is not None:  # a re-saved file's answer: a higher bar of its own
                         flags[start + idx] = route_flags(got.uncertain, np.full(len(idx), which == 1),
-                                                         got.probs.max(1), self.uncertain_below)
+                                                         got.probs.max(1), self.uncertain_below, far[idx])
             p_all[start:start + len(chunk)] = p
         return Predictions(labels, probs, self.classes, flags, p_all)
 

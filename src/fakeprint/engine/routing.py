@@ -4,7 +4,8 @@ held out, which stays for scoring), to tell each image as its generator wrote it
 resized, cropped, blurred or noisy, the copies drawn from the training augmentation's family
 (``features.file_augment.random_spec``: a different seed from any suite's). It is a logistic regression on the
 standardised statistics (scikit-learn), its accuracy measured on a quarter of the fitting images held out before
-it is refitted on all of them.
+it is refitted on all of them. Its typicality score (``fit_typicality``: which inputs are far from every training
+image, flagged ``uncertain``) is fitted on the other three quarters and its bar set on that quarter.
 
 ``calibrate_route`` (``fakeprint calibrate NAME.ensemble.json --data DIR``) then gives the perturbed route a flag of
 its own. Its member is calibrated on clean images, but on re-saved files it is wrong more often (about 11% against
@@ -22,6 +23,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from sklearn.covariance import LedoitWolf
+from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
@@ -36,6 +39,8 @@ from fakeprint.models.ensemble_file import SUFFIX, update_route, write_ensemble
 from fakeprint.models.router import FileDetector, save_detector
 
 C = 0.1  # the regression's inverse regularisation: 3,705 statistics, a few thousand images
+TYPICAL_COMPONENTS = 64  # principal components of the standardised statistics the typicality score reads
+FAR_QUANTILE = 0.995  # the far bar: this quantile of the typicality of fitting images held out from its fit
 
 
 def _statistics(det: FileDetector, images: np.ndarray) -> np.ndarray:
@@ -88,6 +93,7 @@ def fit_router(pristine: str, perturbed: str, data: str | Path, out: str | Path,
     scaler, reg = _fit(x, y)
     det.set_weights(torch.from_numpy(scaler.mean_), torch.from_numpy(np.where(scaler.scale_ > 0, scaler.scale_, 1.0)),
                     torch.from_numpy(reg.coef_[0]), float(reg.intercept_[0]))
+    measured |= fit_typicality(det, x, test2, seed)
     weights = out.with_name(out.name[: -len(SUFFIX)] + ".router.safetensors")
     out.parent.mkdir(parents=True, exist_ok=True)
     save_detector(weights, det)
@@ -97,6 +103,23 @@ def fit_router(pristine: str, perturbed: str, data: str | Path, out: str | Path,
              "measured": measured}
     write_ensemble(out, [str(pristine), str(perturbed)], None, {"route": route})
     return route
+
+
+def fit_typicality(det: FileDetector, x: np.ndarray, held_out: np.ndarray, seed: int = 0) -> dict[str, Any]:
+    """Give ``det`` (its standardisation set) a typicality score fitted on the statistics ``x`` outside ``held_out``
+    (principal components, then a Ledoit-Wolf covariance of them) and a far bar at FAR_QUANTILE of the held-out
+    rows' scores; return the share of held-out rows it calls far (about 1 - FAR_QUANTILE by construction)."""
+    z = (x - det.mean.double().numpy()) / det.scale.double().numpy()
+    fit = z[~held_out]
+    k = max(1, min(TYPICAL_COMPONENTS, len(fit) - 1, z.shape[1]))
+    pca = PCA(k, random_state=seed).fit(fit)
+    cov = LedoitWolf().fit(pca.transform(fit))
+    det.set_typicality(pca.mean_, pca.components_, cov.location_, cov.precision_, 0.0)
+    scores = det.typicality(torch.from_numpy(x[held_out])).double().numpy()
+    bar = float(np.quantile(scores, FAR_QUANTILE))
+    det.far_above.fill_(bar)
+    return {"typicality": {"components": k, "far_above": bar, "quantile": FAR_QUANTILE,
+                           "held_out_far": float((scores > bar).mean()), "held_out_images": int(held_out.sum())}}
 
 
 WRONG_FLAGGED = 0.75

@@ -4,7 +4,13 @@ logistic regression (standardised statistics, one weight each). ``engine.routing
 training part of a dataset; ``engine.predict.RoutedClassifier`` sends the images it calls pristine to one model
 (``default``: the best on lossless files) and the others to another (``robust``: trained on perturbed files).
 
-Stored as safetensors (``mean``, ``scale``, ``coef``, ``intercept``) with the feature set in its metadata, beside
+It also scores how typical an image's statistics are of the images it was fitted on (``typicality``: the standardised
+statistics projected on their principal components, a Mahalanobis distance there per component), so that inputs far
+from anything the models were trained on (noise, drawings, gradients, other generators) are flagged ``uncertain``
+(``far``: above ``far_above``). Detectors fitted before it existed have none, and flag nothing as far.
+
+Stored as safetensors (``mean``, ``scale``, ``coef``, ``intercept``; with typicality ``typ_center``,
+``typ_components``, ``typ_location``, ``typ_precision``, ``far_above``) with the feature set in its metadata, beside
 the ensemble file that names it: never a pickle.
 """
 
@@ -25,6 +31,8 @@ from fakeprint.features.statistics import FEATURE_SETS, StatFeatures
 
 FORMAT = "fakeprint-router/1"
 STATS_SLICE = 32  # images per statistics call: what models.hybrid uses on the CPU, so that its calls share them
+WEIGHTS = ("mean", "scale", "coef", "intercept")
+TYPICALITY = ("typ_center", "typ_components", "typ_location", "typ_precision", "far_above")
 
 
 class FileDetector(nn.Module):
@@ -38,6 +46,12 @@ class FileDetector(nn.Module):
         for name, value in (("mean", torch.zeros(d)), ("scale", torch.ones(d)), ("coef", torch.zeros(d)),
                             ("intercept", torch.zeros(1))):
             self.register_buffer(name, value)
+        for name in TYPICALITY:  # empty: no typicality (``set_typicality`` fills them)
+            self.register_buffer(name, torch.zeros(0))
+
+    @property
+    def has_typicality(self) -> bool:
+        return self.typ_components.numel() > 0
 
     @torch.no_grad()
     def statistics(self, x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +69,32 @@ class FileDetector(nn.Module):
         z = ((f.double() - self.mean.double()) / self.scale.double()) @ self.coef.double() + self.intercept.double()
         return torch.sigmoid(z).float()
 
+    def typicality(self, f: torch.Tensor) -> torch.Tensor:
+        """How far statistics ``f`` (N x dim) lie from those the detector was fitted on: the squared Mahalanobis
+        distance of their standardised principal components, per component (about 1 for a typical image; zeros
+        when the detector has no typicality)."""
+        if not self.has_typicality:
+            return torch.zeros(f.shape[0])
+        z = (f.double() - self.mean.double()) / self.scale.double()
+        d = (z - self.typ_center.double()) @ self.typ_components.double().T - self.typ_location.double()
+        return ((d @ self.typ_precision.double()) * d).sum(1).div(self.typ_components.shape[0]).float()
+
+    def far(self, f: torch.Tensor) -> torch.Tensor:
+        """Whether statistics ``f`` are far from the fitted images' (``typicality`` above ``far_above``; none is
+        without typicality). Non-finite statistics are far."""
+        if not self.has_typicality:
+            return torch.zeros(f.shape[0], dtype=torch.bool)
+        t = self.typicality(f)
+        return ~(t <= float(self.far_above[0]))  # NaN compares false: far
+
+    def set_typicality(self, center, components, location, precision, far_above: float) -> None:
+        """Install a typicality model: ``components`` k x dim (orthonormal rows), ``center`` dim, ``location`` k and
+        ``precision`` k x k in the components' space, all of standardised statistics; ``far_above`` its bar."""
+        values = {"typ_center": center, "typ_components": components, "typ_location": location,
+                  "typ_precision": precision, "far_above": [float(far_above)]}
+        for name, value in values.items():
+            setattr(self, name, torch.as_tensor(np.asarray(value), dtype=torch.float32).clone())
+
     def set_weights(self, mean, scale, coef, intercept: float) -> None:
         for name, value in (("mean", mean), ("scale", scale), ("coef", coef)):
             getattr(self, name).copy_(torch.as_tensor(value, dtype=torch.float32))
@@ -63,8 +103,8 @@ class FileDetector(nn.Module):
 
 def save_detector(path: str | Path, detector: FileDetector) -> Path:
     path = Path(path)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in detector.named_buffers() if k in
-               ("mean", "scale", "coef", "intercept")}
+    names = WEIGHTS + (TYPICALITY if detector.has_typicality else ())
+    tensors = {k: v.detach().cpu().contiguous() for k, v in detector.named_buffers() if k in names}
     save_file(tensors, str(path), metadata={"format": FORMAT, "feature_set": detector.feature_set,
                                             "input_norm": detector.stats.input_norm})
     return path
@@ -90,4 +130,25 @@ def load_detector(path: str | Path) -> FileDetector:
             raise CheckpointError(f"{path}: tensor {k!r} must have shape ({n},), got "
                                   f"{tuple(tensors[k].shape) if k in tensors else 'none'}")
     det.set_weights(tensors["mean"], tensors["scale"], tensors["coef"], float(tensors["intercept"][0]))
+    if any(k in tensors for k in TYPICALITY):
+        det.set_typicality(*_typicality_tensors(path, tensors, det.stats.dim))
     return det.eval()
+
+
+def _typicality_tensors(path: Path, tensors: dict[str, torch.Tensor], dim: int) -> tuple:
+    """The typicality tensors of a detector file, their shapes checked (a clear error naming the file)."""
+    missing = [k for k in TYPICALITY if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{path}: typicality tensors missing: {', '.join(missing)}")
+    comp = tensors["typ_components"]
+    k = int(comp.shape[0]) if comp.ndim == 2 else 0
+    if k < 1:
+        raise CheckpointError(f"{path}: tensor 'typ_components' must have shape (k, {dim}) with k >= 1, got "
+                              f"{tuple(comp.shape)}")
+    want = {"typ_center": (dim,), "typ_components": (k, dim), "typ_location": (k,), "typ_precision": (k, k),
+            "far_above": (1,)}
+    for name, shape in want.items():
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"{path}: tensor {name!r} must have shape {shape}, got {tuple(tensors[name].shape)}")
+    return (tensors["typ_center"], comp, tensors["typ_location"], tensors["typ_precision"],
+            float(tensors["far_above"][0]))
