@@ -13,6 +13,7 @@ from fakeprint.core.errors import CheckpointError
 from fakeprint.engine.onnx_files import INPUT_NAME
 from fakeprint.engine.predict import Predictions, flat_images, route_flags, route_of
 from fakeprint.models.metadata import check_metadata_fields
+from fakeprint.models.router import beyond
 
 
 def check_route(route: Any, p: Path) -> None:
@@ -57,7 +58,7 @@ def routed_predictions(session: Any, route: dict[str, Any], classes: list[str], 
     far = None
     if far_above is not None:
         typ = np.concatenate([np.zeros(0, np.float32)] + [o[2].astype(np.float32) for o in outs])
-        far = ~(typ <= float(far_above))  # NaN: far, as models.router.FileDetector.far
+        far = beyond(typ, far_above)
     second = route_of(p, route["threshold"]) == 1
     cals = [m.get("calibration") for m in route["members"]]
     flags = None

@@ -35,6 +35,12 @@ WEIGHTS = ("mean", "scale", "coef", "intercept")
 TYPICALITY = ("typ_center", "typ_components", "typ_location", "typ_precision", "far_above")
 
 
+def beyond(typicality, far_above: float):
+    """Which typicality scores (a tensor or an array) are far: above ``far_above``, or not finite (NaN compares false).
+    The one place the rule is written (``FileDetector.far``, the routed ONNX graph's runtime)."""
+    return ~(typicality <= float(far_above))
+
+
 class FileDetector(nn.Module):
     """Statistics (``feature_set``, inputs normalised as ``input_norm``) -> P(the file was perturbed)."""
 
@@ -84,8 +90,7 @@ class FileDetector(nn.Module):
         without typicality). Non-finite statistics are far."""
         if not self.has_typicality:
             return torch.zeros(f.shape[0], dtype=torch.bool)
-        t = self.typicality(f)
-        return ~(t <= float(self.far_above[0]))  # NaN compares false: far
+        return beyond(self.typicality(f), float(self.far_above[0]))
 
     def set_typicality(self, center, components, location, precision, far_above: float) -> None:
         """Install a typicality model: ``components`` k x dim (orthonormal rows), ``center`` dim, ``location`` k and
