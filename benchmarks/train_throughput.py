@@ -6,7 +6,9 @@
     pinned memory (on CUDA), batch 16, shuffle, drop_last; the model in fp32, as the report trained it.
 (b) fakeprint: the decoded uint8 cache -> one tensor on the device -> ``DeviceBatches`` -> ``augment`` ->
     model, run by ``fakeprint.engine.training.train.train_one_epoch`` itself with fakeprint's defaults for the device
-    (on CUDA: bf16 autocast and channels_last).
+    (on CUDA: bf16 autocast and channels_last) and the model laid out as ``fakeprint train`` lays it out
+    (``training_layout``: channels-last where it pays, ReLUs moved after the max-pools they precede, an exact
+    rewrite: the same parameters, outputs and gradients).
 
 Same initial weights, same optimizer (Adam, lr 5e-4, weight decay 1e-4), same batch size. The paths are
 interleaved (rounds in the order ab, ba, ab, ...) so that both see the same machine load; each round
@@ -60,7 +62,7 @@ from fakeprint.engine.config import load_config, parse_overrides, preset_names
 from fakeprint.engine.runtime import autocast_dtype
 from fakeprint.engine.training.loop import train_one_epoch
 from fakeprint.engine.training.losses import make_loss
-from fakeprint.engine.training.setup import Dist, build_optimizer, use_channels_last
+from fakeprint.engine.training.setup import Dist, build_optimizer, training_layout, use_channels_last
 from fakeprint.features.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from fakeprint.models import create_model
 
@@ -225,8 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     report_model = copy.deepcopy(base).to(device)
     fp_model = copy.deepcopy(base).to(device)
     channels_last = use_channels_last(cfg, device, fp_model)
-    if channels_last:
-        fp_model = fp_model.to(memory_format=torch.channels_last)
+    fp_model = training_layout(cfg, device, fp_model)  # what fakeprint's training runs: layout, ReLUs after pools
     report_opt, fp_opt = build_optimizer(cfg, report_model), build_optimizer(cfg, fp_model)
     fp_train_model = torch.compile(fp_model) if cfg["compile"] else fp_model
 

@@ -101,12 +101,63 @@ def test_fusing_for_inference_keeps_every_models_outputs(name):
 
 
 def test_fusing_moves_the_relu_after_the_pool_in_threecnn():
-    from fakeprint.models.fuse import fuse_for_inference
+    from fakeprint.models.fuse import MaxPool2ReLU, fuse_for_inference
 
     fused = fuse_for_inference(create_model("threecnn_dilated"))
     first, pool = fused.features[0], fused.features[1]
     assert isinstance(first[1], torch.nn.Identity) and isinstance(first[2], torch.nn.Identity)  # BN, ReLU gone
-    assert isinstance(pool[0], torch.nn.MaxPool2d) and isinstance(pool[1], torch.nn.ReLU)
+    assert isinstance(pool, MaxPool2ReLU)  # the pool and its ReLU, from strided views
+    assert sum(isinstance(m, MaxPool2ReLU) for m in fused.modules()) == 3
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 100, 100), (3, 5, 25, 25), (1, 4, 23, 21), (2, 3, 3, 5)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_the_strided_pool_equals_max_pool_and_relu(shape, channels_last):
+    """``MaxPool2ReLU`` is ``relu(max_pool2d(x, 2))`` exactly: odd edges dropped, either layout, ties and NaNs
+    as the pooling operator has them; under autograd it is the pooling operator itself (gradients flow)."""
+    from fakeprint.models.fuse import MaxPool2ReLU
+
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=g) * 2).round()  # rounded: many ties inside windows, zeros and negatives
+    x.view(-1)[::97] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    expected = torch.nn.functional.relu(torch.nn.functional.max_pool2d(x, 2))
+    with torch.no_grad():
+        got = MaxPool2ReLU()(x)
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+    leaf = x.clone().requires_grad_()
+    MaxPool2ReLU()(leaf).nan_to_num().sum().backward()
+    assert leaf.grad is not None and leaf.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("name", ["threecnn", "threecnn_dilated", "skipconcnn_narrow", "hybrid"])
+def test_moving_relus_after_pools_keeps_training_outputs_gradients_and_keys(name):
+    """``relu_after_pool`` (what the training path runs) is exact in training mode: the same loss, the same
+    gradient for every parameter, the same state dict keys; and it did move something."""
+    import copy
+
+    from fakeprint.models.fuse import relu_after_pool
+
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    moved = relu_after_pool(copy.deepcopy(model))
+    assert list(moved.state_dict()) == list(model.state_dict())
+    assert sum(isinstance(m, torch.nn.ReLU) for m in moved.modules()) == sum(
+        isinstance(m, torch.nn.ReLU) for m in model.modules())
+    assert any(isinstance(s, torch.nn.Sequential) and len(s) == 2 and isinstance(s[0], torch.nn.MaxPool2d)
+               and isinstance(s[1], torch.nn.ReLU) for s in moved.modules())
+    x, y = torch.rand(4, 3, 100, 100), torch.tensor([0, 1, 2, 3])
+    losses = []
+    for m in (model, moved):
+        torch.manual_seed(1)  # the same dropout masks
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=1e-6)
+    for (k, a), b in zip(model.named_parameters(), moved.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=k)
 
 
 def test_a_model_description_is_its_docstrings_whole_first_paragraph():

@@ -106,3 +106,16 @@ def test_a_selection_split_also_comes_from_the_training_images_beside_an_officia
     summary = train(tiny_data, cfg, tmp_path / "run")
     assert "official validation split" in summary["split"] and "selection split" in summary["split"]
     assert "selection_note" in summary
+
+
+def test_the_training_path_moves_relus_after_pools_and_keeps_the_checkpoint_layout():
+    """``place_model`` (what ``fakeprint train`` and the recipe study build) runs ``relu_after_pool``: its state
+    dict has the keys a freshly built model of the config has, so its checkpoints load as before."""
+    from fakeprint.engine.training.setup import build_model, place_model
+
+    cfg = load_config("threecnn")
+    model = place_model(cfg, torch.device("cpu"), 5)
+    assert list(model.state_dict()) == list(build_model(cfg, 5).state_dict())
+    pools = [s for s in model.modules() if isinstance(s, nn.Sequential) and len(s) == 2
+             and isinstance(s[0], nn.MaxPool2d) and isinstance(s[1], nn.ReLU)]
+    assert len(pools) == 3
