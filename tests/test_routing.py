@@ -119,10 +119,23 @@ def test_predict_and_serve_take_the_shipped_routed_ensemble_by_name(cli, tmp_pat
     assert 0.0 <= r.json()["results"][0]["file_perturbed"] <= 1.0
     assert info["name"].startswith("routed(") and len(info["members"]) == 2
     assert info["route"] == {"threshold": 0.5, "pristine": "default", "perturbed": "robust"}
+    # uniform noise is far from every training image: flagged, and each interface says why
+    noise = tmp_path / "noise.png"
+    noise.write_bytes(encode(np.random.default_rng(0).integers(0, 256, (100, 100, 3), dtype=np.uint8)))
+    proc = cli("predict", "routed", str(noise), "--json")
+    row = json.loads(proc.stdout)[0]
+    assert row["uncertain"] is True and "far_from_training" in row["uncertain_reasons"]
+    proc = cli("predict", "routed", str(noise))
+    assert proc.returncode == 0 and "\tuncertain (" in proc.stdout and "far_from_training" in proc.stdout
+    with TestClient(create_app(build_service("routed"))) as c:
+        res = c.post("/v1/predict", files={"files": ("n.png", noise.read_bytes(), "image/png")}).json()["results"][0]
+    assert res["uncertain"] is True and "far_from_training" in res["uncertain_reasons"]
+    assert isinstance(r.json()["results"][0]["uncertain_reasons"], list)
     with TestClient(create_app(build_service("default"))) as c:
         assert c.get("/v1/model").json()["route"] is None
         js = c.get("/static/app.js").text
     assert "r.file_perturbed" in js and "route.threshold" in js  # the page says which kind of file, which member
+    assert "r.uncertain_reasons" in js and "far_from_training" in js  # and why an answer is uncertain
 
 
 def test_a_routed_model_is_explained_by_the_member_that_answered_each_image(routed):

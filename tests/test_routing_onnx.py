@@ -57,7 +57,7 @@ def test_the_graph_flags_as_the_routed_model_does(exported):
         torch_clf.members[i].meta["calibration"] = onnx_clf.route["members"][i]["calibration"] = cal
     ref, got = torch_clf.predict(x), onnx_clf.predict(x)
     assert ref.uncertain is not None and 0 < ref.uncertain.sum() < len(x)
-    assert (got.uncertain == ref.uncertain).all()
+    assert (got.uncertain == ref.uncertain).all() and (got.reasons == ref.reasons).all()
     flat = np.full((1, 100, 100, 3), 128, np.uint8)  # one flat colour: flagged, whatever the score
     assert onnx_clf.predict(flat).uncertain[0] and torch_clf.predict(flat).uncertain[0]
     # inputs far from the training images (the detector's typicality, an output of the graph): flagged in both
@@ -65,8 +65,10 @@ def test_the_graph_flags_as_the_routed_model_does(exported):
     noise = np.random.default_rng(0).integers(0, 256, (4, 100, 100, 3), dtype=np.uint8)
     assert torch_clf.file_signals(noise)[1].all()
     assert onnx_clf.predict(noise).uncertain.all() and torch_clf.predict(noise).uncertain.all()
+    assert all("far_from_training" in clf.predict(noise).why(i) for clf in (onnx_clf, torch_clf) for i in range(4))
     onnx_clf.route["far_above"] = torch_clf.detector.far_above[0] = 1e30  # nothing far: the same flags as before
     assert (onnx_clf.predict(x).uncertain == torch_clf.predict(x).uncertain).all()
+    assert (onnx_clf.predict(x).reasons == torch_clf.predict(x).reasons).all()  # and for the same reasons
 
 
 def test_the_service_serves_the_graph_with_each_members_grad_cam(exported):

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 import fakeprint
 from conftest_service import make_routed
 from fakeprint.core.errors import CheckpointError
-from fakeprint.engine.predict import route_flags
+from fakeprint.engine.predict import REASONS, reason_names, route_flags, route_reasons
 from fakeprint.engine.routing import FAR_QUANTILE, fit_typicality
 from fakeprint.features.perturb import perturbed_images
 from fakeprint.models.router import FileDetector, load_detector, save_detector
@@ -79,6 +79,12 @@ def test_a_far_image_is_flagged_on_either_route():
     far = np.array([True, True, False, False])
     assert route_flags(own, second, top, 0.9, far).tolist() == [True, True, True, True]
     assert route_flags(own, second, top, 0.9).tolist() == [False, False, True, True]
+    # the same rule, with its reasons: the member's own (here a flat image), the second route's bar, far
+    bits = route_reasons(np.where(own, 2, 0), second, top, 0.9, far)
+    assert [reason_names(int(b)) for b in bits] == [["far_from_training"], ["far_from_training"], ["flat_image"],
+                                                    ["low_confidence"]]
+    assert ((bits != 0) == route_flags(own, second, top, 0.9, far)).all()
+    assert REASONS == ("low_confidence", "flat_image", "far_from_training")
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +117,15 @@ def test_a_routed_model_flags_inputs_unlike_its_training_images(routed, tmp_path
     for probe in (noise, ramp):
         _, far = clf.file_signals(probe)
         assert far.all()
-        assert clf.predict(probe).uncertain.all()
+        got = clf.predict(probe)
+        assert got.uncertain.all()
+        assert all("far_from_training" in got.why(i) for i in range(len(probe)))  # and says why
+        assert all("far_from_training" in d["uncertain_reasons"] for d in got.as_dicts())
+    blank = np.full((1, 100, 100, 3), 128, np.uint8)
+    assert "flat_image" in clf.predict(blank).why(0)
+    mixed = clf.predict(np.concatenate([held[:40], noise[:2]]))
+    assert (mixed.uncertain == (mixed.reasons != 0)).all() and mixed.why(40) and mixed.why(41)
+    assert mixed.subset(np.array([41, 0])).why(0) == mixed.why(41)
     clf.detector.far_above.fill_(float("inf"))  # nothing far: the flags are the members' and the route's alone
     assert not clf.file_signals(noise)[1].any()
 

@@ -1,5 +1,5 @@
 """The runtime side of a routed ONNX graph (``engine.onnx_routed`` writes it): its metadata's ``route`` checked,
-and its predictions with the flags PyTorch gives (``engine.predict.route_flags``).
+and its predictions with the flags PyTorch gives (``engine.predict.route_reasons``).
 ``engine.onnx.OnnxClassifier`` uses these for a model whose metadata has a ``route``."""
 
 from __future__ import annotations
@@ -11,7 +11,14 @@ import numpy as np
 
 from fakeprint.core.errors import CheckpointError
 from fakeprint.engine.onnx_files import INPUT_NAME
-from fakeprint.engine.predict import Predictions, flat_images, route_flags, route_of
+from fakeprint.engine.predict import (
+    FLAT_IMAGE,
+    LOW_CONFIDENCE,
+    Predictions,
+    flat_images,
+    route_of,
+    route_reasons,
+)
 from fakeprint.models.metadata import check_metadata_fields
 from fakeprint.models.router import beyond
 
@@ -61,10 +68,11 @@ def routed_predictions(session: Any, route: dict[str, Any], classes: list[str], 
         far = beyond(typ, far_above)
     second = route_of(p, route["threshold"]) == 1
     cals = [m.get("calibration") for m in route["members"]]
-    flags = None
+    reasons = None
     if all(cals):
         top = probs.max(1) if len(probs) else np.zeros(0, np.float32)
         bar = np.where(second, float(cals[1]["uncertain_below"]), float(cals[0]["uncertain_below"]))
-        flags = route_flags((top < bar) | flat_images(arr), second, top, route.get("uncertain_below"), far)
+        own = np.where(top < bar, LOW_CONFIDENCE, 0) | np.where(flat_images(arr), FLAT_IMAGE, 0)
+        reasons = route_reasons(own, second, top, route.get("uncertain_below"), far)
     labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
-    return Predictions(labels, probs, classes, flags, p)
+    return Predictions(labels, probs, classes, None if reasons is None else reasons != 0, p, reasons)

@@ -41,32 +41,69 @@ def default_model_path() -> Path | None:
 class Predictions:
     """``labels[i]`` is the predicted class of image i, ``probs[i]`` its class probabilities (temperature-scaled
     where the checkpoint is calibrated), ``uncertain[i]`` whether its top probability is below what the
-    calibration split shows (None: the model has no calibration, so nothing is known)."""
+    calibration split shows (None: the model has no calibration, so nothing is known). ``reasons[i]``: why image i
+    is flagged, as bits of ``REASONS`` (0: not flagged; ``uncertain == (reasons != 0)`` wherever both are known);
+    ``why(i)`` names them."""
 
     labels: np.ndarray
     probs: np.ndarray
     classes: list[str]
     uncertain: np.ndarray | None = None
     file_perturbed: np.ndarray | None = None  # a routed ensemble's: P(the file was re-encoded, resized, ...)
+    reasons: np.ndarray | None = None  # uint8 bits of REASONS, where the flags are known
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, rows: slice | np.ndarray) -> Predictions:
         """The predictions of ``rows`` (a slice or an index array), in that order."""
-        return Predictions(self.labels[rows], self.probs[rows], self.classes,
-                           None if self.uncertain is None else self.uncertain[rows],
-                           None if self.file_perturbed is None else self.file_perturbed[rows])
+        def pick(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[rows]
+
+        return Predictions(self.labels[rows], self.probs[rows], self.classes, pick(self.uncertain),
+                           pick(self.file_perturbed), pick(self.reasons))
+
+    def why(self, i: int) -> list[str] | None:
+        """The names of the reasons image ``i`` is flagged ``uncertain`` ([]: it is not; None: not known)."""
+        return None if self.reasons is None else reason_names(int(self.reasons[i]))
 
     def as_dicts(self) -> list[dict[str, Any]]:
         flags = [None] * len(self.labels) if self.uncertain is None else [bool(u) for u in self.uncertain]
         out = [{"label": self.classes[int(lab)], "label_index": int(lab),
                 "probabilities": {c: float(p) for c, p in zip(self.classes, pr, strict=True)}, "uncertain": u}
                for lab, pr, u in zip(self.labels, self.probs, flags, strict=True)]
+        if self.reasons is not None:
+            for i, d in enumerate(out):
+                d["uncertain_reasons"] = self.why(i)
         if self.file_perturbed is not None:
             for d, p in zip(out, self.file_perturbed, strict=True):
                 d["file_perturbed"] = round(float(p), 4)
         return out
+
+
+# why an answer is flagged uncertain, as bits: its top probability is below the calibrated bar (its model's, or a
+# routed model's second route's own); the input is one flat colour; a routed model's detector finds its statistics
+# far from every training image's (models.router.FileDetector.typicality)
+REASONS = ("low_confidence", "flat_image", "far_from_training")
+LOW_CONFIDENCE, FLAT_IMAGE, FAR_FROM_TRAINING = (np.uint8(1 << i) for i in range(len(REASONS)))
+
+
+def reason_names(bits: int) -> list[str]:
+    """The ``REASONS`` set in ``bits``, in that order."""
+    return [name for i, name in enumerate(REASONS) if bits >> i & 1]
+
+
+def concat_predictions(parts: list[Predictions]) -> Predictions:
+    """Predictions of consecutive chunks as one (a field known for every part is kept, else it is None)."""
+    if len(parts) == 1:
+        return parts[0]
+
+    def joined(field: str) -> np.ndarray | None:
+        arrays = [getattr(p, field) for p in parts]
+        return None if any(a is None for a in arrays) else np.concatenate(arrays)
+
+    return Predictions(np.concatenate([p.labels for p in parts]), np.concatenate([p.probs for p in parts]),
+                       parts[0].classes, joined("uncertain"), joined("file_perturbed"), joined("reasons"))
 
 
 FLAT_STD = 1.0  # pixel standard deviation (0-255) below which an input is one flat colour: no generator's output
@@ -90,12 +127,14 @@ def calibrated(logits: np.ndarray, meta: dict[str, Any], classes: list[str],
     cal = meta.get("calibration") or None
     z = np.asarray(logits, np.float64) / (float(cal["temperature"]) if cal else 1.0)
     probs = softmax(z) if len(z) else np.zeros((0, len(classes)))
-    uncertain = probs.max(1) < float(cal["uncertain_below"]) if cal and len(probs) else (
-        np.zeros(0, bool) if cal else None)
-    if uncertain is not None and flat is not None and len(flat) == len(uncertain):
-        uncertain = uncertain | flat
     labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
-    return Predictions(labels, probs.astype(np.float32), classes, uncertain)
+    if not cal:
+        return Predictions(labels, probs.astype(np.float32), classes)
+    top = probs.max(1) if len(probs) else np.zeros(0)
+    reasons = np.where(top < float(cal["uncertain_below"]), LOW_CONFIDENCE, 0).astype(np.uint8)
+    if flat is not None and len(flat) == len(reasons):
+        reasons |= np.where(flat, FLAT_IMAGE, 0).astype(np.uint8)
+    return Predictions(labels, probs.astype(np.float32), classes, reasons != 0, None, reasons)
 
 
 class Classifier:
@@ -266,16 +305,23 @@ def route_of(file_perturbed: np.ndarray, threshold: float) -> np.ndarray:
 
 def route_flags(own: np.ndarray, second: np.ndarray, top: np.ndarray, uncertain_below: float | None,
                 far: np.ndarray | None = None) -> np.ndarray:
-    """A routed model's ``uncertain`` flags: each answer's member's own flag, for an answer of the second route (a
-    file the detector calls re-saved, resized, ...) also a top probability below ``uncertain_below`` (None: no bar
-    of the route's own), and any image the detector finds ``far`` from every training image (None: none). The one
-    place the rule is written (prediction, both backends; its calibration)."""
-    flags = np.array(own, dtype=bool)
+    """A routed model's ``uncertain`` flags (``route_reasons(...) != 0``) from its members' own flags."""
+    return route_reasons(np.where(np.asarray(own, bool), LOW_CONFIDENCE, 0), second, top, uncertain_below, far) != 0
+
+
+def route_reasons(own: np.ndarray, second: np.ndarray, top: np.ndarray, uncertain_below: float | None,
+                  far: np.ndarray | None = None) -> np.ndarray:
+    """Why a routed model flags each answer (bits of ``REASONS``): its member's own reasons; for an answer of the
+    second route (a file the detector calls re-saved, resized, ...) also a top probability below ``uncertain_below``
+    (None: no bar of the route's own); and any image the detector finds ``far`` from every training image (None:
+    none). The one place the rule is written (prediction, both backends; its calibration)."""
+    reasons = np.array(own, dtype=np.uint8)
     if uncertain_below is not None:
-        flags |= np.asarray(second, bool) & (np.asarray(top) < uncertain_below)
+        low = np.asarray(second, bool) & (np.asarray(top) < uncertain_below)
+        reasons |= np.where(low, LOW_CONFIDENCE, 0).astype(np.uint8)
     if far is not None:
-        flags |= np.asarray(far, bool)
-    return flags
+        reasons |= np.where(np.asarray(far, bool), FAR_FROM_TRAINING, 0).astype(np.uint8)
+    return reasons
 
 
 class RoutedClassifier(EnsembleClassifier):
@@ -319,7 +365,7 @@ class RoutedClassifier(EnsembleClassifier):
         arr = self.members[0].to_array(images)
         n, k = len(arr), len(self.classes)
         probs, labels = np.zeros((n, k), np.float32), np.zeros(n, np.int64)
-        flags: np.ndarray | None = np.zeros(n, bool)
+        reasons: np.ndarray | None = np.zeros(n, np.uint8)
         p_all = np.zeros(n, np.float32)
         for start in range(0, n, max(1, batch_size)):
             chunk = arr[start:start + max(1, batch_size)]
@@ -332,13 +378,13 @@ class RoutedClassifier(EnsembleClassifier):
                         continue
                     got = member.predict(chunk[idx], batch_size, tta)
                     probs[start + idx], labels[start + idx] = got.probs, got.labels
-                    if got.uncertain is None:
-                        flags = None
-                    elif flags is not None:  # a re-saved file's answer: a higher bar of its own
-                        flags[start + idx] = route_flags(got.uncertain, np.full(len(idx), which == 1),
-                                                         got.probs.max(1), self.uncertain_below, far[idx])
+                    if got.reasons is None:
+                        reasons = None
+                    elif reasons is not None:  # a re-saved file's answer: a higher bar of its own
+                        reasons[start + idx] = route_reasons(got.reasons, np.full(len(idx), which == 1),
+                                                             got.probs.max(1), self.uncertain_below, far[idx])
             p_all[start:start + len(chunk)] = p
-        return Predictions(labels, probs, self.classes, flags, p_all)
+        return Predictions(labels, probs, self.classes, None if reasons is None else reasons != 0, p_all, reasons)
 
 
 def _statistics_dim(member: Any) -> int:
@@ -366,13 +412,7 @@ def predict_with_progress(clf: Any, images: Any, desc: str = "predicting", progr
         for start in range(0, max(n, 1), chunk):
             parts.append(clf.predict(images[start : start + chunk], **kwargs))
             bar.update(len(parts[-1]))
-    if len(parts) == 1:
-        return parts[0]
-    flags = None if any(p.uncertain is None for p in parts) else np.concatenate([p.uncertain for p in parts])
-    perturbed = None if any(p.file_perturbed is None for p in parts) else np.concatenate(
-        [p.file_perturbed for p in parts])
-    return Predictions(np.concatenate([p.labels for p in parts]), np.concatenate([p.probs for p in parts]),
-                       parts[0].classes, flags, perturbed)
+    return concat_predictions(parts)
 
 
 def load_ensemble_file(path: str | Path, load_member: Any) -> EnsembleClassifier:

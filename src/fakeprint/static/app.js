@@ -8,6 +8,13 @@
 
   const displayName = (cls) => (/^\d+$/.test(cls) ? `Generator ${cls}` : cls);
   const pct = (p) => `${(p * 100).toFixed(p >= 0.995 || p < 0.0005 ? 0 : 1)}%`;
+  // why an answer is flagged uncertain (the API's uncertain_reasons): a short label and a tooltip each
+  const REASON_SHORT = { low_confidence: "low confidence", flat_image: "flat image", far_from_training: "unlike training images" };
+  const REASON_TEXT = {
+    low_confidence: "below the confidence its calibration on held-out images trusts",
+    flat_image: "one flat colour: no generator's output",
+    far_from_training: "its image statistics are far from every training image's",
+  };
 
   function el(tag, props = {}, text) {
     const node = document.createElement(tag);
@@ -113,7 +120,12 @@
     $(".confidence", card).textContent = pct(r.confidence) + (r.uncertain ? " \u00b7 uncertain" : "");
     if (r.uncertain) {
       card.classList.add("uncertain");
-      $(".confidence", card).title = "below the confidence its calibration on held-out images trusts";
+      const why = Array.isArray(r.uncertain_reasons) && r.uncertain_reasons.length ? r.uncertain_reasons
+        : ["low_confidence"];
+      $(".confidence", card).title = why.map((w) => REASON_TEXT[w] || w).join("; ");
+      if (Array.isArray(r.uncertain_reasons)) {
+        $(".confidence", card).textContent += " (" + why.map((w) => REASON_SHORT[w] || w).join(", ") + ")";
+      }
     }
     const route = state.model && state.model.route;
     if (typeof r.file_perturbed === "number" && route) {  // a routed model: which kind of file, so which member

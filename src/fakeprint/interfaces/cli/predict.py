@@ -90,10 +90,12 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2))
     else:
         flags = [None] * len(items) if pred.uncertain is None else list(pred.uncertain)
-        for path, lab, pr, unc in zip(items, pred.labels, pred.probs, flags, strict=True):
+        for i, (path, lab, pr, unc) in enumerate(zip(items, pred.labels, pred.probs, flags, strict=True)):
             order = pr.argsort()[::-1][:k] if args.top_k else range(len(clf.classes))
             probs = " ".join(f"{clf.classes[c]}:{pr[c]:.3f}" for c in order)
-            print(f"{path}\t{clf.classes[lab]}\t{probs}" + ("\tuncertain" if unc else ""))
+            why = pred.why(i)
+            print(f"{path}\t{clf.classes[lab]}\t{probs}"
+                  + (f"\tuncertain ({', '.join(why)})" if unc and why else "\tuncertain" if unc else ""))
         backend = "+".join(sorted({getattr(m, "backend", "torch") for m in members}))
         where = ", ".join(str(m.path) for m in members)
         print(f"{len(items)} image(s) in {dt:.2f}s with {clf.name} ({where}, {backend}, TTA {clf.tta})",

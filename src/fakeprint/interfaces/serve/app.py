@@ -425,6 +425,9 @@ def result_rows(classes: list[str], blobs: list[tuple[str, bytes]], sizes: list[
                     "resized_from": list(size) if size != (IMAGE_SIZE, IMAGE_SIZE) else None,
                     "probabilities": {c: float(p) for c, p in zip(classes, pr, strict=True)},
                     "time_ms": round(dms + share, 3), "cam": cm})
+    if pred.reasons is not None:  # why each flagged answer is flagged ([] when it is not)
+        for i, row in enumerate(out):
+            row["uncertain_reasons"] = pred.why(i)
     if pred.file_perturbed is not None:  # a routed ensemble's detector
         for row, p in zip(out, pred.file_perturbed, strict=True):
             row["file_perturbed"] = round(float(p), 4)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from fakeprint.engine.predict import REASONS
 from fakeprint.interfaces.serve.uploads import (
     FILES_FIELD,
 )
@@ -26,14 +27,21 @@ class CamBody(BaseModel):
                                                          "that answered (absent for other models)")
 
 
+Reason = Literal[REASONS]  # why an answer is flagged uncertain (engine.predict.REASONS)
+
+
 class ImageResult(BaseModel):
     filename: str
     label: str = Field(description="the predicted class name")
     label_index: int
     confidence: float = Field(description="the predicted class's probability (temperature-scaled where the model "
                                           "is calibrated)")
-    uncertain: bool | None = Field(default=None, description="true when the confidence is below what the model "
-                                   "shows on 95% of its held-out calibration images (absent: no calibration)")
+    uncertain: bool | None = Field(default=None, description="true when the answer is not to be trusted: its "
+                                   "confidence is below what the model's calibration on held-out images trusts, "
+                                   "the image is one flat colour, or (a routed model) its statistics are far from "
+                                   "every training image's (absent: no calibration)")
+    uncertain_reasons: list[Reason] | None = Field(
+        default=None, description="why the answer is flagged uncertain ([] when it is not; absent: no calibration)")
     resized_from: list[int] | None = Field(default=None, description="the upload's own [width, height] when it "
                                            "was not 100x100 and had to be resized (which blurs the traces the model "
                                            "reads); absent for 100x100 images")
