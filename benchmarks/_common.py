@@ -66,6 +66,28 @@ def cpu_isa() -> str:
     return f"{isa}, " + (f"native bf16 ({', '.join(bf16)})" if bf16 else "no native bf16")
 
 
+def cpu_generation() -> str:
+    """The CPU's family and model numbers from /proc/cpuinfo, with AMD's core generation where they name one (family
+    25: Zen 3/4, 26: Zen 5): hosts whose model name is just "AMD EPYC" differ by up to 30% in these benchmarks."""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith(("cpu family", "model\t", "vendor_id")))
+    except (OSError, ValueError):
+        return "unknown"
+    info = {k.strip(): v.strip() for k, v in info.items()}
+    family, model = info.get("cpu family", "?"), info.get("model", "?")
+    zen = {"25": "Zen 3/4", "26": "Zen 5"}.get(family) if info.get("vendor_id") == "AuthenticAMD" else None
+    return f"family {family} model {model}" + (f" ({zen})" if zen else "")
+
+
+def kernels() -> str:
+    """Which vector kernels torch runs (``torch.backends.cpu.get_cpu_capability``; ``ATEN_CPU_CAPABILITY=avx2`` and
+    ``ONEDNN_MAX_CPU_ISA=AVX2`` make an AVX-512 host run the AVX2 kernels that most users' cores have)."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    onednn = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    return cap + (f", oneDNN at most {onednn}" if onednn else "")
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -98,6 +120,8 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "cpus_usable": usable,
         "cpu_isa": cpu_isa(),
+        "cpu_generation": cpu_generation(),
+        "kernels": kernels(),
         "torch_threads": torch.get_num_threads(),
         "load_avg_start": load_average(),
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
