@@ -332,7 +332,7 @@ def test_a_calibrated_checkpoint_scales_its_probabilities_and_flags_low_scores(t
     path = tmp_path / "u.png"
     Image.fromarray(images[flagged]).save(path)
     out = cli("predict", str(run), str(path))
-    assert out.returncode == 0 and out.stdout.strip().endswith("\tuncertain"), out.stderr
+    assert out.returncode == 0 and out.stdout.strip().endswith("\tuncertain (low_confidence)"), out.stderr
     from fastapi.testclient import TestClient
 
     from fakeprint.interfaces.serve import build_service, create_app

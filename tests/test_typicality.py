@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 import fakeprint
 from conftest_service import make_routed
 from fakeprint.core.errors import CheckpointError
-from fakeprint.engine.predict import REASONS, reason_names, route_flags, route_reasons
+from fakeprint.engine.predict import route_flags, route_reasons
+from fakeprint.engine.predictions import REASONS, reason_names
 from fakeprint.engine.routing import FAR_QUANTILE, fit_typicality
 from fakeprint.features.perturb import perturbed_images
 from fakeprint.models.router import FileDetector, load_detector, save_detector

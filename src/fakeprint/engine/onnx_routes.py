@@ -11,14 +11,8 @@ import numpy as np
 
 from fakeprint.core.errors import CheckpointError
 from fakeprint.engine.onnx_files import INPUT_NAME
-from fakeprint.engine.predict import (
-    FLAT_IMAGE,
-    LOW_CONFIDENCE,
-    Predictions,
-    flat_images,
-    route_of,
-    route_reasons,
-)
+from fakeprint.engine.predict import flat_images, route_of, route_reasons
+from fakeprint.engine.predictions import FLAT_IMAGE, LOW_CONFIDENCE, Predictions
 from fakeprint.models.metadata import check_metadata_fields
 from fakeprint.models.router import beyond
 

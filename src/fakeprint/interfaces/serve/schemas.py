@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from fakeprint.engine.predict import REASONS
+from fakeprint.engine.predictions import REASONS
 from fakeprint.interfaces.serve.uploads import (
     FILES_FIELD,
 )
