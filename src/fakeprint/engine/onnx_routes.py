@@ -12,7 +12,7 @@ import numpy as np
 from fakeprint.core.errors import CheckpointError
 from fakeprint.engine.onnx_files import INPUT_NAME
 from fakeprint.engine.predict import flat_images, route_of, route_reasons
-from fakeprint.engine.predictions import FLAT_IMAGE, LOW_CONFIDENCE, Predictions
+from fakeprint.engine.predictions import FLAT_IMAGE, LOW_CONFIDENCE, Predictions, reason_bits
 from fakeprint.models.metadata import check_metadata_fields
 from fakeprint.models.router import beyond
 
@@ -66,7 +66,7 @@ def routed_predictions(session: Any, route: dict[str, Any], classes: list[str], 
     if all(cals):
         top = probs.max(1) if len(probs) else np.zeros(0, np.float32)
         bar = np.where(second, float(cals[1]["uncertain_below"]), float(cals[0]["uncertain_below"]))
-        own = np.where(top < bar, LOW_CONFIDENCE, 0) | np.where(flat_images(arr), FLAT_IMAGE, 0)
+        own = reason_bits(top < bar, LOW_CONFIDENCE) | reason_bits(flat_images(arr), FLAT_IMAGE)
         reasons = route_reasons(own, second, top, route.get("uncertain_below"), far)
     labels = probs.argmax(1) if len(probs) else np.zeros(0, np.int64)
-    return Predictions(labels, probs, classes, None if reasons is None else reasons != 0, p, reasons)
+    return Predictions(labels, probs, classes, file_perturbed=p, reasons=reasons)

@@ -19,6 +19,7 @@ from fakeprint.engine.predictions import (
     LOW_CONFIDENCE,
     Predictions,
     concat_predictions,
+    reason_bits,
 )
 from fakeprint.engine.runtime import pick_device, predict_logits
 from fakeprint.features.preprocess import tta_mode
@@ -68,10 +69,10 @@ def calibrated(logits: np.ndarray, meta: dict[str, Any], classes: list[str],
     if not cal:
         return Predictions(labels, probs.astype(np.float32), classes)
     top = probs.max(1) if len(probs) else np.zeros(0)
-    reasons = np.where(top < float(cal["uncertain_below"]), LOW_CONFIDENCE, 0).astype(np.uint8)
+    reasons = reason_bits(top < float(cal["uncertain_below"]), LOW_CONFIDENCE)
     if flat is not None and len(flat) == len(reasons):
-        reasons |= np.where(flat, FLAT_IMAGE, 0).astype(np.uint8)
-    return Predictions(labels, probs.astype(np.float32), classes, reasons != 0, None, reasons)
+        reasons |= reason_bits(flat, FLAT_IMAGE)
+    return Predictions(labels, probs.astype(np.float32), classes, reasons=reasons)
 
 
 class Classifier:
@@ -243,7 +244,7 @@ def route_of(file_perturbed: np.ndarray, threshold: float) -> np.ndarray:
 def route_flags(own: np.ndarray, second: np.ndarray, top: np.ndarray, uncertain_below: float | None,
                 far: np.ndarray | None = None) -> np.ndarray:
     """A routed model's ``uncertain`` flags (``route_reasons(...) != 0``) from its members' own flags."""
-    return route_reasons(np.where(np.asarray(own, bool), LOW_CONFIDENCE, 0), second, top, uncertain_below, far) != 0
+    return route_reasons(reason_bits(own, LOW_CONFIDENCE), second, top, uncertain_below, far) != 0
 
 
 def route_reasons(own: np.ndarray, second: np.ndarray, top: np.ndarray, uncertain_below: float | None,
@@ -255,9 +256,9 @@ def route_reasons(own: np.ndarray, second: np.ndarray, top: np.ndarray, uncertai
     reasons = np.array(own, dtype=np.uint8)
     if uncertain_below is not None:
         low = np.asarray(second, bool) & (np.asarray(top) < uncertain_below)
-        reasons |= np.where(low, LOW_CONFIDENCE, 0).astype(np.uint8)
+        reasons |= reason_bits(low, LOW_CONFIDENCE)
     if far is not None:
-        reasons |= np.where(np.asarray(far, bool), FAR_FROM_TRAINING, 0).astype(np.uint8)
+        reasons |= reason_bits(far, FAR_FROM_TRAINING)
     return reasons
 
 
@@ -321,7 +322,7 @@ class RoutedClassifier(EnsembleClassifier):
                         reasons[start + idx] = route_reasons(got.reasons, np.full(len(idx), which == 1),
                                                              got.probs.max(1), self.uncertain_below, far[idx])
             p_all[start:start + len(chunk)] = p
-        return Predictions(labels, probs, self.classes, None if reasons is None else reasons != 0, p_all, reasons)
+        return Predictions(labels, probs, self.classes, file_perturbed=p_all, reasons=reasons)
 
 
 def _statistics_dim(member: Any) -> int:

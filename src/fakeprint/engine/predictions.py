@@ -13,8 +13,8 @@ class Predictions:
     """``labels[i]`` is the predicted class of image i, ``probs[i]`` its class probabilities (temperature-scaled
     where the checkpoint is calibrated), ``uncertain[i]`` whether its top probability is below what the
     calibration split shows (None: the model has no calibration, so nothing is known). ``reasons[i]``: why image i
-    is flagged, as bits of ``REASONS`` (0: not flagged; ``uncertain == (reasons != 0)`` wherever both are known);
-    ``why(i)`` names them."""
+    is flagged, as bits of ``REASONS`` (0: not flagged); given reasons and no flags, the flags are derived from them
+    (``reasons != 0``); ``why(i)`` names them."""
 
     labels: np.ndarray
     probs: np.ndarray
@@ -22,6 +22,10 @@ class Predictions:
     uncertain: np.ndarray | None = None
     file_perturbed: np.ndarray | None = None  # a routed ensemble's: P(the file was re-encoded, resized, ...)
     reasons: np.ndarray | None = None  # uint8 bits of REASONS, where the flags are known
+
+    def __post_init__(self) -> None:
+        if self.uncertain is None and self.reasons is not None:
+            self.uncertain = self.reasons != 0
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -57,6 +61,11 @@ class Predictions:
 # far from every training image's (models.router.FileDetector.typicality)
 REASONS = ("low_confidence", "flat_image", "far_from_training")
 LOW_CONFIDENCE, FLAT_IMAGE, FAR_FROM_TRAINING = (np.uint8(1 << i) for i in range(len(REASONS)))
+
+
+def reason_bits(mask: np.ndarray, reason: np.uint8) -> np.ndarray:
+    """``reason`` (a bit of ``REASONS``) where ``mask`` is true, else 0, as uint8."""
+    return np.where(np.asarray(mask, bool), reason, 0).astype(np.uint8)
 
 
 def reason_names(bits: int) -> list[str]:
